@@ -1,0 +1,43 @@
+"""molrecon: MRI reconstruction from raw multicoil k-space with Monotone Operator Learning.
+
+The Python API mirrors the command line::
+
+    import molrecon
+    scan = molrecon.read_raw("raw.h5")                 # ISMRMRD or fastMRI HDF5
+    image = molrecon.reconstruct(scan, method="mol")   # ImageVolume
+    molrecon.write_nifti(image, "out.nii.gz")
+
+Heavy modules (torch) are imported lazily, on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "read_raw": "molrecon.io.detect",
+    "write_nifti": "molrecon.io.nifti",
+    "read_nifti": "molrecon.io.nifti",
+    "reconstruct": "molrecon.recon",
+    "ReconConfig": "molrecon.recon",
+    "simulate": "molrecon.simulate",
+    "metrics": "molrecon.metrics",
+    "RawScan": "molrecon.io.types",
+    "ImageVolume": "molrecon.io.types",
+    "Geometry": "molrecon.io.types",
+    "MolreconError": "molrecon.errors",
+    "InputDataError": "molrecon.errors",
+    "CheckpointError": "molrecon.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'molrecon' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY) + ["__version__"]

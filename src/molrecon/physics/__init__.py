@@ -1,0 +1,1 @@
+"""MRI physics: centred FFTs, the SENSE operator, sampling masks."""
