@@ -58,3 +58,23 @@ def user_errors(debug: bool = False) -> Iterator[None]:
 
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        stdout.print(f"molrecon {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """MRI reconstruction from raw multicoil k-space with Monotone Operator Learning (MOL).
+
+    Raw Cartesian k-space (ISMRMRD or fastMRI HDF5) in, NIfTI out. Run
+    `molrecon COMMAND --help` for each command.
+    """
