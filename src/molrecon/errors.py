@@ -45,3 +45,7 @@ class ConvergenceWarning(UserWarning):
 
 class GeometryWarning(UserWarning):
     """Scan geometry was missing or degenerate and a default was used."""
+
+
+class InputDataWarning(UserWarning):
+    """Raw data were usable but something was dropped or assumed (see the message)."""

@@ -41,7 +41,8 @@ def reconstruct_cmd(
     with user_errors(debug):
         import warnings
 
-        from ..errors import ConfigError, ConvergenceWarning, GeometryWarning, InputDataError
+        from ..errors import (ConfigError, ConvergenceWarning, GeometryWarning, InputDataError,
+                              InputDataWarning)
         from ..io.atomic import check_output, write_text_atomic
 
         if not str(output).endswith((".nii", ".nii.gz")):
@@ -65,8 +66,8 @@ def reconstruct_cmd(
             batch_size=batch_size, keep_baselines=compare,
         )
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", GeometryWarning)
-            warnings.simplefilter("always", ConvergenceWarning)
+            for category in (GeometryWarning, ConvergenceWarning, InputDataWarning):
+                warnings.simplefilter("always", category)
             scan = read_raw(input)
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -80,7 +81,7 @@ def reconstruct_cmd(
 
                 result = reconstruct(scan, config, progress=on_progress)
         for w in caught:
-            if issubclass(w.category, (GeometryWarning, ConvergenceWarning)):
+            if issubclass(w.category, (GeometryWarning, ConvergenceWarning, InputDataWarning)):
                 warn(f"{input}: {w.message}")
                 result.report.setdefault("warnings", []).append(str(w.message))
             else:

@@ -1,0 +1,282 @@
+"""The molrecon checkpoint: one file, loadable with ``torch.load(path, weights_only=True)``.
+
+Layout (format_version 1), a dict of plain types and tensors only:
+
+=================  ====================================================================
+format             "molrecon-checkpoint"
+format_version     1
+architecture       CNNConfig as a dict: dims, layers, channels, kernel, bias
+constraint         "sn" | "lr"
+lipschitz_target   float, the L_target of the SN constraint (recorded for "lr" too)
+spectral_grid      int, grid points per axis of the certified spectral bound
+kinds              list of data kinds the model applies to ("2d", "3d", "2dt")
+alpha, lam         MOL step size α and the trained data-consistency weight λ
+cg_iters           CG iterations per MOL step
+state_dict         {"convs.{i}.weight": tensor, "convs.{i}.bias": tensor}: the free weights
+metadata           plain dict (str keys; str/int/float/bool/None, lists and dicts of those):
+                   training data, masks, acceleration, steps, metrics, date, ...
+certificate        plain dict; :func:`save_checkpoint` always writes ``certified_bound``
+                   (∏ of certified layer bounds of the weights as applied), ``layer_bounds``,
+                   ``spectral_grid`` and ``date``, next to the caller's entries (local
+                   estimates, the data they were measured on)
+=================  ====================================================================
+
+Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``
+is the only reader, and every key, type, value and tensor shape is checked
+before a model is built. Anything else is refused with a
+:class:`~molrecon.errors.CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..deq.mol import MolConfig
+from ..errors import CheckpointError, ConfigError
+from ..io.atomic import atomic_path
+from .cnn import CONSTRAINTS, CNNConfig, MolCNN
+from .spectral import layer_bounds
+
+FORMAT = "molrecon-checkpoint"
+FORMAT_VERSION = 1
+_KINDS_BY_DIMS: dict[int, tuple[str, ...]] = {2: ("2d", "2dt"), 3: ("3d", "2dt")}
+_KEYS = frozenset({
+    "format", "format_version", "architecture", "constraint", "lipschitz_target",
+    "spectral_grid", "kinds", "alpha", "lam", "cg_iters", "state_dict", "metadata",
+    "certificate",
+})
+_MAX_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated checkpoint: the prior (in eval mode) and everything recorded with it."""
+
+    model: MolCNN
+    mol_config: MolConfig
+    constraint: str
+    lipschitz_target: float
+    kinds: tuple[str, ...]
+    metadata: dict[str, Any]
+    certificate: dict[str, Any]
+    format_version: int
+    path: Path
+    sha256: str
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file (for reports: which weights produced an image)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_plain(value: object, depth: int = 0) -> bool:
+    """str/int/float/bool/None, and lists/tuples/str-keyed dicts of those (bounded depth)."""
+    if depth > _MAX_DEPTH:
+        return False
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _plain_copy(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    return value
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: MolCNN,
+    mol_config: MolConfig,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    certificate: Mapping[str, Any] | None = None,
+    kinds: Sequence[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``model`` and ``mol_config`` (with the trained λ: see ``MolStep.to_config``).
+
+    The file is written atomically; an existing file is replaced only with
+    ``force=True`` (else :class:`~molrecon.errors.OutputError`). ``kinds``
+    defaults to ("2d",) for 2D and ("3d",) for 3D models. The certified bound
+    is computed here, so the file's claim always matches its weights.
+    """
+    meta = {} if metadata is None else dict(metadata)
+    cert = {} if certificate is None else dict(certificate)
+    if not _is_plain(meta):
+        raise ConfigError("checkpoint metadata must contain only str/int/float/bool/None, lists and dicts")
+    if not _is_plain(cert):
+        raise ConfigError("checkpoint certificate must contain only str/int/float/bool/None, lists and dicts")
+    dims = model.config.dims
+    kind_list = [("2d" if dims == 2 else "3d")] if kinds is None else [str(k) for k in kinds]
+    allowed = _KINDS_BY_DIMS[dims]
+    if not kind_list or any(k not in allowed for k in kind_list):
+        raise ConfigError(f"a {dims}D model applies to kinds {allowed}, got {kind_list}")
+    bounds = layer_bounds(model)
+    cert.update({
+        "certified_bound": math.prod(bounds),
+        "layer_bounds": bounds,
+        "spectral_grid": model.spectral_grid,
+    })
+    cert.setdefault("date", _now())
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    obj: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": model.config.to_dict(),
+        "constraint": model.constraint,
+        "lipschitz_target": float(model.lipschitz_target),
+        "spectral_grid": int(model.spectral_grid),
+        "kinds": kind_list,
+        "alpha": float(mol_config.alpha),
+        "lam": float(mol_config.lam),
+        "cg_iters": int(mol_config.cg_iters),
+        "state_dict": state,
+        "metadata": _plain_copy(meta),
+        "certificate": _plain_copy(cert),
+    }
+    with atomic_path(path, force=force) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def _number(obj: Mapping[str, Any], key: str, path: Path) -> float:
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise CheckpointError(f"'{key}' must be a finite number, got {v!r}", path=path)
+    return float(v)
+
+
+def _integer(obj: Mapping[str, Any], key: str, path: Path) -> int:
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CheckpointError(f"'{key}' must be an integer, got {v!r}", path=path)
+    return v
+
+
+def load_checkpoint(path: str | os.PathLike[str], *,
+                    map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Read and validate a checkpoint; build the prior on ``map_location`` in eval mode.
+
+    Uses only ``torch.load(..., weights_only=True)``. Refuses (CheckpointError
+    with ``path``): a missing or unreadable file, anything that is not such a
+    dict (random bytes, pickles of arbitrary objects), missing or unknown keys,
+    a newer format version, wrong types or values, and a state dict whose
+    names, shapes or values (non-finite) do not fit the architecture.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError("does not exist", path=p)
+    if not p.is_file():
+        raise CheckpointError("is not a file", path=p)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or unsafe content
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"not a loadable molrecon checkpoint ({first[:200]})", path=p) from exc
+
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"not a molrecon checkpoint (top level is {type(obj).__name__})", path=p)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"not a molrecon checkpoint (format {obj.get('format')!r})", path=p)
+    if "format_version" not in obj:
+        raise CheckpointError("missing key 'format_version'", path=p)
+    version = _integer(obj, "format_version", p)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"written by a newer molrecon (format version {version}); "
+                              f"this version reads format version {FORMAT_VERSION}", path=p)
+    if version < 1:
+        raise CheckpointError(f"invalid format version {version}", path=p)
+    missing = sorted(_KEYS - set(obj))
+    unknown = sorted(str(k) for k in set(obj) - _KEYS)
+    if missing:
+        raise CheckpointError(f"missing key(s) {missing}", path=p)
+    if unknown:
+        raise CheckpointError(f"unknown key(s) {unknown}", path=p)
+
+    arch = obj["architecture"]
+    if not isinstance(arch, dict):
+        raise CheckpointError("'architecture' must be a dict", path=p)
+    try:
+        config = CNNConfig.from_dict(arch)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"invalid architecture: {exc}", path=p) from exc
+    constraint = obj["constraint"]
+    if constraint not in CONSTRAINTS:
+        raise CheckpointError(f"'constraint' must be one of {CONSTRAINTS}, got {constraint!r}", path=p)
+    target = _number(obj, "lipschitz_target", p)
+    if target <= 0:
+        raise CheckpointError(f"'lipschitz_target' must be positive, got {target}", path=p)
+    grid = _integer(obj, "spectral_grid", p)
+    kinds = obj["kinds"]
+    allowed = _KINDS_BY_DIMS[config.dims]
+    if (not isinstance(kinds, list) or not kinds
+            or any(not isinstance(k, str) or k not in allowed for k in kinds)):
+        raise CheckpointError(f"'kinds' must be a non-empty list from {allowed} for a "
+                              f"{config.dims}D model, got {kinds!r}", path=p)
+    try:
+        mol_config = MolConfig(alpha=_number(obj, "alpha", p), lam=_number(obj, "lam", p),
+                               cg_iters=_integer(obj, "cg_iters", p))
+        model = MolCNN(config, constraint, target, spectral_grid=grid)
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"invalid settings: {exc}", path=p) from exc
+    for key in ("metadata", "certificate"):
+        if not isinstance(obj[key], dict) or not _is_plain(obj[key]):
+            raise CheckpointError(f"'{key}' must be a dict of plain values", path=p)
+
+    state = obj["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError("'state_dict' must be a dict", path=p)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(str(k) for k in set(state) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(f"state_dict does not match the architecture "
+                              f"(missing {missing}, unexpected {unknown})", path=p)
+    for name, ref in expected.items():
+        t = state[name]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise CheckpointError(f"state_dict entry {name!r} is not a floating-point tensor", path=p)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"state_dict entry {name!r} has shape {tuple(t.shape)}, "
+                                  f"the architecture needs {tuple(ref.shape)}", path=p)
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"state_dict entry {name!r} contains non-finite values", path=p)
+    model.load_state_dict(state)
+    model.to(map_location)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        mol_config=mol_config,
+        constraint=constraint,
+        lipschitz_target=target,
+        kinds=tuple(kinds),
+        metadata=obj["metadata"],
+        certificate=obj["certificate"],
+        format_version=version,
+        path=p,
+        sha256=sha256(p),
+    )

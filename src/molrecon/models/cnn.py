@@ -1,0 +1,219 @@
+"""The MOL prior H: a plain convolutional network on complex images.
+
+Architecture (MOL reference, 2D): ``layers`` zero-padded convolutions with
+``kernel``-tap kernels, channels 2 → C → … → C → 2, ReLU after every layer but
+the last, biases, no normalisation, no skip connection (the residual lives in
+F = I − H, not inside H). The 5 × 64, 3×3 network has 113 154 parameters.
+
+Complex ↔ real happens only here: an image ``(B, D, Y, X)`` complex becomes
+two real channels (real, imaginary). This map is an isometry, so the
+Lipschitz constant of H on complex images is that of the real network.
+
+* ``dims=2`` treats every (B, D) pair as an independent 2D image (2D slices,
+  or the frames of 2D+time data processed frame by frame).
+* ``dims=3`` convolves over (D, Y, X): partitions of a 3D scan, or time as
+  the third axis of 2D+time data.
+
+Constraint
+----------
+``constraint="sn"`` (MOL-SN) rescales every kernel in the forward pass,
+
+    W_eff = W / max(1, σ̂(W) / t),   t = L_target^(1/layers) · (1 − 1e−5),
+
+where σ̂ is the certified upper bound of the zero-padded convolution's operator
+norm from :mod:`molrecon.models.spectral`. The product of the layer bounds is
+then ≤ L_target, a global Lipschitz certificate of H (ReLU is 1-Lipschitz,
+biases do not count). The factor 1 − 1e−5 absorbs the float32 rounding of
+W_eff, so that the float64 certificate of the stored effective weights stays
+≤ L_target. σ̂ is differentiable (the gradient of the bound at its grid
+argmax), so training sees the constraint. ``constraint="lr"`` (MOL-LR) uses
+the weights as they are; contractivity then rests on the training penalty.
+
+Caching: the grid evaluation of σ̂ (the expensive part) is cached per kernel
+and reused until the kernel changes. Changes are detected by the tensor's
+identity its storage address and its autograd version counter, which every in-place
+update (optimiser steps, ``load_state_dict``, ``torch.no_grad`` arithmetic)
+bumps. Writing in place through ``.data`` bypasses the counter: call
+:meth:`MolCNN.clear_spectral_cache` after such an edit.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+from ..errors import ConfigError
+from .spectral import GridMaximum, bound_at, default_grid, grid_correction, grid_maximum
+
+Constraint = Literal["sn", "lr"]
+CONSTRAINTS: tuple[str, ...] = ("sn", "lr")
+
+#: Relative headroom of the per-layer budget (see module docstring).
+SN_HEADROOM = 1e-5
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """Architecture of the prior network."""
+
+    dims: int = 2
+    layers: int = 5
+    channels: int = 64
+    kernel: int = 3
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dims, bool) or not isinstance(self.dims, int) or self.dims not in (2, 3):
+            raise ConfigError(f"dims must be 2 or 3, got {self.dims!r}")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
+            raise ConfigError(f"layers must be a positive integer, got {self.layers!r}")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ConfigError(f"channels must be a positive integer, got {self.channels!r}")
+        if (isinstance(self.kernel, bool) or not isinstance(self.kernel, int)
+                or self.kernel < 1 or self.kernel % 2 == 0):
+            raise ConfigError(f"kernel must be a positive odd integer, got {self.kernel!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be a bool, got {self.bias!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CNNConfig:
+        expected = {"dims", "layers", "channels", "kernel", "bias"}
+        if set(data) != expected:
+            raise ConfigError(f"architecture keys must be {sorted(expected)}, got {sorted(data)}")
+        return cls(**data)
+
+    def channel_plan(self) -> list[tuple[int, int]]:
+        """(in, out) channels of every layer: 2 → C → … → C → 2."""
+        if self.layers == 1:
+            return [(2, 2)]
+        inner = [(self.channels, self.channels)] * (self.layers - 2)
+        return [(2, self.channels), *inner, (self.channels, 2)]
+
+    def parameter_count(self) -> int:
+        k = self.kernel ** self.dims
+        return sum(ci * co * k + (co if self.bias else 0) for ci, co in self.channel_plan())
+
+
+@dataclass
+class _CacheEntry:
+    ref: weakref.ReferenceType[torch.Tensor]
+    version: int
+    data_ptr: int
+    grid: int
+    result: GridMaximum
+
+
+class MolCNN(nn.Module):
+    """H: complex ``(B, D, Y, X)`` → complex ``(B, D, Y, X)``.
+
+    Parameters live in ``convs`` (``torch.nn.Conv2d``/``Conv3d``), so the
+    state dict is ``convs.{i}.weight`` / ``convs.{i}.bias``. For "sn" the stored
+    weights are the free parameters and :meth:`effective_weights` the ones used.
+    The computation runs in the dtype of the weights; the output has the dtype
+    of the input.
+    """
+
+    def __init__(self, config: CNNConfig | None = None, constraint: Constraint = "sn",
+                 lipschitz_target: float = 0.99, *, spectral_grid: int | None = None) -> None:
+        super().__init__()
+        self.config = CNNConfig() if config is None else config
+        if constraint not in CONSTRAINTS:
+            raise ConfigError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        target = float(lipschitz_target)
+        if not 0.0 < target or not target < float("inf"):
+            raise ConfigError(f"lipschitz_target must be positive and finite, got {lipschitz_target!r}")
+        self.constraint: Constraint = constraint
+        self.lipschitz_target = target
+        grid = default_grid(self.config.dims) if spectral_grid is None else spectral_grid
+        if isinstance(grid, bool) or not isinstance(grid, int):
+            raise ConfigError(f"spectral_grid must be an integer, got {spectral_grid!r}")
+        try:
+            grid_correction(self.config.dims, self.config.kernel, grid)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.spectral_grid = grid
+        conv = nn.Conv2d if self.config.dims == 2 else nn.Conv3d
+        k = self.config.kernel
+        self.convs = nn.ModuleList(
+            conv(ci, co, k, padding=k // 2, bias=self.config.bias)
+            for ci, co in self.config.channel_plan()
+        )
+        self._cache: dict[int, _CacheEntry] = {}
+
+    # -- constraint ---------------------------------------------------------------------------
+
+    @property
+    def layer_budget(self) -> float:
+        """Per-layer norm budget t = L_target^(1/layers) · (1 − SN_HEADROOM)."""
+        return self.lipschitz_target ** (1.0 / self.config.layers) * (1.0 - SN_HEADROOM)
+
+    def clear_spectral_cache(self) -> None:
+        self._cache.clear()
+
+    def _grid_maximum(self, index: int, weight: torch.Tensor) -> GridMaximum:
+        entry = self._cache.get(index)
+        version = weight._version
+        ptr = weight.data_ptr()
+        if (entry is not None and entry.ref() is weight and entry.version == version
+                and entry.data_ptr == ptr and entry.grid == self.spectral_grid):
+            return entry.result
+        result = grid_maximum(weight, grid=self.spectral_grid)
+        self._cache[index] = _CacheEntry(weakref.ref(weight), version, ptr, self.spectral_grid,
+                                         result)
+        return result
+
+    def raw_layer_bounds(self) -> list[torch.Tensor]:
+        """Certified bound of every layer's free weights (differentiable), shape () each."""
+        return [bound_at(c.weight, self._grid_maximum(i, c.weight)) for i, c in enumerate(self.convs)]
+
+    def effective_weights(self) -> list[torch.Tensor]:
+        """The kernels the forward pass uses (rescaled for "sn", as stored for "lr")."""
+        weights = [c.weight for c in self.convs]
+        if self.constraint == "lr":
+            return weights
+        budget = self.layer_budget
+        out = []
+        for w, sigma in zip(weights, self.raw_layer_bounds()):
+            out.append(w / torch.clamp(sigma / budget, min=1.0))
+        return out
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_complex() or x.ndim != 4:
+            raise ValueError(f"MolCNN expects a complex (B, D, Y, X) image, got {x.dtype} {tuple(x.shape)}")
+        b, d, y, xx = x.shape
+        weights = self.effective_weights()
+        real_dtype = weights[0].dtype
+        r = torch.view_as_real(x).to(real_dtype)                        # (B, D, Y, X, 2)
+        if self.config.dims == 2:
+            h = r.permute(0, 1, 4, 2, 3).reshape(b * d, 2, y, xx)       # (B·D, 2, Y, X)
+            conv = nnf.conv2d
+        else:
+            h = r.permute(0, 4, 1, 2, 3)                                # (B, 2, D, Y, X)
+            conv = nnf.conv3d
+        pad = self.config.kernel // 2
+        last = len(self.convs) - 1
+        for i, (layer, w) in enumerate(zip(self.convs, weights)):
+            h = conv(h, w, layer.bias, padding=pad)
+            if i < last:
+                h = torch.relu(h)
+        if self.config.dims == 2:
+            h = h.reshape(b, d, 2, y, xx).permute(0, 1, 3, 4, 2)        # (B, D, Y, X, 2)
+        else:
+            h = h.permute(0, 2, 3, 4, 1)                                # (B, D, Y, X, 2)
+        return torch.view_as_complex(h.contiguous()).to(x.dtype)        # (B, D, Y, X)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dims={c.dims}, layers={c.layers}, channels={c.channels}, kernel={c.kernel}, "
+                f"constraint={self.constraint!r}, lipschitz_target={self.lipschitz_target}, "
+                f"spectral_grid={self.spectral_grid}")

@@ -1,0 +1,145 @@
+"""Local Lipschitz estimates of the prior H (lower estimates, not certificates).
+
+Both estimators work on complex images ``(B, D, Y, X)`` through their real
+view (the complex ↔ two-channel map is an isometry), treat every batch item
+separately (H acts on items independently) and take their randomness from an
+explicit ``torch.Generator``.
+
+* :func:`local_lipschitz_power` — the spectral norm of the Jacobian of H at
+  x, by power iteration on JᵀJ (Jacobian–vector and vector–Jacobian
+  products by reverse-mode autograd). For a ReLU network this is the Lipschitz
+  constant of the linear piece containing x.
+* :func:`local_lipschitz_ratio` — the adversarial ratio search used by MOL-LR
+  training: start at v = u + ε·s·n (n complex white noise, s the RMS of u) and
+  take gradient-ascent steps on ‖H(u) − H(v)‖ / ‖u − v‖.
+
+Every value either function returns is attained by some pair of points (or
+some direction), so it is a lower bound of the global Lipschitz constant; the
+certified upper bound is :func:`molrecon.models.spectral.conv_norm_bound`
+multiplied over layers (``molrecon.models.certified_bound``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Prior = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _item_norm(t: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of every batch item, shape (B,)."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _real_map(prior: Prior) -> Callable[[torch.Tensor], torch.Tensor]:
+    """H on the real view: (B, D, Y, X, 2) real → (B, D, Y, X, 2) real."""
+    def f(xr: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(prior(torch.view_as_complex(xr)))
+    return f
+
+
+def _complex_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Circular complex white noise with E|n|² = 1 (drawn on the generator's device)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    real_dtype = like.real.dtype
+    noise = torch.randn((*like.shape, 2), generator=generator, dtype=real_dtype,
+                        device=gen_device) * (0.5 ** 0.5)
+    return torch.view_as_complex(noise).to(like.device)
+
+
+def local_lipschitz_power(prior: Prior, x: torch.Tensor, *, iters: int = 20,
+                          generator: torch.Generator | None = None) -> float:
+    """‖J_H(x)‖₂ by ``iters`` power iterations on JᵀJ; the maximum over batch items.
+
+    ``x``: complex (B, D, Y, X). The estimate after any number of iterations is
+    a lower bound of the Jacobian norm (it is ‖J v‖ for a unit vector v) and
+    increases towards it. H's parameters receive no gradients.
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    f = _real_map(prior)
+    v = torch.view_as_real(_complex_noise(x, generator)).clone()       # (B, D, Y, X, 2)
+    v = v / _bcast(_item_norm(v), v)
+    with torch.enable_grad():
+        xr = torch.view_as_real(x.detach()).clone().requires_grad_(True)
+        y = f(xr)
+        # Jᵀu is linear in u; differentiating it with respect to u gives J v
+        # (the double-vjp form of a Jacobian-vector product, no forward-mode AD needed).
+        u = torch.zeros_like(y, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(y, xr, u, create_graph=True)
+        sigma = torch.zeros(x.shape[0], dtype=xr.dtype, device=xr.device)
+        for it in range(iters + 1):
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)     # J v
+            sigma = torch.maximum(sigma, _item_norm(jv.detach()))
+            if it == iters:
+                break
+            (w,) = torch.autograd.grad(y, xr, jv.detach(), retain_graph=True)   # Jᵀ J v
+            norm_w = _item_norm(w)
+            # An item with J v = 0 keeps its vector (its estimate stays 0).
+            safe = norm_w > 0
+            v = torch.where(_bcast(safe, v), w / _bcast(torch.where(safe, norm_w, 1.0), w), v)
+    return float(sigma.detach().max())
+
+
+def local_lipschitz_ratio(
+    prior: Prior,
+    u: torch.Tensor,
+    *,
+    steps: int = 10,
+    eps: float = 0.01,
+    lr: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adversarial ratio search around ``u`` (complex (B, D, Y, X)).
+
+    Start: v = u + eps·s·n, s = RMS of the item (1 where the item is zero),
+    n complex white noise from ``generator``. Each of ``steps`` ascent steps
+    moves every item by ``lr·‖v − u‖`` along the normalised gradient of its
+    ratio r(v) = ‖H(u) − H(v)‖ / ‖u − v‖ (a step relative to the current
+    distance keeps the search local and scale-free). The best v per item is
+    kept.
+
+    Returns ``(value, v)``: ``value`` is the largest ratio over the batch, a
+    0-dim tensor that carries gradients to H's parameters when grad mode is
+    on (so a training penalty can use it); ``v`` (detached) holds the best
+    point of every item.
+    """
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    if eps <= 0:
+        raise ValueError("eps must be > 0")
+    u = u.detach()
+    rms = _item_norm(u) / (u[0].numel() ** 0.5)
+    scale = torch.where(rms > 0, rms, torch.ones_like(rms))
+    v = u + eps * _bcast(scale, u) * _complex_noise(u, generator)
+
+    def ratio(hu: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+        return _item_norm(hu - prior(vv)) / _item_norm(u - vv).clamp_min(torch.finfo(scale.dtype).tiny)
+
+    with torch.no_grad():
+        hu = prior(u)
+        best_r = ratio(hu, v)
+    best_v = v.clone()
+    with torch.enable_grad():
+        for _ in range(steps):
+            vv = v.detach().requires_grad_(True)
+            r = ratio(hu, vv)
+            (g,) = torch.autograd.grad(r.sum(), vv)
+            norm_g = _item_norm(g)
+            dist = _item_norm(vv.detach() - u)
+            safe = norm_g > 0
+            step = torch.where(safe, lr * dist / torch.where(safe, norm_g, 1.0), 0.0)
+            v = vv.detach() + _bcast(step, g) * g
+            with torch.no_grad():
+                r_new = ratio(hu, v)
+            better = r_new > best_r
+            best_r = torch.where(better, r_new, best_r)
+            best_v = torch.where(_bcast(better, v), v, best_v)
+    value = ratio(prior(u), best_v).max()
+    return value, best_v.detach()

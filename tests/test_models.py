@@ -1,0 +1,169 @@
+"""The prior network H and the local Lipschitz estimators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+
+from molrecon.errors import ConfigError
+from molrecon.models import (
+    CNNConfig,
+    MolCNN,
+    certified_bound,
+    local_lipschitz_power,
+    local_lipschitz_ratio,
+)
+
+
+def test_reference_architecture_parameter_count() -> None:
+    model = MolCNN(CNNConfig(dims=2, layers=5, channels=64, kernel=3), "sn")
+    assert sum(p.numel() for p in model.parameters()) == 113_154
+    assert CNNConfig().parameter_count() == 113_154
+    model3 = MolCNN(CNNConfig(dims=3), "lr")
+    # 2·64·27+64 + 3·(64·64·27+64) + 64·2·27+2
+    assert sum(p.numel() for p in model3.parameters()) == 338_946
+    assert [tuple(c.weight.shape) for c in model.convs] == [
+        (64, 2, 3, 3), (64, 64, 3, 3), (64, 64, 3, 3), (64, 64, 3, 3), (2, 64, 3, 3)]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"dims": 1}, {"dims": 4}, {"dims": 2.0}, {"layers": 0}, {"channels": 0},
+    {"kernel": 2}, {"kernel": 0}, {"bias": 1},
+])
+def test_config_validation(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        CNNConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_model_option_validation() -> None:
+    with pytest.raises(ConfigError):
+        MolCNN(CNNConfig(), "spectral")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        MolCNN(CNNConfig(), "sn", 0.0)
+    with pytest.raises(ConfigError):
+        MolCNN(CNNConfig(), "sn", spectral_grid=2)
+    with pytest.raises(ValueError):
+        MolCNN(CNNConfig(layers=2, channels=4))(torch.randn(1, 8, 8))
+
+
+def _manual_forward(model: MolCNN, x: torch.Tensor) -> torch.Tensor:
+    """The network written out: two real channels, conv + ReLU, no skip, zero padding."""
+    b, d, y, xx = x.shape
+    h = torch.stack([x.real, x.imag], dim=2).reshape(b * d, 2, y, xx)
+    weights = model.effective_weights()
+    for i, (conv, w) in enumerate(zip(model.convs, weights)):
+        h = nnf.conv2d(h, w, conv.bias, padding=1)
+        if i < len(weights) - 1:
+            h = nnf.relu(h)
+    h = h.reshape(b, d, 2, y, xx)
+    return torch.complex(h[:, :, 0], h[:, :, 1])
+
+
+@pytest.mark.parametrize("constraint", ["sn", "lr"])
+def test_2d_forward_matches_explicit_network(constraint: str) -> None:
+    torch.manual_seed(0)
+    model = MolCNN(CNNConfig(layers=3, channels=5), constraint).double()  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 11, 9, dtype=torch.complex128)
+    out = model(x)
+    assert out.shape == x.shape and out.dtype == torch.complex128
+    torch.testing.assert_close(out, _manual_forward(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_2d_model_treats_depth_as_batch_and_3d_model_mixes_it() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, 10, 8, dtype=torch.complex64)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    m2 = MolCNN(CNNConfig(dims=2, layers=3, channels=4), "lr")
+    m3 = MolCNN(CNNConfig(dims=3, layers=3, channels=4), "lr")
+    with torch.no_grad():
+        d2 = (m2(x) - m2(x2)).abs().amax(dim=(2, 3))[0]     # (D,)
+        d3 = (m3(x) - m3(x2)).abs().amax(dim=(2, 3))[0]
+        sliced = torch.cat([m2(x[:, i:i + 1]) for i in range(4)], dim=1)
+    assert d2[0] > 0 and torch.all(d2[1:] == 0)
+    assert d3[1] > 0 and d3[3] == 0          # 3×3×3 kernels: slice 1 sees slice 0, slice 3 does not
+    torch.testing.assert_close(m2(x).detach(), sliced, rtol=1e-5, atol=1e-6)
+
+
+def test_dtype_follows_input_and_weights() -> None:
+    model = MolCNN(CNNConfig(layers=2, channels=3), "sn")
+    x = torch.randn(1, 1, 6, 6, dtype=torch.complex128)
+    assert model(x).dtype == torch.complex128           # computed in float32, returned as input dtype
+    assert model(x.to(torch.complex64)).dtype == torch.complex64
+
+
+def test_sn_gradients_reach_every_weight_and_bias() -> None:
+    torch.manual_seed(2)
+    model = MolCNN(CNNConfig(layers=3, channels=4), "sn", 0.9)
+    with torch.no_grad():
+        for c in model.convs:
+            c.weight.mul_(10)
+    x = torch.randn(2, 1, 8, 7, dtype=torch.complex64)
+    model(x).abs().sum().backward()
+    for p in model.parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and p.grad.abs().sum() > 0
+
+
+def _linear_model() -> MolCNN:
+    """One conv layer without bias: H is linear, its Lipschitz constant is a matrix norm."""
+    torch.manual_seed(3)
+    return MolCNN(CNNConfig(layers=1, bias=False), "lr").double()
+
+
+def _dense_matrix(model: MolCNN, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The real 2n × 2n matrix of the linear map H on complex images of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    cols = []
+    with torch.no_grad():
+        for part in (1.0, 1j):
+            for i in range(n):
+                e = torch.zeros(n, dtype=torch.complex128)
+                e[i] = part
+                out = model(e.reshape(1, *shape))
+                cols.append(torch.view_as_real(out).reshape(-1))
+    return torch.stack(cols, dim=1)
+
+
+def test_power_iteration_finds_the_jacobian_norm_of_a_linear_prior() -> None:
+    model = _linear_model()
+    shape = (1, 7, 6)
+    exact = float(torch.linalg.matrix_norm(_dense_matrix(model, shape), ord=2))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *shape, dtype=torch.complex128, generator=g)
+    est = local_lipschitz_power(model, x, iters=200, generator=g)
+    assert est <= exact * (1 + 1e-9)
+    assert est >= exact * (1 - 1e-3)
+    assert est <= certified_bound(model)
+
+
+def test_ratio_search_on_a_linear_prior() -> None:
+    model = _linear_model()
+    shape = (1, 7, 6)
+    exact = float(torch.linalg.matrix_norm(_dense_matrix(model, shape), ord=2))
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(2, *shape, dtype=torch.complex128, generator=g)
+    start, _ = local_lipschitz_ratio(model, u, steps=0, generator=torch.Generator().manual_seed(1))
+    value, v = local_lipschitz_ratio(model, u, steps=30, generator=torch.Generator().manual_seed(1))
+    assert v.shape == u.shape and not v.requires_grad
+    assert float(value.detach()) <= exact * (1 + 1e-9)
+    # Ascent improves on the random start and approaches the norm.
+    assert float(value.detach()) > float(start.detach())
+    assert float(value.detach()) >= 0.9 * exact
+
+
+def test_ratio_search_is_differentiable_and_reproducible() -> None:
+    torch.manual_seed(4)
+    model = MolCNN(CNNConfig(layers=3, channels=6), "lr")
+    u = torch.randn(2, 1, 9, 8, dtype=torch.complex64)
+    v1, p1 = local_lipschitz_ratio(model, u, generator=torch.Generator().manual_seed(7))
+    v2, p2 = local_lipschitz_ratio(model, u, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(p1, p2) and float(v1.detach()) == float(v2.detach())
+    v1.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # Local estimate at u never exceeds the certified global bound of the raw network.
+    assert float(v1.detach()) <= certified_bound(model)
+    assert local_lipschitz_power(model, u, generator=torch.Generator().manual_seed(7)) <= \
+        certified_bound(model)
