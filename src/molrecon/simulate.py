@@ -28,7 +28,11 @@ crime"):
 3. **k-space.** For each coil, ``k_c = crop(F(S_c m)) * sqrt(N_crop / N_fine)``:
    the centred orthonormal FFT on the fine grid, cropped to the central
    (encoded) matrix ``Xenc x Y [x Z]``; the factor keeps image intensities the
-   same on both grids. No sample of the fine grid is ever on the coarse one.
+   same on both grids. The products ``S_c m`` are formed on the fine grid and
+   then truncated in k-space, so the data are not "coil maps on the
+   reconstruction grid times a discrete image": a reconstruction using the
+   reconstruction-grid maps ``maps`` meets a small model mismatch, as with a
+   real object, and never the exact operator that made the data.
 4. **Noise.** Correlated complex Gaussian noise ``n = sigma L z`` with
    ``Psi = L L^H`` is added to every k-space sample. ``Psi`` has unit mean
    diagonal, random coil gains (0.7-1.3) and off-diagonal correlations that
@@ -78,8 +82,14 @@ from typing import Literal
 
 import numpy as np
 
-from .anatomy import (SPLITS, AnatomySubject, anatomy_extent, anatomy_source, anatomy_subjects,
-                      load_anatomy)
+from .anatomy import (
+    SPLITS,
+    AnatomySubject,
+    anatomy_extent,
+    anatomy_source,
+    anatomy_subjects,
+    load_anatomy,
+)
 from .errors import ConfigError, OutputError
 from .io.atomic import atomic_path, check_output, write_text_atomic
 from .io.types import KINDS, Geometry, ImageVolume, Kind, RawScan, ScanInfo
@@ -133,7 +143,7 @@ class AnatomyTransform:
             raise ConfigError("an intensity curve needs >= 2 non-decreasing values in [0, 1]")
 
     @staticmethod
-    def random(rng: np.random.Generator, *, max_rotation_deg: float = 12.0) -> "AnatomyTransform":
+    def random(rng: np.random.Generator, *, max_rotation_deg: float = 12.0) -> AnatomyTransform:
         """A random augmentation: flip half the time, rotation, gamma in [0.75, 1.35], curve."""
         steps = rng.uniform(0.5, 1.5, size=5)
         curve = np.concatenate([[0.0], np.cumsum(steps) / steps.sum()])
@@ -158,7 +168,7 @@ class SimulationConfig:
     ``matrix`` and ``fov_mm`` are (x = readout, y = phase[, z = partitions]) of the
     *reconstruction* grid (``None``: 256x256 / 240 mm for 2d, 128x128 for 2dt,
     128x128x32 over 240x240x64 mm for 3d). ``acs=None`` picks about 8 % of the
-    phase lines (at least 8); ``mask=None`` the kind's default family
+    phase lines (at least 8; see :attr:`acs_lines`); ``mask=None`` the kind's default family
     (2d equispaced, 3d poisson, 2dt interleaved). ``acceleration`` is the net R.
     ``noise`` is relative (see the module docstring); ``oversampling`` is the
     readout oversampling written to the file; ``grid_factor`` the fine-grid
@@ -178,7 +188,7 @@ class SimulationConfig:
     acceleration: float = 4.0
     acs: int | None = None
     mask: str | None = None
-    noise: float = 0.02
+    noise: float = 0.01
     oversampling: int = 2
     grid_factor: int = 2
     seed: int = 0
@@ -196,20 +206,20 @@ class SimulationConfig:
     tilt_deg: float = 0.0
     transform: AnatomyTransform = field(default_factory=AnatomyTransform)
 
-    def __post_init__(self) -> None:  # noqa: C901 - one check per option, flat on purpose
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown kind {self.kind!r} (choose 2d, 3d or 2dt)")
         n_axes = 3 if self.kind == "3d" else 2
-        if self.matrix is not None:
-            if len(self.matrix) != n_axes or any(int(m) != m or not 4 <= m <= 2048
-                                                 for m in self.matrix):
-                raise ConfigError(f"a {self.kind} matrix needs {n_axes} sizes in [4, 2048], "
-                                  f"got {self.matrix}")
-        if self.fov_mm is not None:
-            if len(self.fov_mm) != n_axes or any(not (math.isfinite(f) and f > 0)
-                                                 for f in self.fov_mm):
-                raise ConfigError(f"a {self.kind} field of view needs {n_axes} positive sizes "
-                                  f"in mm, got {self.fov_mm}")
+        if self.matrix is not None and (
+                len(self.matrix) != n_axes
+                or any(int(m) != m or not 4 <= m <= 2048 for m in self.matrix)):
+            raise ConfigError(f"a {self.kind} matrix needs {n_axes} sizes in [4, 2048], "
+                              f"got {self.matrix}")
+        if self.fov_mm is not None and (
+                len(self.fov_mm) != n_axes
+                or any(not (math.isfinite(f) and f > 0) for f in self.fov_mm)):
+            raise ConfigError(f"a {self.kind} field of view needs {n_axes} positive sizes "
+                              f"in mm, got {self.fov_mm}")
         if int(self.coils) != self.coils or not 1 <= self.coils <= 64:
             raise ConfigError(f"coils must be an integer in [1, 64], got {self.coils}")
         if not (math.isfinite(self.acceleration) and self.acceleration >= 1.0):
@@ -288,10 +298,19 @@ class SimulationConfig:
 
     @property
     def acs_lines(self) -> int:
+        """The ACS width: ``acs``, or about 8 % of the phase lines (at least 8), capped so
+        that the calibration region takes at most half of the sampled positions."""
         if self.acs is not None:
             return int(self.acs)
-        y = self.grid[1]
-        return min(y, max(8, 2 * int(round(0.04 * y))))
+        _, y, z = self.grid
+        acs = min(y, max(8, 2 * round(0.04 * y)))
+        if self.kind == "3d":
+            budget = round(y * z / self.acceleration)
+            while acs > 2 and acs * min(acs, z) > budget // 2:
+                acs -= 1
+        else:
+            acs = min(acs, max(2, round(y / self.acceleration) // 2))
+        return acs
 
     @property
     def mask_family(self) -> str:
@@ -467,7 +486,7 @@ class _PhaseField:
     shifts: np.ndarray
 
     @staticmethod
-    def random(rng: np.random.Generator) -> "_PhaseField":
+    def random(rng: np.random.Generator) -> _PhaseField:
         q = rng.normal(0.0, 0.4, size=(3, 3))
         directions = rng.normal(size=(3, 3))
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
@@ -505,7 +524,7 @@ class _CoilArray:
     softening_mm: float = 5.0
 
     @staticmethod
-    def random(n_coils: int, rng: np.random.Generator) -> "_CoilArray":
+    def random(n_coils: int, rng: np.random.Generator) -> _CoilArray:
         rings = 1 if n_coils <= 8 else 2
         per_ring = [n_coils // rings + (1 if r < n_coils % rings else 0) for r in range(rings)]
         radius = rng.uniform(115.0, 150.0)
@@ -623,7 +642,7 @@ class _Grid:
         if cfg.kind == "3d" or planar:
             self.profile = np.zeros(1)
         else:  # boxcar slice profile sampled finer than the anatomy's voxels
-            n = max(3, int(math.ceil(2.0 * cfg.slice_thickness_mm / anat_voxel_mm)))
+            n = max(3, math.ceil(2.0 * cfg.slice_thickness_mm / anat_voxel_mm))
             n += 1 - n % 2
             self.profile = ((np.arange(n) + 0.5) / n - 0.5) * cfg.slice_thickness_mm
 
@@ -632,17 +651,16 @@ class _Grid:
         return ((np.arange(n) - n // 2) * step).astype(np.float32)
 
     def points(self, centre: np.ndarray, shape: tuple[int, int, int],
-               step: tuple[float, float, float], z_rows: slice | None = None,
-               z_offset: float = 0.0) -> Coords:
+               step: tuple[float, float, float], z_rows: slice | None = None) -> Coords:
         """LPS coordinates (x, y, z), each (nz, ny, nx) float32, of a grid centred on ``centre``.
 
-        float32 keeps 0.1 um precision over a metre, ample for sampling and the
+        float32 resolves 0.1 um over a metre, ample for sampling and the
         smooth coil and phase models, at half the memory traffic.
         """
         uz = self._axis(shape[0], step[0])
         if z_rows is not None:
             uz = uz[z_rows]
-        uz = (uz + np.float32(z_offset))[:, None, None]
+        uz = uz[:, None, None]
         uy = self._axis(shape[1], step[1])[None, :, None]
         ux = self._axis(shape[2], step[2])[None, None, :]
         c = [float(v) for v in centre]
@@ -650,14 +668,14 @@ class _Grid:
         return tuple((c[i] + uz * sl[i]) + (uy * ph[i] + ux * rd[i])
                      for i in range(3))  # type: ignore[return-value]
 
-    def fine_chunks(self, centre: np.ndarray, z_offset: float = 0.0,
+    def fine_chunks(self, centre: np.ndarray,
                     max_points: int = 2**21) -> Iterator[tuple[slice, Coords]]:
         """Fine-grid points in slabs of z rows (bounded memory)."""
         nz, ny, nx = self.fine
         rows = max(1, max_points // (ny * nx))
         for z0 in range(0, nz, rows):
             sl = slice(z0, min(nz, z0 + rows))
-            yield sl, self.points(centre, self.fine, self.fine_step, sl, z_offset)
+            yield sl, self.points(centre, self.fine, self.fine_step, sl)
 
     def crop_scale(self) -> float:
         """sqrt(N_crop / N_fine) over the transformed axes (keeps image intensities)."""
@@ -790,7 +808,14 @@ def _seeds(seed: int) -> dict[str, np.random.Generator]:
 
 
 def simulate(config: SimulationConfig) -> SimulatedScan:
-    """Simulate one acquisition (see the module docstring for the model)."""
+    """Simulate one acquisition (see the module docstring for the model).
+
+    Deterministic: the same config (seed included) gives bit-identical arrays.
+    Coils, phase, noise, mask and motion draw from separate random streams, so
+    changing e.g. the acceleration leaves the coils and the noise as they were.
+    Raises :class:`ConfigError` for requests the anatomy or mask cannot meet and
+    :class:`InputDataError` when the anatomy is not installed.
+    """
     cfg = config
     read, phase_dir, slc = _directions(cfg.orientation, cfg.tilt_deg)
     anat = _PlacedAnatomy(cfg.anatomy, cfg.transform, slc)
@@ -862,7 +887,7 @@ def simulate(config: SimulationConfig) -> SimulatedScan:
         lower = (chol * (sigma / math.sqrt(2.0))).astype(np.complex64)
         return np.tensordot(lower, z, axes=([1], [0]))                       # coil axis first
 
-    n_noise_lines = int(math.ceil(_NOISE_SCAN_SAMPLES / x_enc))
+    n_noise_lines = math.ceil(_NOISE_SCAN_SAMPLES / x_enc)
     noise_scan = draw((cfg.coils, n_noise_lines * x_enc)).astype(np.complex64)   # (C, N)
     if sigma > 0:
         for b in range(n_b):
@@ -881,9 +906,9 @@ def simulate(config: SimulationConfig) -> SimulatedScan:
                         cfg.field_of_view[2]),
         readout_oversampling=float(grid.os), n_acquisitions=int(mask.sum()),
         n_noise_acquisitions=n_noise_lines)
-    image = ImageVolume(data=truth, kind=cfg.kind, geometry=geometry, method="truth")
+    volume = ImageVolume(data=truth, kind=cfg.kind, geometry=geometry, method="truth")
     return SimulatedScan(kspace=kspace, mask=mask, calib=calib, noise=noise_scan,
-                         noise_cov=(sigma ** 2) * psi, truth=image, maps=maps, config=cfg,
+                         noise_cov=(sigma ** 2) * psi, truth=volume, maps=maps, config=cfg,
                          info=info, oversampling=grid.os)
 
 

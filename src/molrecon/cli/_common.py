@@ -6,6 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+import click
 import typer
 from rich.console import Console
 
@@ -35,7 +36,7 @@ def user_errors(debug: bool = False) -> Iterator[None]:
     """
     try:
         yield
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException, KeyboardInterrupt):
         raise
     except MolreconError as exc:
         if debug:

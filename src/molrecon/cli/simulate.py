@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -62,29 +62,29 @@ def _list_anatomy() -> None:
 
 @app.command("simulate")
 def simulate_cmd(
-    output: Annotated[Optional[Path], typer.Argument(
+    output: Annotated[Path | None, typer.Argument(
         help="Raw file to write (ISMRMRD HDF5). Leave out with --dataset.")] = None,
     kind: Annotated[str, typer.Option("--kind", help="2d | 3d | 2dt (2D + time).")] = "2d",
     coils: Annotated[int, typer.Option("--coils", help="Receive coils (1-64).")] = 8,
-    acceleration: Annotated[Optional[float], typer.Option(
+    acceleration: Annotated[float | None, typer.Option(
         "--acceleration", "-R", help="Net acceleration R, ACS included "
         "(default 4; 1 = fully sampled, the default with --dataset).")] = None,
-    acs: Annotated[Optional[int], typer.Option(
+    acs: Annotated[int | None, typer.Option(
         "--acs", help="Width of the fully sampled centre in lines (default: 8 % of the "
-        "phase lines, at least 8).")] = None,
-    mask: Annotated[Optional[str], typer.Option(
+        "phase lines, at least 8, at most half the sampled lines).")] = None,
+    mask: Annotated[str | None, typer.Option(
         "--mask", help="equispaced | random | poisson (3d) | interleaved (2dt); "
         "default: equispaced (2d), poisson (3d), interleaved (2dt).")] = None,
     noise: Annotated[float, typer.Option(
-        "--noise", help="Noise std relative to bright tissue (1/SNR of the combined image).")] = 0.02,
-    matrix: Annotated[Optional[str], typer.Option(
-        "--matrix", help="Reconstruction matrix readout x phase [x partitions]: N, NxM, "
+        "--noise", help="Noise std relative to bright tissue (1/SNR of the combined image).")] = 0.01,
+    matrix: Annotated[str | None, typer.Option(
+        "--matrix", help="Reconstruction matrix, readout x phase (x partitions): N, NxM, "
         "NxMxK (default 256 for 2d, 128 for 2dt, 128x128x32 for 3d).")] = None,
-    fov: Annotated[Optional[str], typer.Option(
+    fov: Annotated[str | None, typer.Option(
         "--fov", help="Field of view in mm, like --matrix (default 240, 3d 240x240x64).")] = None,
-    slices: Annotated[Optional[int], typer.Option(
+    slices: Annotated[int | None, typer.Option(
         "--slices", help="Slices of a multi-slice 2d scan (default 1).")] = None,
-    frames: Annotated[Optional[int], typer.Option(
+    frames: Annotated[int | None, typer.Option(
         "--frames", help="Frames of a 2dt scan (default 16).")] = None,
     thickness: Annotated[float, typer.Option(
         "--thickness", help="Slice thickness of 2d and 2dt scans, mm.")] = 3.0,
@@ -99,14 +99,14 @@ def simulate_cmd(
         "--oversampling", help="Readout oversampling written to the file.")] = 2,
     anatomy: Annotated[str, typer.Option(
         "--anatomy", help="Anatomy source (see --list-anatomy).")] = "colin27",
-    truth: Annotated[Optional[Path], typer.Option(
+    truth: Annotated[Path | None, typer.Option(
         "--truth", help="Also write the noise-free truth image here (.nii or .nii.gz).")] = None,
     complex_truth: Annotated[bool, typer.Option(
         "--complex-truth", help="Write the truth as complex64 instead of magnitude.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same file).")] = 0,
-    dataset: Annotated[Optional[Path], typer.Option(
+    dataset: Annotated[Path | None, typer.Option(
         "--dataset", help="Write a dataset of --count files into this folder instead.")] = None,
-    count: Annotated[Optional[int], typer.Option(
+    count: Annotated[int | None, typer.Option(
         "--count", help="Number of files in --dataset mode.")] = None,
     split: Annotated[str, typer.Option(
         "--split", help="train | val | test: which anatomy the dataset draws from.")] = "train",
@@ -165,8 +165,17 @@ def simulate_cmd(
         )
 
         if dataset is not None:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from ..simulate import dataset_plan
+
+            dataset_plan(config, int(count or 0), split)   # refuse impossible requests up front
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -178,7 +187,7 @@ def simulate_cmd(
             sources = sorted({e.anatomy for e in result.entries})
             console.print(f"[green]wrote[/green] {len(result.entries)} {split} files to "
                           f"{dataset} ({kind}, R={r:g}, anatomy: {', '.join(sources)}; "
-                          f"manifest {result.manifest.name})")
+                          f"manifest {result.manifest.name})", soft_wrap=True)
             return
 
         target = Path(output or "")
@@ -191,4 +200,4 @@ def simulate_cmd(
                 f"{config.mask_family}, {config.acs_lines} ACS lines")
         if truth is not None:
             line += f"; truth {truth}"
-        console.print(line + ")")
+        console.print(line + ")", soft_wrap=True)

@@ -63,7 +63,7 @@ def _check_line_request(ny: int, acceleration: float, acs: int, *, axis: str = "
         raise ConfigError(f"ACS width must be a non-negative integer, got {acs}")
     if acs > ny:
         raise ConfigError(f"ACS width {acs} exceeds the {ny} {axis} lines")
-    n_total = max(1, int(round(ny / acceleration)))
+    n_total = max(1, round(ny / acceleration))
     if acs > n_total:
         raise ConfigError(
             f"the {acs}-line ACS block alone samples more than 1/{acceleration:g} of the {ny} "
@@ -170,7 +170,7 @@ def _poisson_pass(order: np.ndarray, radius: np.ndarray, shape: tuple[int, int])
             continue
         accepted.append(idx)
         r = float(radius[idx])
-        h = int(math.ceil(r)) - 1
+        h = math.ceil(r) - 1
         if h < 1:
             continue
         iz, iy = divmod(idx, ny)
