@@ -1,0 +1,65 @@
+"""Write the simulated raw-data folders the bundled MOL weights are trained on.
+
+Every file is fully sampled (R = 1; training undersamples retrospectively) and
+drawn from the anatomy of one split only (see ``molrecon.anatomy``): train and
+val never share a slab or subject. Within a folder the coil count, noise level
+and matrix vary, so the model does not learn one coil array or one SNR.
+
+    python scripts/make_training_data.py --kind 2d --out runs/data2d
+    python scripts/make_training_data.py --kind 2dt --out runs/data2dt
+    python scripts/make_training_data.py --kind 3d --out runs/data3d
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from molrecon.simulate import SimulationConfig, simulate_dataset
+
+VARIANTS = {
+    # (coils, noise, matrix) cycled over the groups of each folder
+    "2d": list(itertools.product((4, 8, 12, 16), (0.005, 0.01, 0.02), ((192, 192), (256, 256)))),
+    "2dt": list(itertools.product((6, 8, 12), (0.005, 0.01, 0.02), ((128, 128),))),
+    "3d": list(itertools.product((6, 8, 12), (0.005, 0.01), ((128, 128, 32),))),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=sorted(VARIANTS), required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train", type=int, default=48, help="training files")
+    ap.add_argument("--val", type=int, default=8, help="validation files")
+    ap.add_argument("--seed", type=int, default=2026)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = VARIANTS[args.kind]
+    for split, count in (("train", args.train), ("val", args.val)):
+        per_group = max(1, -(-count // len(variants)))
+        written = 0
+        for g, (coils, noise, matrix) in enumerate(variants):
+            if written >= count:
+                break
+            n = min(per_group, count - written)
+            base = SimulationConfig(kind=args.kind, coils=coils, noise=noise, matrix=matrix,
+                                    acceleration=1.0, seed=args.seed + 1000 * g)
+            if args.kind == "2dt":
+                base = replace(base, frames=12)
+            tmp = args.out / f".group{g}_{split}"
+            result = simulate_dataset(base, tmp, count=n, split=split, force=True)
+            for path in sorted(tmp.glob(f"{split}_*.h5")):
+                os.replace(path, args.out / f"{split}_g{g:02d}_{path.name}")
+            for extra in tmp.iterdir():
+                extra.unlink()
+            tmp.rmdir()
+            written += n
+            print(f"{split}: group {g} coils={coils} noise={noise} matrix={matrix}: {n} files", flush=True)
+            del result
+
+
+if __name__ == "__main__":
+    main()

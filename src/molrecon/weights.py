@@ -1,0 +1,51 @@
+"""Bundled MOL checkpoints: which file serves which data kind.
+
+The weights live in ``molrecon/data/weights/`` with a ``manifest.json`` that
+maps each data kind to its default checkpoint and lists the alternatives
+(e.g. the certified SN model beside the sharper LR one). Each checkpoint has
+a model card (``<name>.md``) with its training data, masks, metrics and
+Lipschitz certificate.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+
+
+def weights_dir() -> Path:
+    return Path(str(resources.files("molrecon") / "data" / "weights"))
+
+
+def manifest() -> dict[str, Any]:
+    path = weights_dir() / "manifest.json"
+    if not path.is_file():
+        return {"defaults": {}, "models": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"bundled weights manifest is unreadable: {exc}", path=path) from exc
+    return data
+
+
+def bundled_checkpoint(kind: str, constraint: str | None = None) -> Path:
+    """The bundled checkpoint for ``kind`` ("2d", "3d", "2dt"); ``constraint`` picks sn or lr."""
+    man = manifest()
+    models: dict[str, dict[str, Any]] = man.get("models", {})
+    if constraint is None:
+        name = man.get("defaults", {}).get(kind)
+    else:
+        name = next((n for n, m in models.items()
+                     if m.get("kind") == kind and m.get("constraint") == constraint), None)
+    if not name:
+        what = f"{constraint} " if constraint else ""
+        raise ConfigError(f"no bundled {what}MOL weights for {kind} data; pass --weights MODEL.pt "
+                          "(train one with `molrecon train`) or use --method sense")
+    path = weights_dir() / models[name]["file"] if name in models else weights_dir() / name
+    if not path.is_file():
+        raise CheckpointError("bundled checkpoint is missing from the installation", path=path)
+    return path
