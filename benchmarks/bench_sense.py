@@ -154,22 +154,24 @@ def fit_psnr(x: np.ndarray, ref: np.ndarray, support: np.ndarray) -> float:
     return float(20 * np.log10(np.abs(r).max() / err))
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    """Minimum wall time over ``repeat`` runs and the last result."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def run_bart(args: list[str], threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     subprocess.run(["bart", *args], check=True, capture_output=True, env=env)
 
 
 # ---------------------------------------------------------------------- benchmark
+
+
+def interleaved(jobs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Minimum wall time of each job over ``repeat`` rounds; a round runs every job once,
+    so that the tools compared share the machine's conditions (other load, caches)."""
+    best = dict.fromkeys(jobs, float("inf"))
+    for _ in range(max(repeat, 1)):
+        for name, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def bench_2d(size: int, coils: int, threads: int, repeat: int, lam: float, iters: int
@@ -183,56 +185,64 @@ def bench_2d(size: int, coils: int, threads: int, repeat: int, lam: float, iters
     k = torch.from_numpy(sim["under"])[None, :, None]                      # (1, C, 1, Y, X)
     mask = torch.from_numpy(sim["mask"])[None, None, None, :, None]        # (1, 1, 1, Y, 1)
     accel = size / float(sim["mask"].sum())
-    rows: list[dict[str, object]] = []
+    task_maps = f"ESPIRiT {size}² {coils} coils, 24 ACS"
+    task_cg = f"CG-SENSE {iters} it, R={accel:.2f}"
 
-    estimate_maps(k, None, "2d")                                           # warm-up
-    t_maps, maps_t = best_of(lambda: estimate_maps(k, None, "2d"), repeat)
+    maps_t = estimate_maps(k, None, "2d")                                  # (1, C, 1, Y, X)
     maps = maps_t.numpy()[0, :, 0]                                        # (C, Y, X)
     op = SenseOperator(maps_t, mask, "2d")
-    t_cg, res = best_of(lambda: cg_sense(op, k, lam=lam, max_iter=iters), repeat)
-    x_ours = res.x.numpy()[0, 0]
-    full_op = SenseOperator(maps_t, torch.ones_like(mask), "2d")
-    ref = full_op.adjoint(torch.from_numpy(sim["full"])[None, :, None]).numpy()[0, 0]
+    x_ours = cg_sense(op, k, lam=lam, max_iter=iters).x.numpy()[0, 0]
+    ref = SenseOperator(maps_t, torch.ones_like(mask), "2d").adjoint(
+        torch.from_numpy(sim["full"])[None, :, None]).numpy()[0, 0]
     support = np.abs(maps).sum(axis=0) > 0
     zf = np.sqrt((np.abs(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(
         sim["under"], axes=(-2, -1)), norm="ortho"), axes=(-2, -1))) ** 2).sum(axis=0))
     psnr_ours = fit_psnr(x_ours, ref, support)
-    psnr_zf = fit_psnr(zf.astype(np.complex64), np.abs(ref), support)
     lam_abs = lam * float(op.normal_diagonal().mean())
-    rows.append({"task": f"ESPIRiT {size}² {coils} coils, 24 ACS", "tool": "molrecon",
-                 "seconds": t_maps})
-    rows.append({"task": f"CG-SENSE {iters} it, R={accel:.2f}", "tool": "molrecon",
-                 "seconds": t_cg, "psnr_db": psnr_ours, "lambda_abs": lam_abs})
-    rows.append({"task": "zero-filled RSS", "tool": "numpy", "seconds": 0.0, "psnr_db": psnr_zf})
-
-    if shutil.which("bart") is None:
-        print("bart not found: BART rows skipped", file=sys.stderr)
-        return rows
+    jobs: dict[str, Callable[[], object]] = {
+        "maps": lambda: estimate_maps(k, None, "2d"),
+        "cg": lambda: cg_sense(op, k, lam=lam, max_iter=iters),
+    }
+    rows: list[dict[str, object]] = []
+    have_bart = shutil.which("bart") is not None
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        write_cfl(d / "k", to_bart(sim["under"]))
-        write_cfl(d / "maps", to_bart(maps))
-        t_ecal, _ = best_of(lambda: run_bart(["ecalib", "-m1", str(d / "k"), str(d / "bmaps")],
-                                             threads), repeat)
-        bmaps = from_bart(read_cfl(d / "bmaps"), coils=True)               # (C, Y, X)
-        agree = subspace_agreement(torch.from_numpy(maps)[None], torch.from_numpy(bmaps)[None])
-        both = torch.from_numpy(support & (np.abs(bmaps).sum(axis=0) > 0))
-        # pics minimises ‖Ax − y‖² + λ‖x‖² with a unitary centred FFT, so the same
-        # absolute λ gives the same normal equations; -w 1 disables its data scaling.
-        cmd = ["pics", "-l2", "-r", f"{lam_abs:.8g}", "-i", str(iters), "-w", "1",
-               str(d / "k"), str(d / "maps"), str(d / "x")]
-        t_pics, _ = best_of(lambda: run_bart(cmd, threads), repeat)
-        x_bart = from_bart(read_cfl(d / "x"), coils=False)
-    psnr_bart = fit_psnr(x_bart, ref, support)
-    rows.insert(1, {"task": f"ESPIRiT {size}² {coils} coils, 24 ACS", "tool": "bart ecalib -m1",
-                    "seconds": t_ecal,
-                    "agreement": float(agree[0][both].mean())})
-    rows.insert(3, {"task": f"CG-SENSE {iters} it, R={accel:.2f}", "tool": "bart pics -l2",
-                    "seconds": t_pics, "psnr_db": psnr_bart})
-    rows.append({"task": "PSNR difference molrecon − BART", "tool": "", "seconds": 0.0,
-                 "psnr_db": psnr_ours - psnr_bart})
-    rows.append({"task": "speed ratio BART/molrecon (maps, CG)", "tool": "",
-                 "seconds": 0.0, "ratio": f"{t_ecal / t_maps:.2f}, {t_pics / t_cg:.2f}"})
+        if have_bart:
+            write_cfl(d / "k", to_bart(sim["under"]))
+            write_cfl(d / "maps", to_bart(maps))
+            ecalib = ["ecalib", "-m1", str(d / "k"), str(d / "bmaps")]
+            # pics minimises ‖Ax − y‖² + λ‖x‖² with a unitary centred FFT, so the same
+            # absolute λ gives the same normal equations; -w 1 disables its data scaling.
+            pics = ["pics", "-l2", "-r", f"{lam_abs:.8g}", "-i", str(iters), "-w", "1",
+                    str(d / "k"), str(d / "maps"), str(d / "x")]
+            jobs["ecalib"] = lambda: run_bart(ecalib, threads)
+            jobs["pics"] = lambda: run_bart(pics, threads)
+        else:
+            print("bart not found: BART rows skipped", file=sys.stderr)
+        times = interleaved(jobs, repeat)
+        rows.append({"task": task_maps, "tool": "molrecon", "seconds": times["maps"]})
+        if have_bart:
+            bmaps = from_bart(read_cfl(d / "bmaps"), coils=True)           # (C, Y, X)
+            agree = subspace_agreement(torch.from_numpy(maps)[None],
+                                       torch.from_numpy(bmaps)[None])
+            both = torch.from_numpy(support & (np.abs(bmaps).sum(axis=0) > 0))
+            rows.append({"task": task_maps, "tool": "bart ecalib -m1",
+                         "seconds": times["ecalib"], "agreement": float(agree[0][both].mean())})
+            x_bart = from_bart(read_cfl(d / "x"), coils=False)
+    rows.append({"task": task_cg, "tool": "molrecon", "seconds": times["cg"],
+                 "psnr_db": psnr_ours, "lambda_abs": lam_abs})
+    if have_bart:
+        psnr_bart = fit_psnr(x_bart, ref, support)
+        rows.append({"task": task_cg, "tool": "bart pics -l2", "seconds": times["pics"],
+                     "psnr_db": psnr_bart})
+    rows.append({"task": "zero-filled RSS", "tool": "numpy", "seconds": 0.0,
+                 "psnr_db": fit_psnr(zf.astype(np.complex64), np.abs(ref), support)})
+    if have_bart:
+        rows.append({"task": "PSNR difference molrecon − BART", "tool": "", "seconds": 0.0,
+                     "psnr_db": psnr_ours - psnr_bart})
+        rows.append({"task": "speed ratio BART/molrecon (maps, CG)", "tool": "", "seconds": 0.0,
+                     "ratio": f"{times['ecalib'] / times['maps']:.2f}, "
+                              f"{times['pics'] / times['cg']:.2f}"})
     return rows
 
 
@@ -240,20 +250,40 @@ def bench_3d(shape: tuple[int, int, int], coils: int, repeat: int, iters: int
              ) -> list[dict[str, object]]:
     import torch
 
+    from molrecon.coils import EspiritConfig, estimate_maps
+    from molrecon.physics.fft import fftc
     from molrecon.physics.sense import SenseOperator, cg_sense
 
     d, y, x = shape
-    gen = torch.Generator().manual_seed(0)
-    maps = torch.randn((1, coils, d, y, x), generator=gen, dtype=torch.complex64)
-    mask = torch.rand((1, 1, d, y, 1), generator=gen) < 0.3
-    op = SenseOperator(maps, mask, "3d")
-    k = op.forward(torch.randn((1, d, y, x), generator=gen, dtype=torch.complex64))
+    rng = np.random.default_rng(0)
+    # Ellipsoid × (ring of coils in the (Y, X) plane, modulated along D); (kz, ky)
+    # pattern: random 30 % + a 24×24 fully sampled centre.
+    zz = (np.arange(d) - d // 2) / (d / 2)
+    obj = np.stack([phantom(max(y, x))[:y, :x] * (abs(z) < 0.8) for z in zz])    # (D, Y, X)
+    maps2d = coil_maps(max(y, x), coils, rng)[:, :y, :x]                         # (C, Y, X)
+    maps_np = maps2d[:, None] * np.exp(0.5j * zz)[None, :, None, None] \
+        * (1.2 - 0.3 * zz[None, :, None, None] ** 2)
+    pattern = rng.random((d, y)) < 0.3
+    pattern[d // 2 - 12: d // 2 + 12, y // 2 - 12: y // 2 + 12] = True
+    mask = torch.from_numpy(pattern)[None, None, :, :, None]                      # (1,1,D,Y,1)
+    k = fftc(torch.from_numpy(maps_np * obj)[None].to(torch.complex64), (-3, -2, -1)) * mask
     rows: list[dict[str, object]] = []
-    for label, kw in [("one 3D problem", {"decouple": False}),
-                      ("readout split", {"decouple": True}),
-                      (f"readout split, chunks of {max(x // 4, 1)}",
-                       {"decouple": True, "readout_chunk": max(x // 4, 1)})]:
-        t, _ = best_of(lambda kw=kw: cg_sense(op, k, max_iter=iters, **kw), repeat)  # type: ignore[misc]
+    for stride in (1, 4):
+        cfg = EspiritConfig(readout_stride=stride)
+        t0 = time.perf_counter()
+        maps = estimate_maps(k, None, "3d", config=cfg)
+        t = time.perf_counter() - t0
+        rows.append({"task": f"3D ESPIRiT {d}×{y}×{x}, {coils} coils, 24×24 ACS",
+                     "tool": f"molrecon, hybrid, readout stride {stride}", "seconds": t})
+    op = SenseOperator(maps, mask, "3d")
+    chunk = max(x // 4, 1)
+    variants: dict[str, Callable[[], object]] = {
+        "one 3D problem": lambda: cg_sense(op, k, max_iter=iters, decouple=False),
+        "readout split": lambda: cg_sense(op, k, max_iter=iters, decouple=True),
+        f"readout split, chunks of {chunk}":
+            lambda: cg_sense(op, k, max_iter=iters, decouple=True, readout_chunk=chunk),
+    }
+    for label, t in interleaved(variants, repeat).items():
         rows.append({"task": f"3D CG-SENSE {iters} it {d}×{y}×{x}, {coils} coils",
                      "tool": f"molrecon, {label}", "seconds": t})
     return rows

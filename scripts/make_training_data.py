@@ -24,7 +24,8 @@ VARIANTS = {
     # (coils, noise, matrix) cycled over the groups of each folder
     "2d": list(itertools.product((4, 8, 12, 16), (0.005, 0.01, 0.02), ((192, 192), (256, 256)))),
     "2dt": list(itertools.product((6, 8, 12), (0.005, 0.01, 0.02), ((128, 128),))),
-    "3d": list(itertools.product((6, 8, 12), (0.005, 0.01), ((128, 128, 32),))),
+    # 3D slabs are thin (16 × 1.25 mm) so that the validation slab of Colin 27 can hold one.
+    "3d": list(itertools.product((6, 8, 12), (0.005, 0.01), ((128, 128, 16),))),
 }
 
 
@@ -49,6 +50,8 @@ def main() -> None:
                                     acceleration=1.0, seed=args.seed + 1000 * g)
             if args.kind == "2dt":
                 base = replace(base, frames=12)
+            if args.kind == "3d":
+                base = replace(base, fov_mm=(240.0, 240.0, 20.0))
             tmp = args.out / f".group{g}_{split}"
             result = simulate_dataset(base, tmp, count=n, split=split, force=True)
             for path in sorted(tmp.glob(f"{split}_*.h5")):

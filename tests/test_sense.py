@@ -14,8 +14,13 @@ import torch
 
 from conftest import have
 from molrecon.errors import ConvergenceWarning, InputDataError
-from molrecon.physics.checks import (adjoint_error, check_operator, linearity_error,
-                                     normal_error, random_complex)
+from molrecon.physics.checks import (
+    adjoint_error,
+    check_operator,
+    linearity_error,
+    normal_error,
+    random_complex,
+)
 from molrecon.physics.fft import fftc, ifftc
 from molrecon.physics.sense import SenseOperator, cg_sense, decouple_readout
 
@@ -180,7 +185,7 @@ def test_normal_supports_autograd() -> None:
     """The in-place steps of ``normal`` must not break differentiation (gradcheck, float64)."""
     op = make_operator(Case("g", "2d", 1, 2, 1, 5, 4))
     x = random_complex(op.image_shape, seed=2).requires_grad_(True)
-    assert torch.autograd.gradcheck(op.normal, (x,), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(op.normal, (x,), eps=1e-6, atol=1e-8, fast_mode=True)
 
 
 # ---------------------------------------------------------------------- 3D readout split
@@ -272,12 +277,13 @@ def test_cg_sense_rejects_bad_input() -> None:
 
 
 # ---------------------------------------------------------------------- data from other programs
-def read_generator_file(path: Path) -> dict[str, np.ndarray]:
-    """k-space (1, C, 1, Y, X) and ground truth of an ``ismrmrd_generate_cartesian_shepp_logan`` file.
+def read_generator_file(path: Path, repetition: int = 0) -> dict[str, np.ndarray]:
+    """k-space (1, C, 1, Y, X) and truth of an ``ismrmrd_generate_cartesian_shepp_logan`` file.
 
     The file stores 2× readout oversampling; lines are placed by
     ``kspace_encode_step_1``; the readout oversampling is removed by cropping the
-    centre after an inverse FFT along the readout.
+    centre after an inverse FFT along the readout. With ``-a R`` the generator
+    writes R repetitions with shifted line patterns: one is read.
     """
     with h5py.File(path, "r") as f:
         acq = f["dataset/data"][:]
@@ -290,8 +296,10 @@ def read_generator_file(path: Path) -> dict[str, np.ndarray]:
     ny, nx = csm_c.shape[-2:]
     k = np.zeros((n_coils, ny, n_samples), dtype=np.complex64)
     calib = np.zeros(ny, dtype=bool)
-    cal_bits = (1 << 19) | (1 << 20)      # ACQ_IS_PARALLEL_CALIBRATION(_AND_IMAGING), 1-based 20, 21
+    cal_bits = (1 << 19) | (1 << 20)   # ACQ_IS_PARALLEL_CALIBRATION(_AND_IMAGING): bits 20, 21
     for i in range(len(acq)):
+        if int(head["idx"]["repetition"][i]) != repetition:
+            continue
         line = int(head["idx"]["kspace_encode_step_1"][i])
         k[:, line] = acq["data"][i].view(np.complex64).reshape(n_coils, n_samples)
         calib[line] |= bool(int(head["flags"][i]) & cal_bits)
@@ -308,6 +316,18 @@ def read_generator_file(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def write_cfl(stem: Path, array: np.ndarray) -> None:
+    """BART ``.hdr`` + ``.cfl`` (complex64, column-major)."""
+    dims = list(array.shape) + [1] * (16 - array.ndim)
+    stem.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(map(str, dims)) + "\n")
+    np.asarray(array, dtype=np.complex64).ravel(order="F").tofile(stem.with_suffix(".cfl"))
+
+
+def read_cfl(stem: Path) -> np.ndarray:
+    dims = [int(v) for v in stem.with_suffix(".hdr").read_text().splitlines()[1].split()]
+    return np.fromfile(stem.with_suffix(".cfl"), dtype=np.complex64).reshape(dims, order="F")
+
+
 def generate(tmp_path: Path, *args: str) -> Path:
     out = tmp_path / "shepp_logan.h5"
     subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", *args, "-o", str(out)],
@@ -321,7 +341,7 @@ def generate(tmp_path: Path, *args: str) -> Path:
 def test_cg_sense_beats_zero_filled_rss_on_generator_r2(tmp_path: Path) -> None:
     from molrecon.coils import estimate_maps
 
-    data = read_generator_file(generate(tmp_path, "-m", "64", "-c", "8", "-a", "2", "-w", "16"))
+    data = read_generator_file(generate(tmp_path, "-m", "64", "-c", "8", "-a", "2", "-w", "24"))
     k = torch.from_numpy(data["kspace"])
     mask = torch.from_numpy(data["mask"])
     maps = estimate_maps(k, torch.from_numpy(data["calib"]), "2d")
@@ -334,8 +354,101 @@ def test_cg_sense_beats_zero_filled_rss_on_generator_r2(tmp_path: Path) -> None:
 
     def nrmse(img: np.ndarray) -> float:
         a = float(np.sum(img[inside] * truth[inside]) / np.sum(img[inside] ** 2))   # LS scale
-        return float(np.linalg.norm(a * img[inside] - truth[inside]) / np.linalg.norm(truth[inside]))
+        err = np.linalg.norm(a * img[inside] - truth[inside])
+        return float(err / np.linalg.norm(truth[inside]))
 
+    # Measured (default generator noise 0.05): SENSE ≈ 0.107, zero-filled RSS ≈ 0.21.
     err_sense, err_zf = nrmse(x), nrmse(zf)
+    assert float(mask.float().mean()) < 0.7                  # really undersampled (one repetition)
     assert err_sense < 0.6 * err_zf, (err_sense, err_zf)
-    assert err_sense < 0.2
+    assert err_sense < 0.15
+
+
+def _psnr_fit(x: np.ndarray, ref: np.ndarray, support: np.ndarray) -> float:
+    """PSNR (dB) of ``x`` against ``ref`` in ``support`` after a complex least-squares scale fit."""
+    a, r = x[support], ref[support]
+    err = np.sqrt(np.mean(np.abs(np.vdot(a, r) / np.vdot(a, a) * a - r) ** 2))
+    return float(20 * np.log10(np.abs(r).max() / err))
+
+
+@pytest.mark.external
+@pytest.mark.skipif(not have("bart"), reason="bart not installed")
+def test_cg_sense_matches_bart_pics_l2(tmp_path: Path) -> None:
+    """Same k-space, same maps, same λ: ``bart pics -l2 -r λ -w 1`` solves the same equations.
+
+    BART's FFT is unitary and ``-w 1`` switches off its data scaling, so its
+    ``-r`` is our absolute λ = lam · mean(diag(AᴴA)).
+    """
+    from molrecon.coils import estimate_maps
+    from test_espirit import lines_mask, simulate
+
+    k, _, _ = simulate((1, 64, 64), 8, "2d", noise=1e-3)
+    mask = lines_mask(64, 3, 16)
+    ku = k * mask[None, None, :, None]                                      # (C, 1, Y, X)
+    kt = torch.from_numpy(ku[None]).to(torch.complex64)
+    maps = estimate_maps(kt, None, "2d")
+    m = torch.from_numpy(mask)[None, None, None, :, None]
+    op = SenseOperator(maps, m, "2d")
+    lam = 1e-2
+    ours = cg_sense(op, kt, lam=lam, max_iter=30).x[0, 0].numpy()
+    lam_abs = lam * float(op.normal_diagonal().mean())
+    write_cfl(tmp_path / "k", np.transpose(ku[:, 0], (2, 1, 0))[:, :, None, :])    # (X, Y, 1, C)
+    write_cfl(tmp_path / "s", np.transpose(maps[0, :, 0].numpy(), (2, 1, 0))[:, :, None, :])
+    subprocess.run(["bart", "pics", "-l2", "-r", f"{lam_abs:.8g}", "-i", "30", "-w", "1",
+                    str(tmp_path / "k"), str(tmp_path / "s"), str(tmp_path / "x")],
+                   check=True, capture_output=True)
+    bart = read_cfl(tmp_path / "x").reshape(64, 64).T                        # (Y, X)
+    ref = SenseOperator(maps, torch.ones_like(m), "2d").adjoint(
+        torch.from_numpy(k[None]).to(torch.complex64))[0, 0].numpy()
+    support = maps.abs().sum(1)[0, 0].numpy() > 0
+    assert abs(_psnr_fit(ours, ref, support) - _psnr_fit(bart, ref, support)) < 0.5
+    # Stronger: the two images are the same to single precision, with no rescaling.
+    assert np.linalg.norm(ours - bart) / np.linalg.norm(ours) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["2d-odd", "3d", "2dt-frames"])
+def test_gpu_operator_matches_cpu(name: str) -> None:
+    case = next(c for c in CASES if c.name == name)
+    op = make_operator(case)
+    op_gpu = op.to("cuda")
+    assert adjoint_error(op_gpu) < TOL and normal_error(op_gpu) < TOL
+    x = random_complex(op.image_shape, seed=13)
+    assert torch.allclose(op_gpu.forward(x.cuda()).cpu(), op.forward(x), atol=1e-12)
+    y = op.forward(x)
+    res_cpu = cg_sense(op, y, lam=1e-2, max_iter=20)
+    res_gpu = cg_sense(op_gpu, y.cuda(), lam=1e-2, max_iter=20)
+    assert torch.allclose(res_gpu.x.cpu(), res_cpu.x, atol=1e-9 * float(res_cpu.x.abs().max()))
+
+
+def test_real_3d_poisson_disc_scan_against_bart_reference(real_data: Path) -> None:
+    """In-vivo brain, (ky, kz) Poisson disc at R≈7.9, one readout position (a 3D scan
+    with X = 1): ESPIRiT on the 2D calibration block + CG-SENSE gets closer to
+    BART's own ``pics`` reconstruction than the zero-filled RSS image does.
+    Measured: NRMSE 0.164 (CG-SENSE) vs 0.232 (zero-filled); correlation 0.974 vs 0.959.
+    """
+    from molrecon.coils import estimate_maps
+
+    with h5py.File(real_data / "invivo_brain_8coil_poisson_r8.h5", "r") as f:
+        acq = f["dataset/data"][:]
+    head = acq["head"]
+    k = np.zeros((1, 8, 230, 180, 1), dtype=np.complex64)            # (B, C, D=kz, Y=ky, X)
+    for i in range(len(acq)):
+        k[0, :, head["idx"]["kspace_encode_step_2"][i], head["idx"]["kspace_encode_step_1"][i],
+          0] = acq["data"][i].view(np.complex64)
+    kt = torch.from_numpy(k)
+    mask = (kt != 0).any(dim=1, keepdim=True)                         # (1, 1, D, Y, 1)
+    assert 7.0 < mask.numel() / float(mask.sum()) < 9.0
+    maps = estimate_maps(kt, None, "3d")
+    x = cg_sense(SenseOperator(maps, mask, "3d"), kt, lam=1e-2, max_iter=50).x
+    ours = x[0, :, :, 0].abs().numpy().T                              # (Y, D) like BART's
+    zf = torch.sqrt((ifftc(kt, (-3, -2, -1)).abs() ** 2).sum(1))[0, :, :, 0].numpy().T
+    ref = np.abs(np.load(real_data / "invivo_brain_bart_pics_reference.npy")[..., 0])
+
+    def nrmse(img: np.ndarray) -> float:
+        a = float((img * ref).sum() / (img * img).sum())
+        return float(np.linalg.norm(a * img - ref) / np.linalg.norm(ref))
+
+    assert nrmse(ours) < 0.2
+    assert nrmse(ours) < 0.8 * nrmse(zf)
+    assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.96

@@ -221,6 +221,11 @@ def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *
         report.update(engine.report_header())
         conv = all(c.get("converged", True) for c in per_chunk)
         report["converged"] = conv
+        its = [int(i) for c in per_chunk for i in c.get("iterations", [])]
+        report["iterations_per_item"] = its
+        report["iterations"] = max(its) if its else 0
+        report["final_residual"] = max((r for c in per_chunk for r in c.get("final_residual", [])),
+                                       default=None)
         if not conv:
             warnings.warn(f"MOL did not reach --tol {config.tol:g} within --max-iter "
                           f"{config.max_iter} on every slice (see the report)",

@@ -34,6 +34,8 @@ RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
 
 @dataclass(frozen=True)
 class MaskSpec:
+    """Retrospective masks: ``family`` may list several ("equispaced,random"), one drawn per sample."""
+
     family: str = "equispaced"
     acceleration: float = 4.0
     acs: int = 16
@@ -150,7 +152,9 @@ def draw_mask(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generato
 
     _, _, d, y, _ = sample.kspace.shape
     r = float(rng.choice(spec.accelerations)) if spec.accelerations else spec.acceleration
-    m = make_mask(kind, spec.family, (1, 1, d, y, 1), r, spec.acs, rng)
+    families = [f.strip() for f in spec.family.split(",") if f.strip()]
+    family = families[int(rng.integers(len(families)))] if len(families) > 1 else families[0]
+    m = make_mask(kind, family, (1, 1, d, y, 1), r, spec.acs, rng)
     m = np.asarray(m, dtype=bool)
     if m.shape != (1, 1, d, y, 1):
         try:

@@ -40,6 +40,8 @@ def train_cmd(
     lipschitz_target: Annotated[float, typer.Option("--lipschitz-target", help="SN: certified bound target L < 1.")] = 0.99,
     penalty_weight: Annotated[float, typer.Option("--penalty-weight", help="LR: weight of the log-barrier penalty.")] = 1e-6,
     penalty_threshold: Annotated[float, typer.Option("--penalty-threshold", help="LR: barrier threshold T.")] = 0.98,
+    penalty_every: Annotated[int, typer.Option("--penalty-every", help="LR: apply the penalty every n-th step.")] = 1,
+    val_samples: Annotated[int, typer.Option("--val-samples", help="Validation problems per evaluation.")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step (per process).")] = 1,
     max_steps: Annotated[int, typer.Option("--max-steps")] = 1000,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop after this many seconds.")] = None,
@@ -71,6 +73,7 @@ def train_cmd(
             mask=MaskSpec(family=mask, acceleration=r, acs=acs, accelerations=rs),
             extra_noise=noise, loss=loss, lr=lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
             cg_iters=cg_iters, penalty_weight=penalty_weight, penalty_threshold=penalty_threshold,
+            penalty_every=penalty_every, val_samples=val_samples,
             batch_size=batch_size, max_steps=max_steps, time_budget_s=time_budget,
             val_fraction=val_fraction, val_every=val_every, checkpoint_every=checkpoint_every,
             fwd_max_iter=fwd_max_iter, init_weights=None if init_weights is None else str(init_weights),
@@ -89,7 +92,7 @@ def train_cmd(
             if "val_psnr" in rec:
                 line += (f"  [val MOL {rec['val_psnr']:.2f} dB / SSIM {rec['val_ssim']:.3f}; "
                          f"CG-SENSE {rec['val_sense_psnr']:.2f} dB]")
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, markup=False)
 
         result = train(config, on_record=show, warn=warn)
         msg = f"[green]wrote[/green] {result.out} after {result.steps} steps (log {result.log})"
