@@ -87,13 +87,24 @@ def deq_solve(
     if not y.requires_grad:
         return DEQOutput(x=y.detach(), forward=fwd, backward=stats)
 
-    def implicit_grad(grad: torch.Tensor) -> torch.Tensor:
+    # The vector-Jacobian products below start their own backward passes at y, and those
+    # run y's hooks too: while the solve is running, the hook lets gradients through as they are.
+    solving = [False]
+
+    def implicit_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is None or solving[0]:
+            return grad
+
         def adjoint_map(g: torch.Tensor) -> torch.Tensor:
             (jtg,) = torch.autograd.grad(y, z, g, retain_graph=True)
             return jtg + grad
 
-        res = solve_fixed_point(adjoint_map, grad, config=bwd_cfg,
-                                label="backward (implicit gradient) iteration")
+        solving[0] = True
+        try:
+            res = solve_fixed_point(adjoint_map, grad, config=bwd_cfg,
+                                    label="backward (implicit gradient) iteration")
+        finally:
+            solving[0] = False
         stats.iterations.append(res.iterations)
         stats.residuals.append(float(res.final_residual.max()))
         stats.converged.append(res.converged)
