@@ -38,6 +38,7 @@ def train_cmd(
     layers: Annotated[int, typer.Option("--layers")] = 5,
     channels: Annotated[int, typer.Option("--channels")] = 64,
     lipschitz_target: Annotated[float, typer.Option("--lipschitz-target", help="SN: certified bound target L < 1.")] = 0.99,
+    spectral_grid: Annotated[Optional[int], typer.Option("--spectral-grid", help="SN: frequency grid per axis of the certified bound (coarser is faster and looser).")] = None,
     penalty_weight: Annotated[float, typer.Option("--penalty-weight", help="LR: weight of the log-barrier penalty.")] = 1e-6,
     penalty_threshold: Annotated[float, typer.Option("--penalty-threshold", help="LR: barrier threshold T.")] = 0.98,
     penalty_every: Annotated[int, typer.Option("--penalty-every", help="LR: apply the penalty every n-th step.")] = 1,
@@ -69,7 +70,7 @@ def train_cmd(
 
         config = TrainConfig(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]
-            lipschitz_target=lipschitz_target, layers=layers, channels=channels,
+            lipschitz_target=lipschitz_target, spectral_grid=spectral_grid, layers=layers, channels=channels,
             mask=MaskSpec(family=mask, acceleration=r, acs=acs, accelerations=rs),
             extra_noise=noise, loss=loss, lr=lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
             cg_iters=cg_iters, penalty_weight=penalty_weight, penalty_threshold=penalty_threshold,
