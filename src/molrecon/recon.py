@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ConfigError, ConvergenceWarning
+from .errors import ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
 
 Method = Literal["mol", "sense", "zf"]
@@ -118,8 +118,21 @@ def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *
                 progress: ProgressFn | None = None) -> ReconResult:
     """Reconstruct a raw scan (or a raw file path) into an :class:`ImageVolume`.
 
-    ``method`` is a shortcut that overrides ``config.method``.
+    ``method`` is a shortcut that overrides ``config.method``. Errors about the
+    data (no signal, no usable calibration region, ...) name the scan's file.
     """
+    try:
+        return _reconstruct(scan, config, method=method, progress=progress)
+    except MolreconError as exc:
+        if exc.path is None and isinstance(scan, RawScan) and scan.source:
+            exc.path = scan.source
+        elif exc.path is None and isinstance(scan, (str, Path)):
+            exc.path = str(scan)
+        raise
+
+
+def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
+                 method: Method | None, progress: ProgressFn | None) -> ReconResult:
     import torch
 
     from .device import peak_memory_bytes, resolve_device
@@ -151,7 +164,13 @@ def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *
                 baselines[name] = np.zeros_like(out)
     per_chunk: list[dict[str, Any]] = []
     timings = {"maps_s": 0.0, "sense_s": 0.0, "mol_s": 0.0}
-    chunks = _chunks(b_total, config.batch_size)
+    batch = config.batch_size
+    if batch is None:
+        from .resources import plan_batches
+
+        channels = engine.loaded.model.config.channels if engine is not None else 64
+        batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
+    chunks = _chunks(b_total, batch)
     for ci, sl in enumerate(chunks):
         progress("reconstructing", ci, len(chunks))
         k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(device)   # (b, C, D, Y, X)
@@ -215,6 +234,7 @@ def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *
         "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
         "peak_memory_bytes": peak_memory_bytes(device),
         "config": asdict(config),
+        "batch_size": batch,
         "chunks": per_chunk,
     }
     if engine is not None:

@@ -38,6 +38,8 @@ def reconstruct_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into a NIfTI image with correct geometry."""
+    _check_usage(method=method, device=device, solver=solver, max_iter=max_iter, tol=tol,
+                 alpha=alpha, batch_size=batch_size)
     with user_errors(debug):
         import warnings
 
@@ -47,10 +49,19 @@ def reconstruct_cmd(
 
         if not str(output).endswith((".nii", ".nii.gz")):
             raise ConfigError(f"{output}: output must end in .nii or .nii.gz")
-        if solver not in ("anderson", "plain"):
-            raise ConfigError(f"unknown --solver {solver!r}: use anderson or plain")
         if not input.exists():
             raise InputDataError("no such file", path=input)
+        # No output may replace the input or another output (a --report aimed at the raw
+        # file with --force would destroy the scan).
+        named = [("input", input), ("output", output), ("--report", report), ("--preview", preview)]
+        seen: dict[Path, str] = {}
+        for role, path in named:
+            if path is None:
+                continue
+            key = path.resolve()
+            if key in seen:
+                raise ConfigError(f"{path}: {role} is the same file as the {seen[key]}; use a different path")
+            seen[key] = role
         # Fail before any work if an output cannot be written.
         for out in (output, report, preview):
             if out is not None:
@@ -73,7 +84,8 @@ def reconstruct_cmd(
 
             with Progress(TextColumn("{task.description}"), BarColumn(),
                           TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn(),
-                          console=console, transient=True) as bar:
+                          console=console, transient=True,
+                          disable=not console.is_terminal) as bar:
                 task = bar.add_task(f"{method} {input.name}", total=None)
 
                 def on_progress(stage: str, done: int, total: int) -> None:
@@ -82,7 +94,8 @@ def reconstruct_cmd(
                 result = reconstruct(scan, config, progress=on_progress)
         for w in caught:
             if issubclass(w.category, (GeometryWarning, ConvergenceWarning, InputDataWarning)):
-                warn(f"{input}: {w.message}")
+                text = str(w.message)
+                warn(text if text.startswith(str(input)) else f"{input}: {text}")
                 result.report.setdefault("warnings", []).append(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -103,3 +116,22 @@ def reconstruct_cmd(
         if "iterations" in rep:
             line += f", {rep['iterations']} MOL iterations"
         console.print(line + ")")
+
+
+def _check_usage(*, method: str, device: str, solver: str, max_iter: int, tol: float,
+                 alpha: float | None, batch_size: int | None) -> None:
+    """Option values that can never work are usage errors (exit 2), checked before any work."""
+    if method not in ("mol", "sense", "zf"):
+        raise typer.BadParameter(f"{method!r} is not one of mol, sense, zf", param_hint="--method")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
+    if solver not in ("anderson", "plain"):
+        raise typer.BadParameter(f"{solver!r} is not one of anderson, plain", param_hint="--solver")
+    if max_iter < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--max-iter")
+    if not 0.0 < tol < 1.0:
+        raise typer.BadParameter("must lie in (0, 1)", param_hint="--tol")
+    if alpha is not None and not 0.0 < alpha <= 1.0:
+        raise typer.BadParameter("must lie in (0, 1]", param_hint="--alpha")
+    if batch_size is not None and batch_size < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--batch-size")

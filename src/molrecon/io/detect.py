@@ -16,7 +16,7 @@ import h5py
 
 from ..errors import InputDataError
 from .fastmri import read_fastmri
-from .ismrmrd import open_hdf5, read_ismrmrd
+from .ismrmrd import hdf5_errors, open_hdf5, read_ismrmrd
 from .types import RawScan
 
 __all__ = ["detect_format", "read_raw"]
@@ -25,19 +25,28 @@ RawFormat = Literal["ismrmrd", "fastmri"]
 
 
 def _ismrmrd_group(f: h5py.File) -> str | None:
-    """Name of the group that holds an ISMRMRD dataset, preferring ``dataset``."""
+    """Name of the group that holds an ISMRMRD dataset, preferring ``dataset``.
+
+    A ``/dataset`` group with only one of ``xml`` and ``data`` still counts (the
+    ISMRMRD reader then says which part is missing), unless the file is a
+    fastMRI file.
+    """
     names = ["dataset"] + sorted(n for n in f if n != "dataset")
     for name in names:
         node = f.get(name)
         if isinstance(node, h5py.Group) and "xml" in node and "data" in node:
             return name
+    node = f.get("dataset")
+    if isinstance(node, h5py.Group) and ("xml" in node or "data" in node) \
+            and not isinstance(f.get("kspace"), h5py.Dataset):
+        return "dataset"
     return None
 
 
 def detect_format(path: str | os.PathLike[str]) -> tuple[RawFormat, str | None]:
     """``("ismrmrd", group)`` or ``("fastmri", None)``; :class:`InputDataError` otherwise."""
     p = Path(path)
-    with open_hdf5(p) as f:
+    with open_hdf5(p) as f, hdf5_errors(p):
         group = _ismrmrd_group(f)
         if group is not None:
             return "ismrmrd", group

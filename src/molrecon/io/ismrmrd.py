@@ -77,11 +77,32 @@ a newer schema (elements this ismrmrd-python does not know) fail there with an
 xsdata ``ParserError``; molrecon then parses again with unknown elements
 ignored (the same xsdata classes, ``fail_on_unknown_properties=False``) and
 records a warning. Malformed XML or a header without the required elements is
-an :class:`~molrecon.errors.InputDataError`.
+an :class:`~molrecon.errors.InputDataError`, and so are matrix sizes and
+encoding limits outside the schema's ``unsignedShort`` range (0..65535). XML
+entities are never expanded beyond expat's amplification limit nor fetched
+from outside. A field of view that is not finite or beyond ``MAX_FOV_MM``
+counts as missing.
+
+Hostile or damaged files
+------------------------
+Every size is checked before the allocation it implies: at most
+``MAX_ACQUISITIONS`` rows in the table, at most ``MAX_KSPACE_ELEMENTS`` k-space
+values, and neither more than the memory available now
+(:class:`~molrecon.errors.ResourceError`). Failures of the HDF5 library on a
+file that opened (damaged B-trees, heaps or type descriptions) become an
+:class:`~molrecon.errors.InputDataError`. Acquisition headers written with
+other field widths are converted to ISMRMRD's layout; a missing field is an
+error. Samples that are finite in the file but overflow float32 in the readout
+FFT or the whitening are refused. Slice positions that are not finite (or
+beyond ``MAX_FOV_MM``) are replaced by the origin, and direction vectors that
+are not finite or not an orthonormal frame count as unknown orientation, each
+with a :class:`~molrecon.errors.GeometryWarning`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -94,6 +115,7 @@ import h5py
 import numpy as np
 
 from ..errors import GeometryWarning, InputDataError, InputDataWarning, ResourceError
+from ..resources import available_memory_bytes
 from .atomic import atomic_path
 from .types import KINDS, Geometry, Kind, RawScan, ScanInfo
 
@@ -103,6 +125,7 @@ except ImportError:  # pragma: no cover - scipy is optional
     _fft = np.fft
 
 __all__ = [
+    "MAX_ACQUISITIONS",
     "MAX_KSPACE_ELEMENTS",
     "EncodingLimit",
     "HeaderFields",
@@ -138,6 +161,16 @@ _SKIPPED_FLAGS = {
 #: Largest k-space (B·C·D·Y·X complex64 values, 16 GiB) a file may ask for; checked
 #: against the header and the acquisition indices before anything is allocated.
 MAX_KSPACE_ELEMENTS = 2**31
+
+#: Most acquisitions an acquisition table may declare (their headers alone take 340 bytes
+#: each: 5.3 GiB at the limit); checked before the headers are read.
+MAX_ACQUISITIONS = 2**24
+
+#: Largest field of view (mm) and slice position offset (mm) taken as real; larger values
+#: (which would overflow NIfTI's float32 affine) count as missing.
+MAX_FOV_MM = 1e5
+
+_USHORT_MAX = 65535  # matrix sizes, encoding limits and idx values are 16-bit in ISMRMRD
 
 _TICK_MS = 2.5  # acquisition_time_stamp unit
 _BLOCK_BYTES = 64 << 20  # sample data read per h5py call
@@ -262,21 +295,44 @@ def parse_ismrmrd_header(xml: bytes | str, *, path: object | None = None) -> Hea
         raise InputDataError(f"XML header has an unusable value: {exc}", path=path) from None
 
 
+def _ushort(value: Any, what: str) -> int:
+    """An ``unsignedShort`` of the schema (matrix sizes, encoding limits): 0..65535."""
+    number = int(value)
+    if not 0 <= number <= _USHORT_MAX:
+        raise ValueError(f"{what} = {number} is outside the schema's range 0..{_USHORT_MAX}")
+    return number
+
+
+def _finite_or(value: Any, default: float | None) -> float | None:
+    """``float(value)``, or ``default`` where it is missing or not finite (NaN, ±inf)."""
+    if value is None:
+        return default
+    number = float(value)
+    return number if math.isfinite(number) else default
+
+
 def _header_fields(hdr: Any, ignored: bool) -> HeaderFields:
     enc = hdr.encoding[0]
 
-    def matrix(space: Any) -> tuple[int, int, int]:
+    def matrix(space: Any, name: str) -> tuple[int, int, int]:
         m = space.matrixSize
-        return (int(m.x), int(m.y), int(m.z))
+        return (_ushort(m.x, f"{name} matrix x"), _ushort(m.y, f"{name} matrix y"),
+                _ushort(m.z, f"{name} matrix z"))
 
     def fov(space: Any) -> tuple[float, float, float]:
+        # A field of view that is not finite or beyond MAX_FOV_MM counts as missing (0):
+        # the geometry then falls back to 1 mm voxels with a GeometryWarning.
         f = space.fieldOfView_mm
-        return (float(f.x), float(f.y), float(f.z))
+        values = (_finite_or(f.x, 0.0), _finite_or(f.y, 0.0), _finite_or(f.z, 0.0))
+        return tuple(v if v is not None and abs(v) <= MAX_FOV_MM else 0.0
+                     for v in values)  # type: ignore[return-value]
 
-    def limit(lim: Any) -> EncodingLimit | None:
+    def limit(lim: Any, name: str) -> EncodingLimit | None:
         if lim is None:
             return None
-        return EncodingLimit(int(lim.minimum), int(lim.maximum), int(lim.center))
+        return EncodingLimit(_ushort(lim.minimum, f"{name} minimum"),
+                             _ushort(lim.maximum, f"{name} maximum"),
+                             _ushort(lim.center, f"{name} center"))
 
     limits = enc.encodingLimits
     system = hdr.acquisitionSystemInformation
@@ -290,21 +346,23 @@ def _header_fields(hdr: Any, ignored: bool) -> HeaderFields:
         if enc.parallelImaging.calibrationMode is not None:
             cal_mode = _enum_text(enc.parallelImaging.calibrationMode)
     return HeaderFields(
-        encoded_matrix=matrix(enc.encodedSpace),
+        encoded_matrix=matrix(enc.encodedSpace, "encoded"),
         encoded_fov_mm=fov(enc.encodedSpace),
-        recon_matrix=matrix(enc.reconSpace),
+        recon_matrix=matrix(enc.reconSpace, "recon"),
         recon_fov_mm=fov(enc.reconSpace),
-        ky_limits=limit(limits.kspace_encoding_step_1) if limits is not None else None,
-        kz_limits=limit(limits.kspace_encoding_step_2) if limits is not None else None,
+        ky_limits=(limit(limits.kspace_encoding_step_1, "kspace_encoding_step_1")
+                   if limits is not None else None),
+        kz_limits=(limit(limits.kspace_encoding_step_2, "kspace_encoding_step_2")
+                   if limits is not None else None),
         trajectory=_enum_text(enc.trajectory).strip().lower(),
         n_encodings=len(hdr.encoding),
         vendor=None if system is None else system.systemVendor,
         model=None if system is None else system.systemModel,
-        field_strength_t=(None if system is None or system.systemFieldStrength_T is None
-                          else float(system.systemFieldStrength_T)),
+        field_strength_t=(None if system is None
+                          else _finite_or(system.systemFieldStrength_T, None)),
         protocol=None if meas is None else meas.protocolName,
-        tr_ms=None if seq is None else _first(seq.TR),
-        te_ms=None if seq is None else _first(seq.TE),
+        tr_ms=None if seq is None else _finite_or(_first(seq.TR), None),
+        te_ms=None if seq is None else _finite_or(_first(seq.TE), None),
         receiver_channels=(None if system is None or system.receiverChannels is None
                            else int(system.receiverChannels)),
         acceleration=accel,
@@ -335,23 +393,53 @@ def find_calibration_region(mask: np.ndarray, kind: Kind = "2d") -> np.ndarray:
         out = (ys >= lo[..., None]) & (ys <= hi[..., None])  # (B, D, Y)
         return out[:, None, :, :, None]
     cz = d_n // 2
-    zs = np.arange(d_n)
     for b in range(b_n):
-        # Running intersection of the per-row runs, outwards from the centre row.
-        lo_dn = np.maximum.accumulate(lo[b, cz::-1])[::-1]  # rows z0..cz, index z0
-        hi_dn = np.minimum.accumulate(hi[b, cz::-1])[::-1]
-        lo_up = np.maximum.accumulate(lo[b, cz:])  # rows cz..z1, index z1 - cz
-        hi_up = np.minimum.accumulate(hi[b, cz:])
-        left = np.maximum(lo_dn[:, None], lo_up[None, :])  # (z0 index, z1 - cz)
-        right = np.minimum(hi_dn[:, None], hi_up[None, :])
-        height = (cz + np.arange(d_n - cz))[None, :] - zs[: cz + 1, None] + 1
-        area = np.where(right >= left, (right - left + 1) * height, 0)
-        if area.max() <= 0:
-            continue
-        i0, i1 = np.unravel_index(int(np.argmax(area)), area.shape)
-        z0, z1 = int(i0), int(cz + i1)
-        out[b, z0:z1 + 1, int(left[i0, i1]):int(right[i0, i1]) + 1] = True
+        best = _largest_centred_rectangle(lo[b], hi[b], cz)
+        if best is not None:
+            z0, z1, y0, y1 = best
+            out[b, z0:z1 + 1, y0:y1 + 1] = True
     return out[:, None, :, :, None]
+
+
+def _largest_centred_rectangle(lo: np.ndarray, hi: np.ndarray, cz: int,
+                               max_cells: int = 1 << 22) -> tuple[int, int, int, int] | None:
+    """Largest-area ``[z0, z1] × [y0, y1]`` with ``z0 ≤ cz ≤ z1`` inside the rows' runs.
+
+    ``lo[z]..hi[z]`` is the sampled run of row ``z`` through the centre line
+    (``hi < lo``: none). The rectangle's width over rows ``z0..z1`` is
+    ``min(hi) − max(lo) + 1``. Among equal areas the smallest ``z0``, then the
+    smallest ``z1``, wins. Only rows where the running intersection, taken
+    outwards from ``cz``, changes are candidates: going one row further out
+    with the same intersection only adds height. Candidate pairs are scored
+    in blocks of at most ``max_cells``, so a file declaring tens of thousands
+    of partitions costs no more memory than a few MiB.
+    """
+    lo_dn = np.maximum.accumulate(lo[cz::-1])[::-1]  # rows 0..cz: intersection z..cz
+    hi_dn = np.minimum.accumulate(hi[cz::-1])[::-1]
+    lo_up = np.maximum.accumulate(lo[cz:])  # rows cz..: intersection cz..z
+    hi_up = np.minimum.accumulate(hi[cz:])
+    ok_dn = np.flatnonzero(hi_dn >= lo_dn)  # valid z0 (a contiguous range ending at cz)
+    ok_up = np.flatnonzero(hi_up >= lo_up)  # valid z1 - cz (a range starting at 0)
+    if ok_dn.size == 0 or ok_up.size == 0:
+        return None
+    # Outermost row of every run of equal intersections.
+    z0s = ok_dn[np.r_[True, (lo_dn[ok_dn][1:] != lo_dn[ok_dn][:-1])
+                      | (hi_dn[ok_dn][1:] != hi_dn[ok_dn][:-1])]]
+    u1s = ok_up[np.r_[(lo_up[ok_up][1:] != lo_up[ok_up][:-1])
+                      | (hi_up[ok_up][1:] != hi_up[ok_up][:-1]), True]]
+    best: tuple[int, int, int, int, int] | None = None  # (area, z0, z1, y0, y1)
+    rows_per_block = max(1, max_cells // u1s.size)
+    for start in range(0, z0s.size, rows_per_block):
+        z0 = z0s[start:start + rows_per_block]
+        left = np.maximum(lo_dn[z0][:, None], lo_up[u1s][None, :])  # (n0, n1)
+        right = np.minimum(hi_dn[z0][:, None], hi_up[u1s][None, :])
+        height = (cz + u1s)[None, :] - z0[:, None] + 1
+        area = np.where(right >= left, (right - left + 1) * height, 0)
+        i0, i1 = np.unravel_index(int(np.argmax(area)), area.shape)
+        if area[i0, i1] > 0 and (best is None or area[i0, i1] > best[0]):
+            best = (int(area[i0, i1]), int(z0[i0]), int(cz + u1s[i1]), int(left[i0, i1]),
+                    int(right[i0, i1]))
+    return None if best is None else best[1:]
 
 
 def _centre_runs(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -418,11 +506,45 @@ class _Plan:
     calib: np.ndarray  # (B, D, Y) positions with a calibration flag
     any_calib_flag: bool
     positions: np.ndarray  # (B, 3) LPS mm
-    dirs: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # None: all zero in the file
+    dirs: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # None: no usable orientation
+    dirs_problem: str  # why ``dirs`` is None ("zero", "not finite", "not orthonormal")
     frame_source: str | None
     frame_stamps_ms: np.ndarray | None  # (D,) mean acquisition time of each frame
     lines_per_frame: float
     n_used: int
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def hdf5_errors(path: Path) -> Iterator[None]:
+    """Report a failure of the HDF5 library while reading ``path`` as :class:`InputDataError`.
+
+    h5py raises ``OSError`` (damaged or truncated storage, a missing compression
+    filter), ``KeyError`` (an object that cannot be opened), ``RuntimeError`` and
+    ``UnicodeDecodeError`` (damaged names or type descriptions): for a file
+    that opened they all mean that its content is damaged. ``MemoryError``
+    becomes a :class:`~molrecon.errors.ResourceError`.
+    """
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as exc:
+        raise InputDataError(f"HDF5 content is damaged or unreadable ({type(exc).__name__}: "
+                             f"{_first_line(exc)})", path=path) from None
+    except MemoryError:
+        raise ResourceError("the file's content does not fit into memory", path=path) from None
+
+
+def check_memory(n_bytes: int, what: str, path: Path) -> None:
+    """Refuse (:class:`ResourceError`) to allocate more than the memory available now."""
+    available = available_memory_bytes("cpu")
+    if available is not None and n_bytes > available:
+        raise ResourceError(f"{what} needs {n_bytes / 2**30:.1f} GiB, more than the "
+                            f"{available / 2**30:.1f} GiB of memory available", path=path)
 
 
 def open_hdf5(path: Path) -> h5py.File:
@@ -460,7 +582,59 @@ def _acquisition_table(grp: h5py.Group, path: Path) -> h5py.Dataset:
     names = ds.dtype.names if isinstance(ds, h5py.Dataset) else None
     if not names or not {"head", "data"} <= set(names) or ds.ndim != 1:
         raise InputDataError(f"{grp.name}/data is not an ISMRMRD acquisition table", path=path)
+    if ds.shape[0] > MAX_ACQUISITIONS:
+        raise InputDataError(f"{grp.name}/data declares {ds.shape[0]} acquisitions, more than "
+                             f"the limit of {MAX_ACQUISITIONS}: a damaged table", path=path)
     return ds
+
+
+def _head_dtype() -> np.dtype:
+    from ismrmrd.hdf5 import acquisition_header_dtype
+
+    return np.dtype(acquisition_header_dtype)
+
+
+def _read_heads(ds: h5py.Dataset, path: Path) -> np.ndarray:
+    """All acquisition headers, converted field by field to ISMRMRD's header layout.
+
+    A table written with other integer or float widths is read all the same; a
+    header that lacks a field molrecon uses is an :class:`InputDataError`.
+    """
+    ref = _head_dtype()
+    stored = ds.dtype["head"]
+    check_memory(ds.shape[0] * max(stored.itemsize, ref.itemsize) * 2, "the acquisition headers",
+                 path)
+    try:
+        raw = ds.fields("head")[...]
+    except ValueError as exc:  # h5py: "array is too big" and friends
+        raise InputDataError(f"acquisition headers cannot be read ({_first_line(exc)})",
+                             path=path) from None
+    if raw.dtype == ref:
+        return raw
+    out = np.zeros(raw.shape, dtype=ref)
+
+    def copy(dst: np.ndarray, src: np.ndarray, dtype: np.dtype, prefix: str) -> None:
+        for name in dtype.names or ():
+            if src.dtype.names is None or name not in src.dtype.names:
+                raise InputDataError(f"acquisition headers lack the field {prefix}{name}",
+                                     path=path)
+            sub = dtype[name]
+            if sub.names:
+                copy(dst[name], src[name], sub, f"{prefix}{name}.")
+                continue
+            value = src[name]
+            if value.shape != dst[name].shape:
+                raise InputDataError(f"acquisition header field {prefix}{name} has shape "
+                                     f"{value.shape[1:]}, expected {dst[name].shape[1:]}",
+                                     path=path)
+            if value.dtype.kind not in "biuf":
+                raise InputDataError(f"acquisition header field {prefix}{name} is "
+                                     f"{value.dtype}, not a number", path=path)
+            with np.errstate(invalid="ignore", over="ignore"):
+                dst[name] = value
+
+    copy(out, raw, ref, "")
+    return out
 
 
 def read_ismrmrd(path: str | os.PathLike[str], *, prewhiten: bool = True,
@@ -473,7 +647,7 @@ def read_ismrmrd(path: str | os.PathLike[str], *, prewhiten: bool = True,
     """
     p = Path(path)
     notes = _Notes(p)
-    with open_hdf5(p) as f:
+    with open_hdf5(p) as f, hdf5_errors(p):
         if group not in f or not isinstance(f[group], h5py.Group):
             raise InputDataError(f"no /{group} group: not an ISMRMRD file", path=p)
         grp = f[group]
@@ -484,14 +658,17 @@ def read_ismrmrd(path: str | os.PathLike[str], *, prewhiten: bool = True,
         if hdr.n_encodings > 1:
             notes.add(f"the header has {hdr.n_encodings} encoding spaces; only the first is used")
         ds = _acquisition_table(grp, p)
-        heads = ds.fields("head")[...]
+        heads = _read_heads(ds, p)
         plan = _plan(heads, hdr, p, notes)
         noise_rows = np.flatnonzero((heads["flags"] & _bit(ACQ_IS_NOISE_MEASUREMENT)) != 0)
         noise_cov = None
         whitener = None
         if noise_rows.size:
             noise_cov = _noise_covariance(ds, heads, noise_rows, plan, p)
-            whitener = _whitener(noise_cov, notes) if prewhiten else None
+            if noise_cov is None:
+                notes.add("the noise acquisitions hold no samples; the data were not prewhitened")
+            elif prewhiten:
+                whitener = _whitener(noise_cov, notes)
         kspace = _assemble(ds, plan, whitener, p)
         truth = _ground_truth(grp, plan)
 
@@ -639,6 +816,8 @@ def _plan(heads: np.ndarray, hdr: HeaderFields, path: Path, notes: _Notes) -> _P
             f"k-space of {b_n}×{n_coils}×{d_n}×{y_n}×{max(x_n, enc_x)} values "
             f"({elements * 8 / 2**30:.0f} GiB) exceeds the limit of {MAX_KSPACE_ELEMENTS} values: "
             "absurd matrix sizes in the header or indices", path=path)
+    check_memory(elements * 8, f"k-space of {b_n}×{n_coils}×{d_n}×{y_n}×{max(x_n, enc_x)} values",
+                 path)
 
     # Calibration lines: ACS-only lines are data too, unless an imaging line covers the spot.
     row_flags = flags[rows]
@@ -646,7 +825,7 @@ def _plan(heads: np.ndarray, hdr: HeaderFields, path: Path, notes: _Notes) -> _P
         (row_flags & _bit(ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)) == 0)
     cal_any = (row_flags & (_bit(ACQ_IS_PARALLEL_CALIBRATION)
                             | _bit(ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING))) != 0
-    positions, dirs, b = _slice_positions(heads, rows, b, b_n)
+    positions, dirs, b, dirs_problem = _slice_positions(heads, rows, b, b_n, notes)
 
     key = (b * d_n + d) * y_n + y  # (L,) flat (b, d, y) position
     place = np.ones(rows.size, dtype=bool)
@@ -681,6 +860,7 @@ def _plan(heads: np.ndarray, hdr: HeaderFields, path: Path, notes: _Notes) -> _P
         any_calib_flag=bool(cal_any.any()),
         positions=positions,
         dirs=dirs,
+        dirs_problem=dirs_problem,
         frame_source=frame_source,
         frame_stamps_ms=stamps,
         lines_per_frame=float(place.sum()) / max(b_n * d_n, 1),
@@ -717,33 +897,48 @@ def _readout_matrix(hdr: HeaderFields, enc_x: int) -> int:
     """Readout points kept after removing oversampling: ``enc_x · FOV_recon / FOV_enc``."""
     enc_fov, rec_fov = hdr.encoded_fov_mm[0], hdr.recon_fov_mm[0]
     if enc_fov > 0 and rec_fov > 0:
-        x_n = round(enc_x * rec_fov / enc_fov)
+        x_n = round(enc_x * min(rec_fov / enc_fov, 1.0))
     else:
         x_n = hdr.recon_matrix[0] if hdr.recon_matrix[0] > 0 else enc_x
     return min(max(x_n, 1), enc_x)
 
 
-def _slice_positions(heads: np.ndarray, rows: np.ndarray, b: np.ndarray, b_n: int
+def _slice_positions(heads: np.ndarray, rows: np.ndarray, b: np.ndarray, b_n: int,
+                     notes: _Notes
                      ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-                                np.ndarray]:
-    """Mean LPS position per slice, the direction cosines, and slices ordered along slice_dir."""
+                                np.ndarray, str]:
+    """Mean LPS position per slice, the direction cosines, slices ordered along slice_dir.
+
+    The direction cosines are None (with the reason as the last item) when they are
+    all zero, not finite, or do not form an orthonormal frame.
+    """
     pos = heads["position"][rows].astype(np.float64)  # (L, 3)
+    if not (np.isfinite(pos).all() and np.abs(pos).max(initial=0.0) <= MAX_FOV_MM):
+        notes.add("the acquisition headers have unusable slice positions (not finite, or "
+                  f"beyond {MAX_FOV_MM:g} mm); the slices were placed at the origin",
+                  GeometryWarning)
+        pos = np.zeros_like(pos)
     n_per = np.maximum(np.bincount(b, minlength=b_n), 1).astype(np.float64)
     positions = np.stack([np.bincount(b, weights=pos[:, i], minlength=b_n) / n_per
                           for i in range(3)], axis=1)  # (B, 3)
     means = [heads[name][rows].astype(np.float64).mean(axis=0)
              for name in ("read_dir", "phase_dir", "slice_dir")]
+    if not all(np.isfinite(v).all() for v in means):
+        return positions, None, b, "not finite"
     norms = [float(np.linalg.norm(v)) for v in means]
     if min(norms) <= 1e-3:
-        return positions, None, b
+        return positions, None, b, "zero"
     dirs = (means[0] / norms[0], means[1] / norms[1], means[2] / norms[2])
+    gram = np.abs(np.stack(dirs) @ np.stack(dirs).T - np.eye(3))
+    if gram.max() > 0.05:
+        return positions, None, b, "not orthonormal"
     if b_n > 1:
         order = np.argsort(positions @ dirs[2], kind="stable")  # new slice i is old order[i]
         rank = np.empty(b_n, dtype=np.int64)
         rank[order] = np.arange(b_n)
         positions = positions[order]
         b = rank[b]
-    return positions, dirs, b
+    return positions, dirs, b, ""
 
 
 def _iter_blocks(ds: h5py.Dataset, rows: np.ndarray, n_coils: int, n_samples: int,
@@ -794,13 +989,27 @@ def _place_readout(data: np.ndarray, pre: np.ndarray, post: np.ndarray, center: 
 
 def _assemble(ds: h5py.Dataset, plan: _Plan, whitener: np.ndarray | None,
               path: Path) -> np.ndarray:
-    c_n, x_n = plan.shape[1], plan.shape[4]
     try:
         kspace = np.zeros(plan.shape, dtype=np.complex64)  # (B, C, D, Y, X)
     except MemoryError:
         raise ResourceError(f"k-space of shape {plan.shape} does not fit into memory",
                             path=path) from None
     averaged = bool((plan.counts > 1).any())
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, once
+        _fill(kspace, ds, plan, whitener, averaged, path)
+    if averaged:
+        kspace /= np.maximum(plan.counts, 1)[:, None, :, :, None].astype(np.float32)
+    if not np.isfinite(kspace.view(np.float32)).all():
+        # Finite samples near the float32 limit overflow in the readout FFT or the whitening.
+        raise InputDataError("acquisition data overflow single precision (samples close to "
+                             "the float32 limit of 3.4e38)", path=path)
+    return kspace
+
+
+def _fill(kspace: np.ndarray, ds: h5py.Dataset, plan: _Plan, whitener: np.ndarray | None,
+          averaged: bool, path: Path) -> None:
+    """Place every used line of the table into ``kspace`` (summed where ``averaged``)."""
+    c_n, x_n = plan.shape[1], plan.shape[4]
     for sl, data in _iter_blocks(ds, plan.rows, c_n, plan.n_samples, path):
         if not np.isfinite(data.view(np.float32)).all():
             raise InputDataError("acquisition data contain NaN or infinite samples", path=path)
@@ -814,14 +1023,14 @@ def _assemble(ds: h5py.Dataset, plan: _Plan, whitener: np.ndarray | None,
             np.add.at(kspace, index, lines)  # type: ignore[arg-type]  # mixed index: numpy stubs
         else:
             kspace[index] = lines
-    if averaged:
-        kspace /= np.maximum(plan.counts, 1)[:, None, :, :, None].astype(np.float32)
-    return kspace
 
 
 def _noise_covariance(ds: h5py.Dataset, heads: np.ndarray, rows: np.ndarray, plan: _Plan,
-                      path: Path) -> np.ndarray:
-    """``Ψ = (1/N) Σ n nᴴ`` over all noise samples, scaled to the data's dwell time."""
+                      path: Path) -> np.ndarray | None:
+    """``Ψ = (1/N) Σ n nᴴ`` over all noise samples, scaled to the data's dwell time.
+
+    None when the noise acquisitions hold no sample at all.
+    """
     n_coils = plan.shape[1]
     channels = heads["active_channels"][rows]
     if (channels != n_coils).any():
@@ -845,13 +1054,17 @@ def _noise_covariance(ds: h5py.Dataset, heads: np.ndarray, rows: np.ndarray, pla
                 samples.append(np.asarray(vec, dtype=np.float32).view(np.complex64)
                                .reshape(n_coils, n_s))
     noise = np.concatenate(samples, axis=1).astype(np.complex128)  # (C, N)
+    if noise.shape[1] == 0:
+        return None
     if not np.isfinite(noise).all():
         raise InputDataError("noise acquisitions contain NaN or infinite samples", path=path)
     cov = noise @ noise.conj().T / noise.shape[1]  # (C, C)
-    dwell_noise = float(heads["sample_time_us"][rows].mean())
-    dwell_data = float(heads["sample_time_us"][plan.rows].mean()) if plan.rows.size else 0.0
-    if dwell_noise > 0 and dwell_data > 0:
-        cov *= dwell_noise / dwell_data
+    dwell_noise = float(heads["sample_time_us"][rows].astype(np.float64).mean())
+    dwell_data = (float(heads["sample_time_us"][plan.rows].astype(np.float64).mean())
+                  if plan.rows.size else 0.0)
+    ratio = dwell_noise / dwell_data if dwell_noise > 0 and dwell_data > 0 else 1.0
+    if math.isfinite(ratio) and ratio > 0:
+        cov *= ratio
     return cov
 
 
@@ -888,15 +1101,16 @@ def _ground_truth(grp: h5py.Group, plan: _Plan) -> np.ndarray | None:
 def _geometry(plan: _Plan, hdr: HeaderFields, notes: _Notes) -> Geometry:
     b_n, _, d_n, y_n, x_n = plan.shape
     fx, fy, fz = hdr.encoded_fov_mm
-    fov = (fx * x_n / plan.enc_x, fy, fz)
+    fov = (fx * (x_n / plan.enc_x), fy, fz)
     matrix = (x_n, y_n, d_n if plan.kind == "3d" else 1)
     if min(fov) <= 0:
         notes.add(f"the header's field of view {hdr.encoded_fov_mm} mm is not positive; "
                   "1 mm voxels assumed", GeometryWarning)
         fov = (float(matrix[0]), float(matrix[1]), float(matrix[2]))
     if plan.dirs is None:
-        notes.add("the acquisition headers have zero direction vectors; identity orientation "
-                  "assumed (read = L, phase = P, slice = S)", GeometryWarning)
+        notes.add(f"the acquisition headers have {plan.dirs_problem} direction vectors; "
+                  "identity orientation assumed (read = L, phase = P, slice = S)",
+                  GeometryWarning)
         read, phase, slc = np.eye(3)
         known = False
     else:
