@@ -6,11 +6,14 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-import click
 import typer
 from rich.console import Console
 
 from ..errors import MolreconError
+
+# typer ships click under a private name in some versions; reach it through a public class.
+_ClickException: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(
     name="molrecon",
@@ -36,7 +39,7 @@ def user_errors(debug: bool = False) -> Iterator[None]:
     """
     try:
         yield
-    except (typer.Exit, typer.Abort, click.exceptions.ClickException, KeyboardInterrupt):
+    except (typer.Exit, typer.Abort, _ClickException, KeyboardInterrupt):
         raise
     except MolreconError as exc:
         if debug:
