@@ -6,6 +6,8 @@ Data (never used in training; see ``molrecon.anatomy`` for the split):
   project's own raw-data model (8 coils, noise 0.01, 256², readout
   oversampling, correlated noise + noise scan), written as ISMRMRD and read
   back (prewhitening included), at R = 4 and R = 6 (equispaced + 16 ACS lines);
+* 2D+time: the test slab with smooth periodic motion, 12 frames, 128²,
+  time-interleaved R = 4 (the 2D model runs frame by frame; no BART here);
 * out of distribution: a macaque brain (INIA19 template, from Debian's
   ``mricron-data``) at R = 4, when installed;
 * real scanner data: the Siemens 2-coil GRE phantom scan (fully sampled,
@@ -234,6 +236,14 @@ def main() -> None:
                                 "out-of-distribution macaque brain 2D, R=4")
                 except Exception as exc:  # noqa: BLE001 - optional anatomy
                     print(f"OOD case skipped: {exc}", file=sys.stderr)
+        for i, pos in enumerate((0.74, 0.80)):
+            cfg = SimulationConfig(kind="2dt", matrix=(128, 128), frames=12, coils=8, acceleration=4.0,
+                                   acs=8, mask="interleaved", noise=0.01, seed=700 + i,
+                                   slice_position=pos)
+            f = tmp / f"dyn_{i}.h5"
+            sim = simulate_to_file(cfg, f, tmp / f"dyn_{i}_truth.nii.gz", force=True)
+            run_methods(f, np.abs(sim.truth.data), weights, None, rows,
+                        f"held-out brain 2D+time (128², 12 frames, interleaved R=4) #{i}")
         real_siemens(weights, rows, tmp)
         real_invivo(rows)
     table = summarise(rows)

@@ -12,8 +12,14 @@ One training step, for each sample of the step's batch:
    MOL step, whatever the number of iterations;
 4. loss against the ground truth (complex MSE by default — it keeps the
    phase consistent, which the data-consistency step relies on — or the MSE
-   of magnitudes, or L1), plus for ``lr`` the Lipschitz penalty;
-5. Adam on H's weights and on log λ, gradients averaged over the batch.
+   of magnitudes, or L1), each normalised by the target's energy, plus for
+   ``lr`` the Lipschitz penalty;
+5. Adam on H's weights and on log λ, gradients averaged over the batch and
+   clipped to a global norm of ``grad_clip``.
+
+``unroll = K > 0`` replaces steps 3–4's equilibrium by K recorded MOL steps
+from the same start (the unrolled baseline, whose memory grows with K); it
+exists for memory and speed comparisons (``benchmarks/bench_train.py``).
 
 MOL-LR penalty (MOL.md): at the detached fixed point u, an adversarial
 search (10 ascent steps from u + 0.01·noise) finds v maximising
@@ -23,23 +29,68 @@ slope at T − δ) beyond, δ = 1e-3, T = 0.98, w = 1e-6 by default (the
 reference's values); ``penalty_every`` > 1 applies it on every n-th step
 only, and ``penalty_crop`` evaluates it on a random window of the fixed point
 (the ascent steps cost more than the rest of a step on a CPU; a convolutional
-H's local behaviour is the same on a window). MOL-SN needs no penalty: its layers are constrained so
-that the certified bound stays below the target throughout.
+H's local behaviour is the same on a window). MOL-SN needs no penalty: its
+layers are constrained so that the certified bound stays below the target
+throughout.
+
+Initialisation: the network's last layer starts at zero, so H ≡ 0 and the
+untrained model's fixed point is the regularised SENSE image
+(AᴴA + I/λ)x = Aᴴb, and λ starts at 100 (the reference's value). Both matter
+for short runs: on 48×48 4-coil brain slices at R = 3 (normalised data), a
+randomly initialised last layer started 2.8 dB below H ≡ 0, and λ = 10 (a
+Tikhonov shift 1/λ = 0.1) started 3.3 dB below CG-SENSE, while with λ = 100 the
+untrained model starts level with CG-SENSE and training improves from there.
+
+Models and data kinds: 2d data train a 2D network (``dims=2``); 3d data and
+2dt data train a 3D network (3×3×3 convolutions over (D, Y, X): partitions,
+or time as the third axis). The checkpoint lists the one kind it was trained on.
 
 Determinism and resuming: the mask, noise and Lipschitz-search randomness of
-step ``s`` come from generators seeded with ``(seed, s)``, and the sample
-order of epoch ``e`` from ``(seed, e)``, so a resumed run (weights, optimiser
-state and step from the state file) continues exactly where it stopped.
+the ``g``-th sample of step ``s`` (``g`` counts over all processes) come from
+a generator seeded with ``(seed, s, g)``, and the sample order of epoch ``e``
+from ``(seed, e)``. The resume state (``MODEL.state.pt``) holds the weights,
+λ, the optimiser (moments, step counts and the current, possibly halved,
+learning rates) and the step count, so a resumed run continues exactly where
+the state was saved: on the CPU, an interrupted and resumed run ends with
+weights bitwise equal to an uninterrupted one. ``--lr`` is ignored on resume
+(the saved learning rates continue). A run killed at any moment loses at most
+the steps since its last checkpoint (every ``checkpoint_every`` steps): every
+file is written to a temporary file and renamed (``io.atomic``), so a kill
+mid-write leaves the previous file intact; a resume rewrites the log without
+the records of the lost steps and removes temporary files a kill left
+behind. Ctrl-C (or SIGTERM through the CLI) saves the state of the last
+completed step before stopping.
 
-Faults: a non-finite loss or gradient, or a forward solve whose residual is
-above ``diverge_tol`` after its cap, skips the step (the weights are not
-touched), halves the learning rate, and is logged; ``max_skips`` consecutive
-skips stop the run with a clear error, keeping the last good checkpoint.
+Faults: a non-finite loss or gradient, or a forward solve whose relative
+residual is above ``diverge_tol`` (or not finite) after ``fwd_max_iter``
+iterations, skips the step: the optimiser does not step, so nothing of it
+reaches the weights; every learning rate is halved (for the rest of the run,
+resumed runs included), and the skip is logged (``{"step", "skipped", "lr"}``)
+and reported as a warning. ``max_skips`` consecutive skips save the state (the
+weights of the last good step) and stop the run with a clear error. A
+checkpoint that cannot be written (unwritable folder, full disk) stops the
+run with :class:`~molrecon.errors.OutputError`; the previous file stays.
+
+Distributed: under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) every
+process joins the default process group (NCCL on CUDA, gloo on the CPU), takes
+``batch_size`` samples of each global batch of ``N · batch_size``, and the
+gradients are averaged with one all-reduce per step that also carries every
+process's fault flag, so all processes skip (or step) together. This is the
+gradient average DistributedDataParallel computes, done explicitly because a
+step may have to be skipped on every process when one process's sample
+fails (DDP's reducer would wait for the failed process's backward pass).
+N processes with batch size b compute the same step as one process with
+batch size N·b (up to floating-point summation order). Only rank 0 reads the
+clock (for ``time_budget_s``), validates and writes files.
 
 Outputs beside ``--out MODEL.pt`` (all written atomically):
 ``MODEL.pt`` best-by-validation model (or the latest when there is no
 validation split), ``MODEL.last.pt`` the latest model, ``MODEL.state.pt`` the
-resume state, ``MODEL.log.jsonl`` one JSON record per step and validation.
+resume state, ``MODEL.log.jsonl`` one JSON record per line: a ``start``
+record per invocation, a ``validation`` record of the untrained model
+(step 0), and one record per step (loss, iterations, λ, learning rate, and on
+validation steps the mean PSNR/SSIM of MOL and of CG-SENSE on the same
+validation problems).
 """
 
 from __future__ import annotations
@@ -57,15 +108,49 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, InputDataError, MolreconError, OutputError
-from .train_data import FolderDataset, MaskSpec, Sample, draw_mask, list_raw_files, load_folder, split_files
+from .train_data import (
+    FolderDataset,
+    MaskSpec,
+    Sample,
+    check_masks,
+    draw_mask,
+    list_raw_files,
+    load_folder,
+    split_dataset,
+)
 
 Loss = Literal["mse", "mse_mag", "l1"]
 STATE_VERSION = 1
+RecordFn = Callable[[dict[str, Any]], None]
+WarnFn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on (recorded in the checkpoint's metadata)."""
+    """Everything a training run depends on (recorded in the checkpoint's metadata).
+
+    data, out         folder of fully sampled raw scans; the model file (.pt)
+    kind              "2d" | "3d" | "2dt", or None to take it from the data
+    constraint        "sn" (certified spectral normalisation) | "lr" (Lipschitz penalty)
+    spectral_grid     SN: frequency grid per axis of the certified layer bounds (None: default)
+    mask              retrospective masks (family, R, ACS)
+    extra_noise       std of extra complex noise added to the normalised k-space
+    loss              "mse" (complex) | "mse_mag" | "l1", each relative to the target
+    lr, lam_lr        Adam learning rates of H and of log λ; lam_init the initial λ
+    alpha, cg_iters   MOL step size and CG iterations per step
+    init_iters        CG iterations of the regularised-SENSE start
+    fwd_*, bwd_*      tolerance (relative residual) and cap of the forward / backward solves
+    diverge_tol       a forward residual above this after the cap skips the step
+    penalty_*         MOL-LR penalty (see the module docstring)
+    unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
+    batch_size        samples per step and process
+    max_steps         steps in all (a resumed run continues up to it)
+    time_budget_s     wall-clock seconds of this invocation (loading included); the run
+                      stops at the first step boundary after it and saves
+    val_*             validation split (fraction of files), cadence and problem count
+    checkpoint_every  steps between saves; max_skips consecutive skips stop the run
+    grad_clip         global gradient-norm clip
+    """
 
     data: str
     out: str
@@ -80,7 +165,7 @@ class TrainConfig:
     loss: Loss = "mse"
     lr: float = 1e-4
     lam_lr: float = 1e-2
-    lam_init: float = 10.0
+    lam_init: float = 100.0
     alpha: float = 1.0
     cg_iters: int = 5
     init_iters: int = 10
@@ -108,46 +193,78 @@ class TrainConfig:
     resume: bool = False
     init_weights: str | None = None
     force: bool = False
+    unroll: int = 0
 
     def __post_init__(self) -> None:
         if self.constraint not in ("sn", "lr"):
             raise ConfigError(f"--constraint must be sn or lr, got {self.constraint!r}")
         if self.loss not in ("mse", "mse_mag", "l1"):
             raise ConfigError(f"--loss must be mse, mse_mag or l1, got {self.loss!r}")
-        for name in ("lr", "lam_init", "alpha", "fwd_tol", "bwd_tol", "lipschitz_target"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive")
-        for name in ("max_steps", "batch_size", "cg_iters", "val_every", "checkpoint_every",
-                     "penalty_every", "val_samples",
-                     "fwd_max_iter", "bwd_max_iter", "max_skips"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be at least 1")
+        for name in ("lr", "lam_init", "alpha", "fwd_tol", "bwd_tol", "lipschitz_target",
+                     "diverge_tol", "grad_clip", "penalty_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ConfigError(f"{name} must be positive and finite, got {value!r}")
+        for name in ("lam_lr", "extra_noise", "penalty_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ConfigError(f"{name} must be >= 0 and finite, got {value!r}")
+        for name in ("max_steps", "batch_size", "cg_iters", "init_iters", "val_every",
+                     "checkpoint_every", "penalty_every", "val_samples", "fwd_max_iter",
+                     "bwd_max_iter", "max_skips", "layers", "channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
+            raise ConfigError(f"unroll must be an integer >= 0, got {self.unroll!r}")
+        if isinstance(self.penalty_steps, bool) or not isinstance(self.penalty_steps, int) \
+                or self.penalty_steps < 0:
+            raise ConfigError(f"penalty_steps must be an integer >= 0, got {self.penalty_steps!r}")
+        if self.penalty_crop is not None and self.penalty_crop < 8:
+            raise ConfigError(f"penalty_crop must be at least 8 pixels, got {self.penalty_crop}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("--val-fraction must lie in [0, 1)")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"--time-budget must be positive, got {self.time_budget_s}")
         if self.kind is not None and self.kind not in ("2d", "3d", "2dt"):
             raise ConfigError(f"--dims must be 2d, 3d or 2dt, got {self.kind!r}")
+        if not 0.0 < self.alpha < 2.0:
+            raise ConfigError(f"--alpha must lie in (0, 2), got {self.alpha}")
 
 
 @dataclass
 class TrainResult:
+    """What a run did. ``steps``: steps done in all (resumed runs included);
+    ``stopped``: "max_steps" or "time_budget"; ``skipped_steps``: steps skipped
+    by this invocation; ``skipped_files``: (file, reason) of unusable files;
+    ``main_process``: False on the ranks > 0 of a distributed run (they write nothing)."""
+
     out: Path
     steps: int
     best_val_psnr: float | None
     val_sense_psnr: float | None
     log: Path
     skipped_files: list[tuple[str, str]]
+    stopped: str = "max_steps"
+    skipped_steps: int = 0
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    main_process: bool = True
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
+    """``best`` (MODEL.pt), ``last``, ``state`` and ``log`` paths beside ``out``."""
     p = Path(out)
-    stem = p.name[:-3] if p.name.endswith(".pt") else p.name
-    return {"best": p, "last": p.with_name(stem + ".last.pt"), "state": p.with_name(stem + ".state.pt"),
-            "log": p.with_name(stem + ".log.jsonl")}
+    stem = p.name.removesuffix(".pt")
+    return {"best": p, "last": p.with_name(stem + ".last.pt"),
+            "state": p.with_name(stem + ".state.pt"), "log": p.with_name(stem + ".log.jsonl")}
 
 
 # ------------------------------------------------------------------------------- distributed
 @dataclass(frozen=True)
 class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
     rank: int = 0
     world: int = 1
 
@@ -156,52 +273,142 @@ class Dist:
         return self.rank == 0
 
 
-def _init_distributed(device: Any) -> Dist:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
+def _init_distributed(device: Any) -> tuple[Dist, bool]:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1).
+
+    Returns the rank/world and whether this call created the group (and so
+    must destroy it).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(), False
     import torch.distributed as dist
 
+    created = False
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+        created = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size()), created
 
 
-def _all_reduce_mean(values: list[Any], dist_info: Dist) -> None:
+def _agree(flag: bool, dist_info: Dist, device: Any) -> bool:
+    """True on every process if ``flag`` is true on any (one all-reduce)."""
     if dist_info.world == 1:
-        return
+        return flag
+    import torch
     import torch.distributed as dist
 
-    for v in values:
-        dist.all_reduce(v, op=dist.ReduceOp.SUM)
-        v /= dist_info.world
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _broadcast_parameters(module: Any, dist_info: Dist) -> None:
+    """Give every process rank 0's parameters."""
+    if dist_info.world == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in module.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+@dataclass
+class _StepOutcome:
+    """One process's share of a step."""
+
+    bad: str | None = None
+    loss_sum: float = 0.0
+    count: int = 0
+    fwd_iterations: list[int] = field(default_factory=list)
+    bwd_iterations: list[int] = field(default_factory=list)
+    lipschitz: list[float] = field(default_factory=list)   # this process's estimates only
+
+
+def _reduce_gradients(params: list[Any], outcome: _StepOutcome, dist_info: Dist
+                      ) -> tuple[bool, dict[str, float | None]]:
+    """Average gradients over processes; return (any process failed, step statistics).
+
+    One all-reduce carries every gradient (zeros where a parameter has none)
+    and each process's failure flag and sums of losses and iteration counts,
+    so the statistics are those of the global batch: ``loss``,
+    ``fwd_iterations`` and ``bwd_iterations`` (means; None without samples).
+    """
+    import torch
+
+    sums = [1.0 if outcome.bad else 0.0, outcome.loss_sum, float(outcome.count),
+            float(sum(outcome.fwd_iterations)), float(len(outcome.fwd_iterations)),
+            float(sum(outcome.bwd_iterations)), float(len(outcome.bwd_iterations))]
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        device = params[0].device
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                 for p in params]
+        extra = torch.tensor(sums, dtype=torch.float64).to(device=device, dtype=grads[0].dtype)
+        flat = torch.cat([*grads, extra])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = (flat[offset:offset + n] / dist_info.world).reshape(p.shape).clone()
+            offset += n
+        sums = [float(v) for v in flat[offset:].tolist()]
+
+    def mean(total: float, n: float) -> float | None:
+        return total / n if n > 0 else None
+
+    return sums[0] > 0, {"loss": mean(sums[1], sums[2]), "fwd_iterations": mean(sums[3], sums[4]),
+                         "bwd_iterations": mean(sums[5], sums[6])}
 
 
 # ------------------------------------------------------------------------------- the model
 def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
+    """The MOL step (prior + learnable λ) on ``device``, and its prior."""
+    import torch
+
     from .deq.mol import MolConfig, MolStep
     from .models.cnn import CNNConfig, MolCNN
 
-    dims = 2 if kind == "2d" else 3
-    cnn = MolCNN(CNNConfig(dims=dims, layers=config.layers, channels=config.channels),
+    cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels),
                  constraint=config.constraint, lipschitz_target=config.lipschitz_target,
                  spectral_grid=config.spectral_grid)
     step = MolStep(cnn, MolConfig(alpha=config.alpha, lam=config.lam_init,
                                   cg_iters=config.cg_iters, learn_lam=True))
-    if config.init_weights:
+    if not config.init_weights:
+        # H ≡ 0 at the start: the untrained model is the regularised SENSE solution.
+        last = cnn.convs[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            if last.bias is not None:
+                last.bias.zero_()
+    else:
         from .models.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(config.init_weights)
         if loaded.model.config != cnn.config:
-            raise CheckpointError("architecture differs from the one asked for", path=config.init_weights)
+            raise CheckpointError(f"architecture {loaded.model.config} differs from the one asked "
+                                  f"for ({cnn.config})", path=config.init_weights)
         cnn.load_state_dict(loaded.model.state_dict())
-        with __import__("torch").no_grad():
+        with torch.no_grad():
             step.log_lam.fill_(math.log(loaded.mol_config.lam))
     return step.to(device), cnn
 
 
+def _model_dims(kind: str) -> int:
+    """2D convolutions for 2d data; 3D for 3d and 2dt data (time as the third axis)."""
+    return 2 if kind == "2d" else 3
+
+
+def _kinds(kind: str) -> list[str]:
+    """The data kinds a model trained on ``kind`` is declared for in its checkpoint."""
+    return [kind]
+
+
 def _loss(x: Any, target: Any, kind: Loss) -> Any:
+    """Loss relative to the target's energy (mse, mse_mag) or mean magnitude (l1)."""
     import torch
 
     if kind == "mse":
@@ -224,6 +431,8 @@ def _penalty(lip: Any, threshold: float, delta: float = 1e-3) -> Any:
 # ------------------------------------------------------------------------------- one problem
 @dataclass
 class Problem:
+    """One normalised undersampled problem: operator, data y, Aᴴy, target, and the scale s."""
+
     op: Any
     y: Any
     aty: Any
@@ -240,14 +449,14 @@ def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Gener
     from .physics.sense import SenseOperator
 
     mask_np = draw_mask(sample, kind, spec, rng)
-    mask = torch.from_numpy(np.array(mask_np, dtype=bool)).to(device)                            # (1, 1, D, Y, 1)
+    mask = torch.from_numpy(np.array(mask_np, dtype=bool)).to(device)     # (1, 1, D, Y, 1)
     k = sample.kspace.to(device)                                           # (1, C, D, Y, X)
     if extra_noise > 0:
         seed = int(rng.integers(2**31 - 1))
         g = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.complex(torch.randn(k.shape, generator=g), torch.randn(k.shape, generator=g))
         k = k + (extra_noise / math.sqrt(2.0)) * noise.to(device=device, dtype=k.dtype)
-    y = k * mask
+    y = k * mask                                                           # (1, C, D, Y, X)
     s = float(scale_factor(y, mask, kind).reshape(-1)[0])
     y = y / s
     op = SenseOperator(sample.maps.to(device), mask, kind)
@@ -256,13 +465,16 @@ def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Gener
 
 
 def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[Problem]:
-    """Fixed validation problems (masks seeded per item, the same for every evaluation)."""
+    """Fixed validation problems (masks seeded per item, the same for every evaluation).
+
+    With several accelerations the highest is used.
+    """
     out = []
     n = min(config.val_samples, len(val))
     idx = np.linspace(0, len(val) - 1, n).round().astype(int) if n else []
-    spec = replace(config.mask, accelerations=()) if config.mask.accelerations else config.mask
-    if config.mask.accelerations:
-        spec = replace(spec, acceleration=max(config.mask.accelerations))
+    spec = config.mask
+    if spec.accelerations:
+        spec = replace(spec, acceleration=max(spec.accelerations), accelerations=())
     for j, i in enumerate(idx):
         rng = np.random.default_rng([config.seed, 7_777_777, j])
         out.append(make_problem(val.samples[int(i)], val.kind, spec, rng, 0.0, device))
@@ -270,10 +482,15 @@ def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[
 
 
 def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
-             fixed_points: list[Any] | None = None) -> dict[str, float]:
+             fixed_points: list[Any] | None = None) -> dict[str, float | None]:
     """Mean PSNR/SSIM of MOL and of CG-SENSE on fixed validation problems (magnitudes).
 
-    The fixed points are appended to ``fixed_points`` when a list is given.
+    CG-SENSE uses the settings of ``molrecon reconstruct --method sense``
+    (relative Tikhonov weight and iterations of :class:`~molrecon.recon.ReconConfig`).
+    MOL solves the fixed point to ``fwd_tol`` (at most max(fwd_max_iter, 100)
+    iterations). A problem whose MOL image is not finite counts in
+    ``val_failed`` and makes ``val_psnr``/``val_ssim`` None. The fixed points are
+    appended to ``fixed_points`` when a list is given.
     """
     import torch
 
@@ -281,233 +498,413 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
     from .deq.mol import regularised_sense
     from .metrics import compare
     from .physics.sense import cg_sense
+    from .recon import ReconConfig
 
     if not problems:
         return {}
+    sense_cfg = ReconConfig(method="sense")
     psnr, ssim, s_psnr, s_ssim, iters = [], [], [], [], []
+    failed = 0
     was_training = step.training
     step.eval()
-    with torch.no_grad():
-        for p in problems:
-            x0 = regularised_sense(p.op.normal, p.aty, lam=step.lam, iters=config.init_iters)
-            fp = FixedPointConfig(tol=config.fwd_tol, max_iter=max(config.fwd_max_iter, 100), warn=False)
-            res = solve_fixed_point(step.bind(normal=p.op.normal, aty=p.aty), x0, config=fp)
-            sense = cg_sense(p.op, p.y, lam=1e-3, max_iter=30).x
-            tgt = p.target.cpu().numpy()
-            m = compare(res.x.cpu().numpy(), tgt)
-            ms = compare(sense.cpu().numpy(), tgt)
-            psnr.append(m.psnr)
-            ssim.append(m.ssim)
-            s_psnr.append(ms.psnr)
-            s_ssim.append(ms.ssim)
-            iters.append(res.iterations)
-            if fixed_points is not None:
-                fixed_points.append(res.x)
-    if was_training:
-        step.train()
-    return {"val_psnr": float(np.mean(psnr)), "val_ssim": float(np.mean(ssim)),
+    fp = FixedPointConfig(tol=config.fwd_tol, max_iter=max(config.fwd_max_iter, 100), warn=False)
+    try:
+        with torch.no_grad():
+            for p in problems:
+                x0 = regularised_sense(p.op.normal, p.aty, lam=step.lam, iters=config.init_iters)
+                res = solve_fixed_point(step.bind(normal=p.op.normal, aty=p.aty), x0, config=fp)
+                sense = cg_sense(p.op, p.y, lam=sense_cfg.sense_lambda,
+                                 max_iter=sense_cfg.sense_iters).x
+                tgt = p.target.cpu().numpy()
+                ms = compare(sense.cpu().numpy(), tgt)
+                s_psnr.append(ms.psnr)
+                s_ssim.append(ms.ssim)
+                iters.append(res.iterations)
+                if not bool(torch.isfinite(res.x).all()):
+                    failed += 1
+                    continue
+                m = compare(res.x.cpu().numpy(), tgt)
+                psnr.append(m.psnr)
+                ssim.append(m.ssim)
+                if fixed_points is not None:
+                    fixed_points.append(res.x)
+    finally:
+        if was_training:
+            step.train()
+    ok = failed == 0
+    return {"val_psnr": float(np.mean(psnr)) if ok else None,
+            "val_ssim": float(np.mean(ssim)) if ok else None,
             "val_sense_psnr": float(np.mean(s_psnr)), "val_sense_ssim": float(np.mean(s_ssim)),
-            "val_iterations": float(np.mean(iters))}
+            "val_iterations": float(np.mean(iters)), "val_failed": failed}
+
+
+# ------------------------------------------------------------------------------- files
+class _RunLog:
+    """The JSON-lines log (rank 0 only); a write failure becomes an OutputError."""
+
+    def __init__(self, path: Path, *, resume_at: int | None) -> None:
+        self.path = path
+        try:
+            if resume_at is None:
+                self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            else:
+                self._rewrite_upto(resume_at)
+                self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise OutputError(f"cannot write the training log ({exc.strerror or exc})",
+                              path=path) from exc
+
+    def _rewrite_upto(self, steps: int) -> None:
+        """Keep the records of steps ≤ ``steps`` (those the resume state includes)."""
+        from .io.atomic import write_text_atomic
+
+        kept: list[str] = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                    at = int(rec.get("step", 0)) if isinstance(rec, dict) else None
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    continue              # a line cut short by a kill
+                if at is not None and at <= steps:
+                    kept.append(line)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept), force=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            raise OutputError(f"cannot write the training log ({exc.strerror or exc})",
+                              path=self.path) from exc
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+
+
+def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
+    """Delete temporary files (``.NAME.*``) that a killed run left beside its outputs."""
+    for target in paths.values():
+        prefix = f".{target.name}."
+        folder = target.parent if str(target.parent) else Path(".")
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if f.name.startswith(prefix) and f.is_file():
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+
+
+def _write(path: Path, what: str, steps: int, writer: Callable[[], Any]) -> None:
+    """Run ``writer`` (an atomic write of ``path``); an OSError becomes an OutputError."""
+    try:
+        writer()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"cannot write the {what} after step {steps} ({reason}); training "
+                          "stopped, the previous file is kept", path=path) from exc
 
 
 # ------------------------------------------------------------------------------- the loop
-def train(config: TrainConfig, *, on_record: Callable[[dict[str, Any]], None] | None = None,
-          warn: Callable[[str], None] | None = None) -> TrainResult:
-    """Run (or resume) a training job; see the module docstring."""
+def train(config: TrainConfig, *, on_record: RecordFn | None = None,
+          warn: WarnFn | None = None) -> TrainResult:
+    """Run (or resume) a training job; see the module docstring.
+
+    ``on_record`` receives every log record (rank 0 only), ``warn`` one-line
+    warnings (skipped files and steps). Raises :class:`MolreconError`
+    subclasses for everything a user can fix.
+    """
+    t_start = time.perf_counter()
+    from .device import resolve_device
+
+    device = resolve_device(config.device)
+    dist_info, created = _init_distributed(device)
+    try:
+        return _train(config, device, dist_info, t_start,
+                      on_record if (on_record and dist_info.main) else (lambda rec: None),
+                      warn if (warn and dist_info.main) else (lambda msg: None))
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
+           on_record: RecordFn, warn: WarnFn) -> TrainResult:
     import torch
 
     from .deq.fixed_point import FixedPointConfig
-    from .deq.implicit import deq_solve
-    from .deq.mol import regularised_sense
-    from .device import resolve_device
-    from .io.atomic import atomic_path, check_output
-    from .models.checkpoint import save_checkpoint
-    from .models.lipschitz import local_lipschitz_ratio
+    from .io.atomic import check_output
 
-    on_record = on_record or (lambda rec: None)
-    warn = warn or (lambda msg: None)
-    device = resolve_device(config.device)
-    dist_info = _init_distributed(device)
     if device.type == "cuda" and dist_info.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     paths = output_paths(config.out)
     if not paths["best"].name.endswith(".pt"):
         raise ConfigError(f"{config.out}: --out must end in .pt")
-    if dist_info.main:
-        if config.resume:
-            if not paths["state"].is_file():
-                raise OutputError(f"nothing to resume: {paths['state']} does not exist", path=config.out)
-        else:
-            for key in ("best", "last", "state", "log"):
-                check_output(paths[key], force=config.force)
+    if config.resume:
+        if not paths["state"].is_file():
+            raise OutputError(f"nothing to resume: {paths['state']} does not exist (start the "
+                              "run without --resume)", path=config.out)
+        for key in ("best", "last", "log"):
+            check_output(paths[key], force=True)
+    elif dist_info.main:
+        for key in ("best", "last", "state", "log"):
+            check_output(paths[key], force=config.force)
 
     files = list_raw_files(config.data)
     if not files:
         raise InputDataError("no raw files (*.h5, *.hdf5, *.mrd) in this folder", path=config.data)
-    train_files, val_files = split_files(files, config.val_fraction, config.seed)
-    train_set = load_folder(train_files, config.kind, warn=warn)
-    if not train_set.samples:
-        raise InputDataError("no usable fully sampled scans for training "
-                             f"({len(train_set.skipped)} skipped)", path=config.data)
-    kind = train_set.kind
-    val_set = load_folder(val_files, kind, warn=warn) if val_files else FolderDataset(kind, [], [])
-    skipped = train_set.skipped + val_set.skipped
+    data = load_folder(files, config.kind, warn=warn)
+    if not data.samples:
+        what = f"{config.kind} " if config.kind else ""
+        raise InputDataError(f"no usable fully sampled {what}scans: all {len(files)} raw file(s) "
+                             "were skipped (see the warnings above)", path=config.data)
+    if data.skipped:
+        warn(f"using {len(data.files)} of {len(files)} raw files ({len(data.skipped)} skipped)")
+    kind = data.kind
+    check_masks(data, config.mask)
+    train_set, val_set = split_dataset(data, config.val_fraction, config.seed)
 
+    state: dict[str, Any] | None = None
+    if config.resume:
+        state = _load_state(paths["state"])
+        config = _check_state(state, config, kind, paths["state"])
     torch.manual_seed(config.seed)
     step, cnn = _build(config, kind, device)
     params = [p for n, p in step.named_parameters() if n != "log_lam"]
     optim = torch.optim.Adam([{"params": params, "lr": config.lr},
                               {"params": [step.log_lam], "lr": config.lam_lr}])
+    all_params = [p for p in step.parameters() if p.requires_grad]
     start_step = 0
     best = -math.inf
     skips = 0
-    if config.resume:
-        state = _load_state(paths["state"])
-        if state["kind"] != kind or state["config"]["constraint"] != config.constraint:
-            raise CheckpointError("resume state belongs to a different run (kind/constraint)",
-                                  path=paths["state"])
-        step.load_state_dict(state["step"])
-        optim.load_state_dict(state["optim"])
+    if state is not None:
+        try:
+            step.load_state_dict(state["step"])
+            optim.load_state_dict(state["optim"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"resume state does not fit this model: {exc}",
+                                  path=paths["state"]) from exc
         start_step = int(state["steps"])
         best = float(state["best"])
-    model_for_grad = step
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+        skips = int(state.get("skips", 0))
+    _broadcast_parameters(step, dist_info)
 
-        model_for_grad = DistributedDataParallel(step)  # broadcasts rank 0's weights
-
-    val_problems = _val_problems(val_set, config, device)
+    if dist_info.main:
+        _remove_stale_temporaries(paths)
+    log = _RunLog(paths["log"], resume_at=start_step if config.resume else None) \
+        if dist_info.main else None
+    val_problems = _val_problems(val_set, config, device) if dist_info.main else []
     fwd = FixedPointConfig(tol=config.fwd_tol, max_iter=config.fwd_max_iter, warn=False)
     bwd = FixedPointConfig(tol=config.bwd_tol, max_iter=config.bwd_max_iter, warn=False)
-    log_mode = "a" if config.resume else "w"
-    t0 = time.perf_counter()
     n_train = len(train_set)
     global_batch = config.batch_size * dist_info.world
     steps_per_epoch = max(1, n_train // global_batch)
     last_record: dict[str, Any] = {}
-    best_sense = None
+    best_sense: float | None = None
     val_fixed_points: list[Any] = []
+    skipped_here = 0
+    stopped = "max_steps"
 
-    def order_for(epoch: int) -> np.ndarray:
-        return np.random.default_rng([config.seed, 1, epoch]).permutation(n_train)
+    def emit(record: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(record)
+        on_record(record)
 
     def save_all(steps_done: int, metrics: dict[str, Any], is_best: bool) -> None:
+        from .models.checkpoint import save_checkpoint
+
         if not dist_info.main:
             return
-        meta = _metadata(config, kind, train_set, val_set, steps_done, metrics)
-        cert = _certificate(cnn, val_fixed_points)
-        save_checkpoint(paths["last"], cnn, step.to_config(), metadata=meta, certificate=cert,
-                        kinds=_kinds(kind), force=True)
-        if is_best or not val_problems:
-            save_checkpoint(paths["best"], cnn, step.to_config(), metadata=meta, certificate=cert,
-                            kinds=_kinds(kind), force=True)
+        meta = _metadata(config, kind, train_set, val_set, steps_done, metrics, dist_info)
+        cert = _certificate(cnn, val_fixed_points, config.seed)
+        model_cfg = step.to_config()
+        _write(paths["last"], "latest model", steps_done,
+               lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
+                                       certificate=cert, kinds=_kinds(kind), force=True))
+        if is_best or not val_problems or not paths["best"].exists():
+            _write(paths["best"], "best model", steps_done,
+                   lambda: save_checkpoint(paths["best"], cnn, model_cfg, metadata=meta,
+                                           certificate=cert, kinds=_kinds(kind), force=True))
         state = {"version": STATE_VERSION, "kind": kind, "config": _plain(asdict(config)),
-                 "steps": steps_done, "best": best, "step": step.state_dict(),
+                 "steps": steps_done, "best": best, "skips": skips, "step": step.state_dict(),
                  "optim": optim.state_dict()}
-        with atomic_path(paths["state"], force=True) as tmp:
-            torch.save(state, tmp)
+        _write(paths["state"], "resume state", steps_done,
+               lambda: _save_state(paths["state"], state))
 
-    logf = open(paths["log"], log_mode, encoding="utf-8") if dist_info.main else None
+    emit({"event": "start", "step": start_step, "kind": kind, "model_dims": _model_dims(kind),
+          "constraint": config.constraint, "resumed": bool(config.resume),
+          "train_files": len(train_set.files), "val_files": len(val_set.files),
+          "train_samples": n_train, "val_samples": len(val_set),
+          "skipped_files": len(data.skipped), "device": str(device),
+          "world_size": dist_info.world, "max_steps": config.max_steps})
+    if val_problems and not config.resume:
+        vm = evaluate(step, val_problems, config)
+        emit({"event": "validation", "step": 0, **vm})
+
+    s = start_step
+    saved_at = start_step if config.resume else -1
+    updating = False
+    order_epoch, order = -1, np.arange(n_train)
     try:
-        s = start_step
         step.train()
         while s < config.max_steps:
-            if config.time_budget_s is not None and time.perf_counter() - t0 > config.time_budget_s:
+            over = (dist_info.main and config.time_budget_s is not None
+                    and time.perf_counter() - t_start > config.time_budget_s)
+            if _agree(over, dist_info, device):
+                stopped = "time_budget"
                 break
             epoch, within = divmod(s, steps_per_epoch)
-            order = order_for(epoch)
+            if epoch != order_epoch:
+                order = np.random.default_rng([config.seed, 1, epoch]).permutation(n_train)
+                order_epoch = epoch
             t_step = time.perf_counter()
             optim.zero_grad(set_to_none=True)
-            losses, iters, bwd_iters, lips = [], [], [], []
-            bad = None
-            for j in range(config.batch_size):
-                gi = (within * global_batch + dist_info.rank * config.batch_size + j) % n_train
-                sample = train_set.samples[int(order[gi])]
-                rng = np.random.default_rng([config.seed, 2, s, dist_info.rank, j])
-                prob = make_problem(sample, kind, config.mask, rng, config.extra_noise, device)
-                with torch.no_grad():
-                    x0 = regularised_sense(prob.op.normal, prob.aty, lam=step.lam.detach(),
-                                           iters=config.init_iters)
-
-                def fn(x: Any, _p: Problem = prob) -> Any:
-                    return model_for_grad(x, normal=_p.op.normal, aty=_p.aty)
-
-                out = deq_solve(fn, x0, forward=fwd, backward=bwd)
-                res = float(out.forward.final_residual.max())
-                if not math.isfinite(res) or res > config.diverge_tol:
-                    bad = f"forward fixed point diverged (residual {res:.3g} after {out.forward.iterations} iterations)"
-                    break
-                loss = _loss(out.x, prob.target, config.loss)
-                if (config.constraint == "lr" and config.penalty_weight > 0
-                        and s % config.penalty_every == 0):
-                    g = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
-                    u = _random_crop(out.x.detach(), config.penalty_crop, rng)
-                    lip, _ = local_lipschitz_ratio(cnn, u, steps=config.penalty_steps, generator=g)
-                    loss = loss + config.penalty_weight * _penalty(lip, config.penalty_threshold)
-                    lips.append(float(lip.detach()))
-                if not torch.isfinite(loss):
-                    bad = "non-finite loss"
-                    break
-                (loss / config.batch_size).backward()
-                losses.append(float(loss.detach()))
-                iters.append(out.forward.iterations)
-                bwd_iters.extend(out.backward.iterations)
-            grads = [p.grad for p in step.parameters() if p.grad is not None]
-            if bad is None and any(not bool(torch.isfinite(g).all()) for g in grads):
-                bad = "non-finite gradient"
-            if bad is not None:
+            outcome = _local_step(step, cnn, config, train_set, order, s, within, global_batch,
+                                  dist_info, device, fwd, bwd)
+            bad = outcome.bad
+            if bad is None and dist_info.world == 1:
+                grads = [p.grad for p in all_params if p.grad is not None]
+                if any(not bool(torch.isfinite(g).all()) for g in grads):
+                    bad = "non-finite gradient"
+            outcome.bad = bad
+            any_bad, stats = _reduce_gradients(all_params, outcome, dist_info)
+            loss_mean = stats["loss"]
+            if any_bad or loss_mean is None or not math.isfinite(loss_mean) or not all(
+                    bool(torch.isfinite(p.grad).all()) for p in all_params if p.grad is not None):
+                reason = bad or ("non-finite gradient" if dist_info.world == 1
+                                 else "a sample failed on another process")
                 skips += 1
+                skipped_here += 1
                 for group in optim.param_groups:
                     group["lr"] *= 0.5
-                rec = {"step": s, "skipped": bad, "lr": optim.param_groups[0]["lr"]}
-                warn(f"step {s}: skipped: {bad}; learning rate halved")
-                if logf:
-                    logf.write(json.dumps(rec) + "\n")
-                    logf.flush()
-                on_record(rec)
-                if skips >= config.max_skips:
-                    raise MolreconError(f"training stopped: {skips} consecutive steps failed ({bad}); "
-                                        f"the last good checkpoint is {paths['last']}",
-                                        path=config.data)
                 s += 1
+                warn(f"step {s}: skipped: {reason}; learning rates halved "
+                     f"(H: {optim.param_groups[0]['lr']:.3g})")
+                emit({"step": s, "skipped": reason, "lr": optim.param_groups[0]["lr"],
+                      "consecutive_skips": skips})
+                if skips >= config.max_skips:
+                    save_all(s, last_record, False)
+                    raise MolreconError(
+                        f"training stopped: {skips} consecutive steps failed (last: {reason}); "
+                        f"the state of the last good step is saved in {paths['state']}. Lower "
+                        "--lr, raise --fwd-max-iter, or check the data")
                 continue
             skips = 0
-            torch.nn.utils.clip_grad_norm_(list(step.parameters()), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(all_params, config.grad_clip)
+            updating = True
             optim.step()
-            cnn.clear_spectral_cache() if hasattr(cnn, "clear_spectral_cache") else None
             s += 1
-            rec = {"step": s, "epoch": epoch, "loss": float(np.mean(losses)),
-                   "fwd_iterations": float(np.mean(iters)),
-                   "bwd_iterations": float(np.mean(bwd_iters)) if bwd_iters else None,
-                   "lambda": float(step.lam.detach()), "step_s": round(time.perf_counter() - t_step, 3)}
-            if lips:
-                rec["lipschitz_local"] = float(np.max(lips))
-            do_val = val_problems and (s % config.val_every == 0 or s == config.max_steps)
+            updating = False
+            if hasattr(cnn, "clear_spectral_cache"):
+                cnn.clear_spectral_cache()
+            rec: dict[str, Any] = {
+                "step": s, "epoch": epoch, "loss": loss_mean,
+                "fwd_iterations": stats["fwd_iterations"],
+                "bwd_iterations": stats["bwd_iterations"],
+                "lambda": float(step.lam.detach()), "lr": optim.param_groups[0]["lr"],
+                "step_s": round(time.perf_counter() - t_step, 3)}
+            if outcome.lipschitz:
+                rec["lipschitz_local"] = float(np.max(outcome.lipschitz))
             is_best = False
-            if do_val and dist_info.main:
+            if val_problems and (s % config.val_every == 0 or s == config.max_steps):
                 val_fixed_points.clear()
                 vm = evaluate(step, val_problems, config, val_fixed_points)
                 rec.update(vm)
                 best_sense = vm.get("val_sense_psnr")
-                if vm["val_psnr"] > best:
-                    best = vm["val_psnr"]
+                if vm["val_psnr"] is not None and vm["val_psnr"] > best:
+                    best = float(vm["val_psnr"])
                     is_best = True
             last_record = rec
-            if logf:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-            on_record(rec)
+            emit(rec)
             if s % config.checkpoint_every == 0 or is_best or s == config.max_steps:
                 save_all(s, rec, is_best)
-        if last_record and last_record.get("step") != start_step:
+                saved_at = s
+        if s != saved_at and (s > start_step or not paths["best"].exists()):
             save_all(s, last_record, False)
-        elif not paths["best"].exists():
-            save_all(s, last_record, True)
+            saved_at = s
+    except KeyboardInterrupt:
+        if dist_info.main and not updating and s != saved_at:
+            save_all(s, last_record, False)
+            warn(f"interrupted: state saved after step {s}; continue with --resume")
+        raise
     finally:
-        if logf:
-            logf.close()
-    return TrainResult(out=paths["best"], steps=s, best_val_psnr=None if best == -math.inf else best,
-                       val_sense_psnr=best_sense, log=paths["log"], skipped_files=skipped)
+        if log is not None:
+            log.close()
+    return TrainResult(out=paths["best"], steps=s,
+                       best_val_psnr=None if best == -math.inf else best,
+                       val_sense_psnr=best_sense, log=paths["log"], skipped_files=data.skipped,
+                       stopped=stopped, skipped_steps=skipped_here,
+                       train_files=list(train_set.files), val_files=list(val_set.files),
+                       main_process=dist_info.main)
+
+
+def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDataset,
+                order: np.ndarray, s: int, within: int, global_batch: int, dist_info: Dist,
+                device: Any, fwd: Any, bwd: Any) -> _StepOutcome:
+    """Forward and backward passes of this process's samples of step ``s``.
+
+    Gradients accumulate in the parameters (each sample's loss divided by the batch size).
+    """
+    import torch
+
+    from .deq.implicit import deq_solve, unrolled
+    from .deq.mol import regularised_sense
+    from .models.lipschitz import local_lipschitz_ratio
+
+    out = _StepOutcome()
+    n_train = len(train_set)
+    kind = train_set.kind
+    for j in range(config.batch_size):
+        g_index = dist_info.rank * config.batch_size + j         # position in the global batch
+        gi = (within * global_batch + g_index) % n_train
+        sample = train_set.samples[int(order[gi])]
+        rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
+        prob = make_problem(sample, kind, config.mask, rng, config.extra_noise, device)
+        with torch.no_grad():
+            x0 = regularised_sense(prob.op.normal, prob.aty, lam=step.lam.detach(),
+                                   iters=config.init_iters)         # (1, D, Y, X)
+
+        def fn(x: Any, _p: Problem = prob) -> Any:
+            return step(x, normal=_p.op.normal, aty=_p.aty)
+
+        stats = None
+        if config.unroll > 0:
+            x = unrolled(fn, x0, config.unroll)
+            out.fwd_iterations.append(config.unroll)
+        else:
+            res = deq_solve(fn, x0, forward=fwd, backward=bwd)
+            r = float(res.forward.final_residual.max())
+            if not math.isfinite(r) or r > config.diverge_tol:
+                out.bad = (f"forward fixed point diverged (relative residual {r:.3g} after "
+                           f"{res.forward.iterations} iterations)")
+                return out
+            x, stats = res.x, res.backward
+            out.fwd_iterations.append(res.forward.iterations)
+        loss = _loss(x, prob.target, config.loss)
+        if (config.constraint == "lr" and config.penalty_weight > 0
+                and s % config.penalty_every == 0):
+            gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
+            u = _random_crop(x.detach(), config.penalty_crop, rng)
+            lip, _ = local_lipschitz_ratio(cnn, u, steps=config.penalty_steps, generator=gen)
+            loss = loss + config.penalty_weight * _penalty(lip, config.penalty_threshold)
+            out.lipschitz.append(float(lip.detach()))
+        if not bool(torch.isfinite(loss)):
+            out.bad = "non-finite loss"
+            return out
+        (loss / config.batch_size).backward()
+        out.loss_sum += float(loss.detach())
+        out.count += 1
+        if stats is not None:
+            out.bwd_iterations.extend(stats.iterations)
+    return out
 
 
 def _random_crop(x: Any, size: int | None, rng: np.random.Generator) -> Any:
@@ -521,22 +918,20 @@ def _random_crop(x: Any, size: int | None, rng: np.random.Generator) -> Any:
     return x[..., y0:y0 + cy, x0:x0 + cx].contiguous()
 
 
-def _kinds(kind: str) -> list[str]:
-    return [kind]
-
-
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
 
 
 def _metadata(config: TrainConfig, kind: str, train_set: FolderDataset, val_set: FolderDataset,
-              steps: int, metrics: dict[str, Any]) -> dict[str, Any]:
+              steps: int, metrics: dict[str, Any], dist_info: Dist) -> dict[str, Any]:
     return {
         "trained_with": "molrecon train",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -546,21 +941,35 @@ def _metadata(config: TrainConfig, kind: str, train_set: FolderDataset, val_set:
         "val_files": [Path(f).name for f in val_set.files],
         "train_samples": len(train_set),
         "val_samples": len(val_set),
+        "world_size": dist_info.world,
         "mask": _plain(asdict(config.mask)),
         "config": _plain(asdict(config)),
         "last_metrics": _plain(metrics),
     }
 
 
-def _certificate(cnn: Any, fixed_points: list[Any]) -> dict[str, Any]:
+def _certificate(cnn: Any, fixed_points: list[Any], seed: int) -> dict[str, Any]:
     """Local Lipschitz estimates at validation fixed points (the global bound is added on save)."""
+    import torch
+
     from .models.lipschitz import local_lipschitz_power
 
     if not fixed_points:
         return {}
-    est = [float(local_lipschitz_power(cnn, x.detach(), iters=10)) for x in fixed_points[:4]]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    est = [float(local_lipschitz_power(cnn, x.detach(), iters=10, generator=gen))
+           for x in fixed_points[:4]]
     return {"local_power_at_validation_fixed_points": est, "local_max": max(est),
             "points": len(est)}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    from .io.atomic import atomic_path
+
+    with atomic_path(path, force=True) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -568,8 +977,33 @@ def _load_state(path: Path) -> dict[str, Any]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable state is the same problem to a user
+    except Exception as exc:
         raise CheckpointError(f"unreadable resume state: {exc}", path=path) from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError("not a molrecon resume state (or a different version)", path=path)
+    for key in ("kind", "config", "steps", "best", "step", "optim"):
+        if key not in state:
+            raise CheckpointError(f"resume state lacks '{key}'", path=path)
     return state
+
+
+def _check_state(state: dict[str, Any], config: TrainConfig, kind: str, path: Path
+                 ) -> TrainConfig:
+    """Refuse a state written by a run with another data kind or model; return ``config``
+    with the saved spectral grid when this run leaves it unset (the SN rescaling, and so
+    the network, depends on it)."""
+    saved = state["config"] if isinstance(state["config"], dict) else {}
+    if state["kind"] != kind:
+        raise CheckpointError(f"resume state is for {state['kind']} data, this folder holds "
+                              f"{kind} data", path=path)
+    for name in ("constraint", "layers", "channels", "lipschitz_target"):
+        if name in saved and saved[name] != getattr(config, name):
+            raise CheckpointError(f"resume state was trained with {name}={saved[name]!r}, this run "
+                                  f"asks for {getattr(config, name)!r}", path=path)
+    grid = saved.get("spectral_grid")
+    if config.spectral_grid is None and isinstance(grid, int) and not isinstance(grid, bool):
+        return replace(config, spectral_grid=grid)
+    if config.spectral_grid is not None and grid != config.spectral_grid:
+        raise CheckpointError(f"resume state was trained with spectral_grid={grid!r}, this run "
+                              f"asks for {config.spectral_grid!r}", path=path)
+    return config
