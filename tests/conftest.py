@@ -52,3 +52,5 @@ def _torch_threads() -> None:
     except ImportError:  # pragma: no cover
         return
     torch.manual_seed(0)
+    # One thread: tests use tiny tensors, where threading only adds jitter on a busy machine.
+    torch.set_num_threads(1)

@@ -4,7 +4,7 @@ Both run without an autograd graph, act on batches ``(B, ...)`` (real or
 complex; complex tensors are treated as real vectors of twice the length),
 and decide convergence per batch item with the relative fixed-point residual
 
-    r_n = ‖T(x_n) − x_n‖ / ‖x_n‖            (per item; ‖x_n‖ = 0 counts as tiny)
+    r_n = ‖T(x_n) − x_n‖ / ‖x_n‖            (per item; r = ∞ at x_n = 0 unless T(0) = 0)
 
 Item b stops at the first n with r_n ≤ tol; it is then frozen (its value no
 longer changes while other items continue) and its result is T(x_n). This is
@@ -51,6 +51,10 @@ METHODS: tuple[str, ...] = ("anderson", "plain")
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class FixedPointConfig:
     """Options of :func:`solve_fixed_point` (tolerances are relative, see module docstring)."""
@@ -69,17 +73,15 @@ class FixedPointConfig:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if not (isinstance(self.tol, (int, float)) and 0.0 <= self.tol < math.inf):
             raise ConfigError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+        if not _positive_int(self.max_iter):
             raise ConfigError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
+        if not _positive_int(self.memory):
             raise ConfigError(f"memory must be an integer >= 1, got {self.memory!r}")
         if not (isinstance(self.regularisation, (int, float)) and self.regularisation >= 0.0):
             raise ConfigError(f"regularisation must be >= 0, got {self.regularisation!r}")
         if not (isinstance(self.mixing, (int, float)) and 0.0 < self.mixing <= 1.0):
             raise ConfigError(f"mixing must lie in (0, 1], got {self.mixing!r}")
-        if self.check_every is not None and (
-                isinstance(self.check_every, bool) or not isinstance(self.check_every, int)
-                or self.check_every < 1):
+        if self.check_every is not None and not _positive_int(self.check_every):
             raise ConfigError(f"check_every must be an integer >= 1, got {self.check_every!r}")
 
 
@@ -205,7 +207,8 @@ def solve_fixed_point(
             item_iters = item_iters + active.long()
             last_diff = torch.where(active, diff, last_diff)
             last_norm = torch.where(active, torch.linalg.vector_norm(ff, dim=1), last_norm)
-            done = done | (res <= cfg.tol) | ~torch.isfinite(res)
+            # A non-finite step stops its item (flagged below); x = 0 only gives r = inf.
+            done = done | (res <= cfg.tol) | ~torch.isfinite(diff)
             if accel is not None:
                 nxt = accel.next(xf, g)
             else:
@@ -217,7 +220,7 @@ def solve_fixed_point(
                 break
         residuals = torch.stack(history)                                        # (iterations, B)
         final = residuals.gather(0, (item_iters - 1).clamp_min(0).reshape(1, -1)).reshape(-1)
-        converged_items = torch.isfinite(final) & (final <= cfg.tol)
+        converged_items = final <= cfg.tol
         converged = bool(converged_items.all())
         bound = None
         if contraction is not None:

@@ -33,6 +33,7 @@ import datetime as _dt
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,11 @@ def save_checkpoint(
     meta = {} if metadata is None else dict(metadata)
     cert = {} if certificate is None else dict(certificate)
     if not _is_plain(meta):
-        raise ConfigError("checkpoint metadata must contain only str/int/float/bool/None, lists and dicts")
+        raise ConfigError("checkpoint metadata must hold only str/int/float/bool/None, "
+                          "lists and str-keyed dicts")
     if not _is_plain(cert):
-        raise ConfigError("checkpoint certificate must contain only str/int/float/bool/None, lists and dicts")
+        raise ConfigError("checkpoint certificate must hold only str/int/float/bool/None, "
+                          "lists and str-keyed dicts")
     dims = model.config.dims
     kind_list = [("2d" if dims == 2 else "3d")] if kinds is None else [str(k) for k in kinds]
     allowed = _KINDS_BY_DIMS[dims]
@@ -177,6 +180,24 @@ def _integer(obj: Mapping[str, Any], key: str, path: Path) -> int:
     return v
 
 
+def _load_failure(exc: Exception) -> str:
+    """Our own words for why torch.load(weights_only=True) refused a file.
+
+    torch's messages suggest retrying with ``weights_only=False``, which would
+    execute whatever the file contains; molrecon never does that and never
+    repeats the suggestion.
+    """
+    text = str(exc)
+    if "Unsupported global" in text:
+        return ("refused: the file holds Python objects that a molrecon checkpoint never "
+                "contains (unpickling them could run code)")
+    if "zip archive" in text or "central directory" in text:
+        return "not a molrecon checkpoint: damaged or truncated archive"
+    if isinstance(exc, EOFError):
+        return "not a molrecon checkpoint: the file is empty or truncated"
+    return f"not a molrecon checkpoint: unreadable content ({type(exc).__name__})"
+
+
 def load_checkpoint(path: str | os.PathLike[str], *,
                     map_location: str | torch.device = "cpu") -> LoadedModel:
     """Read and validate a checkpoint; build the prior on ``map_location`` in eval mode.
@@ -193,13 +214,15 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     if not p.is_file():
         raise CheckpointError("is not a file", path=p)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # torch's notes on foreign pickle protocols
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or unsafe content
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"not a loadable molrecon checkpoint ({first[:200]})", path=p) from exc
+        raise CheckpointError(_load_failure(exc), path=p) from exc
 
     if not isinstance(obj, dict):
-        raise CheckpointError(f"not a molrecon checkpoint (top level is {type(obj).__name__})", path=p)
+        raise CheckpointError(f"not a molrecon checkpoint (top level is {type(obj).__name__})",
+                              path=p)
     if obj.get("format") != FORMAT:
         raise CheckpointError(f"not a molrecon checkpoint (format {obj.get('format')!r})", path=p)
     if "format_version" not in obj:
@@ -226,7 +249,8 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         raise CheckpointError(f"invalid architecture: {exc}", path=p) from exc
     constraint = obj["constraint"]
     if constraint not in CONSTRAINTS:
-        raise CheckpointError(f"'constraint' must be one of {CONSTRAINTS}, got {constraint!r}", path=p)
+        raise CheckpointError(f"'constraint' must be one of {CONSTRAINTS}, got {constraint!r}",
+                              path=p)
     target = _number(obj, "lipschitz_target", p)
     if target <= 0:
         raise CheckpointError(f"'lipschitz_target' must be positive, got {target}", path=p)
@@ -259,7 +283,8 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     for name, ref in expected.items():
         t = state[name]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise CheckpointError(f"state_dict entry {name!r} is not a floating-point tensor", path=p)
+            raise CheckpointError(f"state_dict entry {name!r} is not a floating-point tensor",
+                                  path=p)
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"state_dict entry {name!r} has shape {tuple(t.shape)}, "
                                   f"the architecture needs {tuple(ref.shape)}", path=p)

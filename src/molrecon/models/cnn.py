@@ -29,19 +29,23 @@ W_eff, so that the float64 certificate of the stored effective weights stays
 argmax), so training sees the constraint. ``constraint="lr"`` (MOL-LR) uses
 the weights as they are; contractivity then rests on the training penalty.
 
-Caching: the grid evaluation of σ̂ (the expensive part) is cached per kernel
-and reused until the kernel changes. Changes are detected by the tensor's
-identity its storage address and its autograd version counter, which every in-place
-update (optimiser steps, ``load_state_dict``, ``torch.no_grad`` arithmetic)
-bumps. Writing in place through ``.data`` bypasses the counter: call
-:meth:`MolCNN.clear_spectral_cache` after such an edit.
+Cost and caching: σ̂ needs one SVD of a C_out × C_in matrix per grid frequency
+(1056 in 2D, 14 400 in 3D at the default grids; see ``spectral``), computed
+once per kernel and reused until the kernel changes, so a fixed-point solve
+pays it once and a training step once per layer. In training (grad mode) only
+the SVD at the grid argmax is recomputed with a graph. Changes are detected by
+the tensor's identity, its storage address and its autograd version counter,
+which every in-place update (optimiser steps, ``load_state_dict``,
+``torch.no_grad`` arithmetic) bumps. Writing in place through ``.data``
+bypasses the counter: call :meth:`MolCNN.clear_spectral_cache` after such an
+edit.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as nnf
@@ -72,7 +76,8 @@ class CNNConfig:
             raise ConfigError(f"dims must be 2 or 3, got {self.dims!r}")
         if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
             raise ConfigError(f"layers must be a positive integer, got {self.layers!r}")
-        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+        if (isinstance(self.channels, bool) or not isinstance(self.channels, int)
+                or self.channels < 1):
             raise ConfigError(f"channels must be a positive integer, got {self.channels!r}")
         if (isinstance(self.kernel, bool) or not isinstance(self.kernel, int)
                 or self.kernel < 1 or self.kernel % 2 == 0):
@@ -128,8 +133,9 @@ class MolCNN(nn.Module):
         if constraint not in CONSTRAINTS:
             raise ConfigError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
         target = float(lipschitz_target)
-        if not 0.0 < target or not target < float("inf"):
-            raise ConfigError(f"lipschitz_target must be positive and finite, got {lipschitz_target!r}")
+        if not 0.0 < target < float("inf"):                  # also refuses NaN
+            raise ConfigError("lipschitz_target must be positive and finite, "
+                              f"got {lipschitz_target!r}")
         self.constraint: Constraint = constraint
         self.lipschitz_target = target
         grid = default_grid(self.config.dims) if spectral_grid is None else spectral_grid
@@ -170,13 +176,20 @@ class MolCNN(nn.Module):
                                          result)
         return result
 
+    def raw_weights(self) -> list[torch.Tensor]:
+        """The stored (free) kernels, one per layer."""
+        return [cast(torch.Tensor, c.weight) for c in self.convs]
+
+    def biases(self) -> list[torch.Tensor | None]:
+        return [cast("torch.Tensor | None", c.bias) for c in self.convs]
+
     def raw_layer_bounds(self) -> list[torch.Tensor]:
         """Certified bound of every layer's free weights (differentiable), shape () each."""
-        return [bound_at(c.weight, self._grid_maximum(i, c.weight)) for i, c in enumerate(self.convs)]
+        return [bound_at(w, self._grid_maximum(i, w)) for i, w in enumerate(self.raw_weights())]
 
     def effective_weights(self) -> list[torch.Tensor]:
         """The kernels the forward pass uses (rescaled for "sn", as stored for "lr")."""
-        weights = [c.weight for c in self.convs]
+        weights = self.raw_weights()
         if self.constraint == "lr":
             return weights
         budget = self.layer_budget
@@ -189,7 +202,8 @@ class MolCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_complex() or x.ndim != 4:
-            raise ValueError(f"MolCNN expects a complex (B, D, Y, X) image, got {x.dtype} {tuple(x.shape)}")
+            raise ValueError("MolCNN expects a complex (B, D, Y, X) image, "
+                             f"got {x.dtype} {tuple(x.shape)}")
         b, d, y, xx = x.shape
         weights = self.effective_weights()
         real_dtype = weights[0].dtype
@@ -202,8 +216,8 @@ class MolCNN(nn.Module):
             conv = nnf.conv3d
         pad = self.config.kernel // 2
         last = len(self.convs) - 1
-        for i, (layer, w) in enumerate(zip(self.convs, weights)):
-            h = conv(h, w, layer.bias, padding=pad)
+        for i, (w, bias) in enumerate(zip(weights, self.biases())):
+            h = conv(h, w, bias, padding=pad)
             if i < last:
                 h = torch.relu(h)
         if self.config.dims == 2:

@@ -120,7 +120,8 @@ def local_lipschitz_ratio(
     v = u + eps * _bcast(scale, u) * _complex_noise(u, generator)
 
     def ratio(hu: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
-        return _item_norm(hu - prior(vv)) / _item_norm(u - vv).clamp_min(torch.finfo(scale.dtype).tiny)
+        tiny = torch.finfo(scale.dtype).tiny
+        return _item_norm(hu - prior(vv)) / _item_norm(u - vv).clamp_min(tiny)
 
     with torch.no_grad():
         hu = prior(u)

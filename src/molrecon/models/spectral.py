@@ -93,10 +93,12 @@ def _kernel_geometry(weight: torch.Tensor) -> tuple[int, int]:
     """Return (spatial dims d, kernel size k) of a ``(C_out, C_in, k, ..., k)`` kernel."""
     d = weight.ndim - 2
     if d < 1:
-        raise ValueError(f"convolution kernel must have shape (C_out, C_in, k, ...), got {tuple(weight.shape)}")
+        raise ValueError("convolution kernel must have shape (C_out, C_in, k, ...), "
+                         f"got {tuple(weight.shape)}")
     sizes = set(weight.shape[2:])
     if len(sizes) != 1:
-        raise ValueError(f"kernel must be the same size along every axis, got {tuple(weight.shape[2:])}")
+        raise ValueError("kernel must be the same size along every axis, "
+                         f"got {tuple(weight.shape[2:])}")
     k = int(weight.shape[2])
     if k % 2 != 1:
         raise ValueError(f"kernel size must be odd for symmetric zero padding, got {k}")
@@ -109,7 +111,7 @@ def default_grid(dims: int) -> int:
 
 
 def grid_correction(dims: int, kernel: int, grid: int) -> float:
-    """The factor 1/cos(N·r), N = (kernel − 1)/2, r = dims·π/(2·grid), that certifies the sampled max.
+    """The factor 1/cos(N·r), N = (kernel − 1)/2, r = dims·π/(2·grid), certifying a grid max.
 
     Raises ``ValueError`` when the grid is too coarse for the bound (N·r ≥ π/2).
     """

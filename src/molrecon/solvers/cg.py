@@ -49,7 +49,9 @@ def conjugate_gradient(
     ``shift`` may be a scalar or a per-item tensor of shape (B,). ``tol`` is
     relative to ``‖rhs‖`` per item; ``tol=0`` runs exactly ``max_iter``
     iterations (the fixed-cost mode used inside MOL steps and training, where a
-    fixed number of iterations keeps the map differentiable and deterministic).
+    fixed number of iterations keeps the map differentiable and deterministic),
+    except that an item whose relative residual is below machine precision takes
+    no further steps (they would only divide round-off by round-off).
     """
     if max_iter < 0:
         raise ValueError("max_iter must be >= 0")
@@ -66,9 +68,10 @@ def conjugate_gradient(
     rr = _bdot(r, r)
     rhs_norm = torch.sqrt(_bdot(rhs, rhs)).clamp_min(torch.finfo(rhs.real.dtype).tiny)
     history = [torch.sqrt(rr) / rhs_norm]
-    active = torch.ones_like(rr, dtype=torch.bool)
-    if tol > 0:
-        active = history[0] > tol
+    # Items whose residual falls below machine precision stop too (with tol = 0 as well):
+    # iterating further makes the recursive residual underflow and CG return NaN.
+    floor = max(tol, float(torch.finfo(rhs.real.dtype).eps))
+    active = history[0] > floor
     iterations = 0
     for _ in range(max_iter):
         if tol > 0 and not bool(active.any()):
@@ -89,8 +92,7 @@ def conjugate_gradient(
         iterations += 1
         res = torch.sqrt(rr) / rhs_norm
         history.append(res)
-        if tol > 0:
-            active = active & (res > tol)
+        active = active & (res > floor)
     residuals = torch.stack(history)
     converged = bool((residuals[-1] <= tol).all()) if tol > 0 else True
     return CGResult(x=x, iterations=iterations, residuals=residuals, converged=converged)
