@@ -646,10 +646,8 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
     import numpy as np
     import torch
 
-    from .coils import estimate_maps
     from .io.detect import read_raw
-    from .physics.scaling import scale_factor
-    from .physics.sense import SenseOperator
+    from .recon import prepare
 
     if points is not None and points < 1:
         raise ConfigError(f"points must be at least 1, got {points}")
@@ -667,11 +665,8 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
         k = torch.from_numpy(np.ascontiguousarray(scan.kspace[idx])).to(dev)    # (b, C, D, Y, X)
         mask = torch.from_numpy(np.ascontiguousarray(scan.mask[idx])).to(dev)  # (b, 1, D, Y, 1)
         calib = torch.from_numpy(np.ascontiguousarray(scan.calib[idx])).to(dev)
-        scale = torch.as_tensor(scale_factor(k, mask, scan.kind), device=dev,
-                                dtype=k.real.dtype).reshape(-1)                  # (b,)
-        kn = k / scale.reshape(-1, 1, 1, 1, 1).to(k.dtype)
-        maps = estimate_maps(kn, calib, scan.kind)                             # (b, C, D|1, Y, X)
-        op = SenseOperator(maps, mask, scan.kind)
+        prep = prepare(k, mask, calib, scan.kind)
+        op, kn = prep.op, prep.kspace
         if double:
             op = op.to(dtype=torch.complex128)
             kn = kn.to(torch.complex128)

@@ -108,6 +108,35 @@ def zero_filled_rss(kspace: Any, kind: str) -> Any:
     return torch.sqrt(torch.sum(coil_images.abs() ** 2, dim=1))  # (B, D, Y, X)
 
 
+@dataclass
+class Prepared:
+    """A chunk of slices ready for SENSE or MOL: normalised k-space, its scale, the operator."""
+
+    kspace: Any      # complex (b, C, D, Y, X), divided by ``scale``
+    scale: Any       # real (b,)
+    op: Any          # physics.sense.SenseOperator with ESPIRiT maps and the sampling mask
+
+
+def prepare(kspace: Any, mask: Any, calib: Any, kind: str) -> Prepared:
+    """Normalise the intensity (``physics.scaling``), estimate ESPIRiT maps, build A = M F S.
+
+    The one place where reconstruction, training-time checks and the guarantees
+    commands turn acquired k-space into a MOL problem, so they always agree.
+    Tensors in, on any device: ``kspace`` (b, C, D, Y, X), ``mask``/``calib`` (b, 1, D, Y, 1).
+    """
+    import torch
+
+    from .coils import estimate_maps
+    from .physics.scaling import scale_factor
+    from .physics.sense import SenseOperator
+
+    scale = torch.as_tensor(scale_factor(kspace, mask, kind), device=kspace.device,
+                            dtype=kspace.real.dtype).reshape(-1)            # (b,)
+    kn = kspace / scale.reshape(-1, 1, 1, 1, 1).to(kspace.dtype)
+    maps = estimate_maps(kn, calib, kind)                                  # (b, C, D|1, Y, X)
+    return Prepared(kspace=kn, scale=scale, op=SenseOperator(maps, mask, kind))
+
+
 def _chunks(n: int, size: int | None) -> list[slice]:
     size = n if size is None else max(1, min(size, n))
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -189,17 +218,12 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
             per_chunk.append(chunk_info)
             continue
 
-        from .coils import estimate_maps
-        from .physics.scaling import scale_factor
-        from .physics.sense import SenseOperator, cg_sense
+        from .physics.sense import cg_sense
 
-        scale = torch.as_tensor(scale_factor(k, mask, scan.kind), device=device,
-                                dtype=k.real.dtype).reshape(-1)          # (b,)
-        kn = k / scale.reshape(-1, 1, 1, 1, 1).to(k.dtype)
         t0 = time.perf_counter()
-        maps = estimate_maps(kn, calib, scan.kind)                         # (b, C, D|1, Y, X)
+        prep = prepare(k, mask, calib, scan.kind)
         timings["maps_s"] += time.perf_counter() - t0
-        op = SenseOperator(maps, mask, scan.kind)
+        scale, kn, op = prep.scale, prep.kspace, prep.op
         t0 = time.perf_counter()
         sense = cg_sense(op, kn, lam=config.sense_lambda, max_iter=config.sense_iters)
         timings["sense_s"] += time.perf_counter() - t0

@@ -71,7 +71,9 @@ def conjugate_gradient(
     # Items whose residual falls below machine precision stop too (with tol = 0 as well):
     # iterating further makes the recursive residual underflow and CG return NaN.
     floor = max(tol, float(torch.finfo(rhs.real.dtype).eps))
-    active = history[0] > floor
+    # (written as "not below" so that NaN/Inf items stay active and their non-finite values
+    # propagate to the caller instead of freezing at the start value)
+    active = ~(history[0] <= floor)
     iterations = 0
     for _ in range(max_iter):
         if tol > 0 and not bool(active.any()):
@@ -92,7 +94,7 @@ def conjugate_gradient(
         iterations += 1
         res = torch.sqrt(rr) / rhs_norm
         history.append(res)
-        active = active & (res > floor)
+        active = active & ~(res <= floor)
     residuals = torch.stack(history)
     converged = bool((residuals[-1] <= tol).all()) if tol > 0 else True
     return CGResult(x=x, iterations=iterations, residuals=residuals, converged=converged)
