@@ -260,6 +260,21 @@ def _cap(lo: int, hi: int, centre: int, size: int) -> tuple[int, int]:
     return start, start + size
 
 
+def _kernel_size(kernel: int, cal_len: int, axis_len: int) -> int:
+    """Kernel width along one axis: the configured one, shrunk for a narrow calibration region.
+
+    With fewer than two kernel widths of calibration lines the calibration matrix
+    has too few windows along that axis to separate the signal subspace from the
+    null space, and the maps fail (measured: 8 ACS lines with a 6-wide kernel gave a
+    CG-SENSE image 15 dB worse than with a 4-wide one). Then the kernel is halved
+    to cal_len // 2, but kept at least 3 wide (or the axis / region, if shorter).
+    """
+    k = min(kernel, axis_len)
+    if cal_len < 2 * k:
+        k = max(min(k, cal_len // 2), min(3, axis_len, cal_len))
+    return k
+
+
 def _calibration_region(pattern: torch.Tensor, config: EspiritConfig) -> tuple[int, int, int, int]:
     """Common calibration block of a batch of (N, P, Q) patterns, capped and checked."""
     _, p, q = pattern.shape
@@ -306,7 +321,7 @@ def _espirit(kspace: torch.Tensor, pattern: torch.Tensor, groups: torch.Tensor,
     """
     n_items, c, p, q = kspace.shape
     p0, p1, q0, q1 = _calibration_region(pattern, config)
-    kp, kq = min(config.kernel, p), min(config.kernel, q)
+    kp, kq = _kernel_size(config.kernel, p1 - p0, p), _kernel_size(config.kernel, q1 - q0, q)
     cal = kspace[:, :, p0:p1, q0:q1]                                      # (N, C, cp, cq)
     real = kspace.real.dtype
 
