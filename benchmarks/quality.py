@@ -11,7 +11,7 @@ Data (never used in training; see ``molrecon.anatomy`` for the split):
 * out of distribution: a macaque brain (INIA19 template, from Debian's
   ``mricron-data``) at R = 4, when installed;
 * real scanner data: the Siemens 2-coil GRE phantom scan (fully sampled,
-  undersampled retrospectively at R = 3; reference = CG-SENSE of the full
+  undersampled retrospectively at R = 2 (2 coils cannot unfold more); reference = CG-SENSE of the full
   data with the same maps), and the real in-vivo 8-coil brain at R ≈ 7.9
   compared with BART's own ``pics`` reconstruction shipped beside it.
 
@@ -128,7 +128,7 @@ def tune_bart(tmp: Path, accel: float, grid: list[float]) -> float | None:
 
 
 def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
-    """The real Siemens scan, undersampled retrospectively (R = 3, 16 ACS lines)."""
+    """The real Siemens scan, undersampled retrospectively (R = 2, 16 ACS lines)."""
     path = REAL / "siemens_gre_2coil_full.h5"
     if not path.exists():
         return
@@ -137,7 +137,7 @@ def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
     full = read_raw(path)
     ref = reconstruct(full, ReconConfig(method="sense", device="cpu")).image.data
     _, _, d, y, _ = full.shape
-    mask = make_mask("2d", "equispaced", (1, 1, d, y, 1), 3.0, 16, np.random.default_rng(0))
+    mask = make_mask("2d", "equispaced", (1, 1, d, y, 1), 2.0, 16, np.random.default_rng(0))
     mask = np.asarray(mask, dtype=bool)
     under = full.replace(kspace=(full.kspace * mask).astype(np.complex64), mask=mask,
                          calib=find_calibration_region(mask, "2d"))
@@ -149,7 +149,7 @@ def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
         dt = time.perf_counter() - t0
         m = compare(res.image.data, np.abs(ref))
         name = f"MOL-{wname.upper()}" if wname else {"zf": "zero-filled", "sense": "CG-SENSE"}[method]
-        rows.append({"data": "real Siemens GRE phantom, 2 coils, R=3 (ref: full CG-SENSE)",
+        rows.append({"data": "real Siemens GRE phantom, 2 coils, R=2 (ref: full CG-SENSE)",
                      "method": name, "psnr": m.psnr, "ssim": m.ssim, "nrmse": m.nrmse, "seconds": dt})
 
 
@@ -216,7 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpname:
         tmp = Path(tmpname)
         for accel in (float(a) for a in args.accelerations.split(",")):
-            lam = tune_bart(tmp, accel, [0.001, 0.003, 0.01, 0.03])
+            lam = tune_bart(tmp, accel, [0.0003, 0.001, 0.003, 0.01])
             for i, pos in enumerate(np.linspace(0.72, 0.82, args.slices)):
                 f = tmp / f"test_{accel}_{i}.h5"
                 t = tmp / f"test_{accel}_{i}_truth.nii.gz"
