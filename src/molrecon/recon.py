@@ -203,8 +203,8 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
     for ci, sl in enumerate(chunks):
         progress("reconstructing", ci, len(chunks))
         k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(device)   # (b, C, D, Y, X)
-        mask = torch.from_numpy(np.ascontiguousarray(scan.mask[sl])).to(device)  # (b, 1, D, Y, 1)
-        calib = torch.from_numpy(np.ascontiguousarray(scan.calib[sl])).to(device)
+        mask = torch.from_numpy(np.array(scan.mask[sl], dtype=bool)).to(device)   # (b, 1, D, Y, 1)
+        calib = torch.from_numpy(np.array(scan.calib[sl], dtype=bool)).to(device)
         chunk_info: dict[str, Any] = {"slices": [sl.start, sl.stop]}
 
         need_zf = config.method == "zf" or "zf" in baselines
