@@ -50,8 +50,7 @@ from molrecon.io.detect import read_raw  # noqa: E402
 from molrecon.metrics import compare  # noqa: E402
 from molrecon.physics.masks import make_mask  # noqa: E402
 from molrecon.physics.scaling import scale_factor  # noqa: E402
-from molrecon.physics.sense import SenseOperator, cg_sense  # noqa: E402
-from molrecon.recon import ReconConfig, reconstruct, zero_filled_rss  # noqa: E402
+from molrecon.recon import ReconConfig, reconstruct  # noqa: E402
 from molrecon.simulate import SimulationConfig, simulate_to_file  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
