@@ -26,8 +26,7 @@ def demo_cmd(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite earlier demo outputs.")] = True,
     debug: bool = DebugOpt,
 ) -> None:
-    """Reconstruct the bundled example scan with the bundled MOL weights (plus zf and CG-SENSE
-    for comparison) and score all three against the scan's ground truth.
+    """Reconstruct the bundled example scan with MOL, zf and CG-SENSE and score them against its truth.
 
     The example is a simulated 8-coil 2D brain slice (Colin 27 anatomy, a slab never
     used for training) at R = 4. Writes mol.nii.gz, report.json and preview.png.
