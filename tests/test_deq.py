@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,14 +23,6 @@ from molrecon.errors import ConfigError, ConvergenceWarning
 from molrecon.models import CNNConfig, MolCNN, certified_bound
 from molrecon.physics.fft import fftc, ifftc
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These problems are tiny: one thread avoids thread hand-off costs on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class MaskedSense:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ from molrecon.models.spectral import (
 CONV = {1: nnf.conv1d, 2: nnf.conv2d, 3: nnf.conv3d}
 CONV_T = {1: nnf.conv_transpose1d, 2: nnf.conv_transpose2d, 3: nnf.conv_transpose3d}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These problems are tiny: one thread avoids thread hand-off costs on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dense_norm(w: torch.Tensor, shape: tuple[int, ...]) -> float:

@@ -9,7 +9,6 @@ tiny (3 layers × 8 channels) so that a step takes about 0.1 s on one CPU thread
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,6 @@ runner = CliRunner()
 MATRIX = {"2d": (48, 48), "2dt": (32, 32), "3d": (32, 32, 8)}
 TINY = ["--layers", "3", "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def simulate_folder(folder: Path, kind: str, count: int, *, seed0: int = 0, slices: int = 1,

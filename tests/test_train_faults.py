@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,6 @@ from molrecon.train_data import MaskSpec
 runner = CliRunner()
 TINY = ["--layers", "3", "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def simulate(path: Path, *, kind: str = "2d", seed: int = 0, acceleration: float = 1.0) -> Path:

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -88,14 +87,6 @@ ProgressFn = Callable[[str, int, int], None]
 
 def _noop_progress(stage: str, done: int, total: int) -> None:
     return None
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def zero_filled_rss(kspace: Any, kind: str) -> Any:
