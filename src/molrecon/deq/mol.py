@@ -61,13 +61,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..config import MolConfig
 from ..solvers import conjugate_gradient
 
 Normal = Callable[[torch.Tensor], torch.Tensor]
@@ -79,50 +79,6 @@ class NormalOperator(Protocol):
     def normal(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def adjoint(self, k: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class MolConfig:
-    """Hyperparameters of the MOL step.
-
-    alpha     step size α ∈ (0, 2); α = 1 (default) gives the best contraction bound.
-    lam       data-consistency weight λ > 0 (the initial value when learned).
-    cg_iters  warm-started CG iterations per step (fixed count, see module docstring).
-    learn_lam whether λ is a trainable parameter.
-
-    Why α = 1 and 10 CG iterations (``benchmarks/bench_deq_iterations.py``, 64×64 slice,
-    8 coils, R = 4, the slowest contractive prior H = 0.98·x, Anderson, tol 1e-4):
-
-    ===========  ======  ======  =======  =======
-    λ, α         CG 5    CG 10   CG 20    CG 40
-    ===========  ======  ======  =======  =======
-    100, 1       109     24      25       28
-    100, 0.5     39      29      52       52
-    1000, 1      527     160     21       18
-    ===========  ======  ======  =======  =======
-
-    Plain iteration needs 193 (λ = 100, CG 10) and the reference schedule (α = 0.01)
-    does not reach the tolerance in 1000. A step with too few CG iterations is a poor
-    resolvent and slows the outer iteration far more than the CG iterations cost (one
-    CG iteration is one AᴴA, much cheaper than H); the CG count needed grows with αλ
-    (the condition number of (2) is 1 + αλ‖A‖²): use 20 for λ of order 1000.
-    """
-
-    alpha: float = 1.0
-    lam: float = 100.0
-    cg_iters: int = 10
-    learn_lam: bool = True
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 2.0):
-            raise ConfigError(f"alpha must lie in (0, 2), got {self.alpha!r}")
-        if not (isinstance(self.lam, (int, float)) and 0.0 < self.lam < math.inf):
-            raise ConfigError(f"lam must be positive and finite, got {self.lam!r}")
-        if isinstance(self.cg_iters, bool) or not isinstance(self.cg_iters, int) \
-                or self.cg_iters < 1:
-            raise ConfigError(f"cg_iters must be an integer >= 1, got {self.cg_iters!r}")
-        if not isinstance(self.learn_lam, bool):
-            raise ConfigError(f"learn_lam must be a bool, got {self.learn_lam!r}")
 
 
 def contraction_factor(alpha: float, lipschitz: float) -> float:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..deq.mol import MolConfig
+from ..config import MolConfig
 from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_path
 from .cnn import CONSTRAINTS, CNNConfig, MolCNN
