@@ -724,7 +724,8 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
         if not dist_info.main:
             return
         meta = _metadata(config, kind, train_set, val_set, steps_done, metrics, dist_info)
-        cert = _certificate(cnn, val_fixed_points, config.seed)
+        cert = _certificate(cnn, val_fixed_points, config.seed,
+                            data=[Path(f).name for f in val_set.files])
         model_cfg = step.to_config()
         _write(paths["last"], "latest model", steps_done,
                lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
@@ -948,19 +949,16 @@ def _metadata(config: TrainConfig, kind: str, train_set: FolderDataset, val_set:
     }
 
 
-def _certificate(cnn: Any, fixed_points: list[Any], seed: int) -> dict[str, Any]:
-    """Local Lipschitz estimates at validation fixed points (the global bound is added on save)."""
-    import torch
-
-    from .models.lipschitz import local_lipschitz_power
+def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
+                 data: list[str] | None = None) -> dict[str, Any]:
+    """The checkpoint's certificate: the global bound and local estimates at validation fixed
+    points, computed by the same code as ``molrecon check-lipschitz``."""
+    from .guarantees import certificate_for
 
     if not fixed_points:
         return {}
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    est = [float(local_lipschitz_power(cnn, x.detach(), iters=10, generator=gen))
-           for x in fixed_points[:4]]
-    return {"local_power_at_validation_fixed_points": est, "local_max": max(est),
-            "points": len(est)}
+    return certificate_for(cnn, [x.detach() for x in fixed_points[:4]], data=data or [],
+                           power_iters=10, ratio_steps=0, seed=seed)
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
