@@ -8,6 +8,9 @@ and matrix vary, so the model does not learn one coil array or one SNR.
     python scripts/make_training_data.py --kind 2d --out runs/data2d
     python scripts/make_training_data.py --kind 2dt --out runs/data2dt
     python scripts/make_training_data.py --kind 3d --out runs/data3d
+
+Validation files go to a folder of their own (default: OUT_val), to be given to
+``molrecon train --val-data`` so that no validation slab is ever trained on.
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train", type=int, default=48, help="training files")
     ap.add_argument("--val", type=int, default=8, help="validation files")
+    ap.add_argument("--val-out", type=Path, help="folder of the validation files (default: OUT_val)")
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    folders = {"train": args.out, "val": args.val_out or args.out.with_name(args.out.name + "_val")}
     variants = VARIANTS[args.kind]
     for split, count in (("train", args.train), ("val", args.val)):
         per_group = max(1, -(-count // len(variants)))
         written = 0
+        folder = folders[split]
+        if count:
+            folder.mkdir(parents=True, exist_ok=True)
         for g, (coils, noise, matrix) in enumerate(variants):
             if written >= count:
                 break
@@ -52,10 +59,10 @@ def main() -> None:
                 base = replace(base, frames=12)
             if args.kind == "3d":
                 base = replace(base, fov_mm=(240.0, 240.0, 20.0))
-            tmp = args.out / f".group{g}_{split}"
+            tmp = folder / f".group{g}_{split}"
             result = simulate_dataset(base, tmp, count=n, split=split, force=True)
             for path in sorted(tmp.glob(f"{split}_*.h5")):
-                os.replace(path, args.out / f"{split}_g{g:02d}_{path.name}")
+                os.replace(path, folder / f"{split}_g{g:02d}_{path.name}")
             for extra in tmp.iterdir():
                 extra.unlink()
             tmp.rmdir()

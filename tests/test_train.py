@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from molrecon.cli import app
-from molrecon.errors import CheckpointError, ConfigError, OutputError
+from molrecon.errors import CheckpointError, ConfigError, InputDataError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
 from molrecon.simulate import SimulationConfig, simulate_to_file
 from molrecon.train import TrainConfig, output_paths, train
@@ -200,6 +200,56 @@ def test_validation_split_is_by_file(multislice: Path, tmp_path: Path) -> None:
     assert not set(meta["val_files"]) & set(meta["train_files"])
     assert meta["val_samples"] == 2 and meta["train_samples"] == 6
     assert result.val_files and Path(result.val_files[0]).name == meta["val_files"][0]
+
+
+def test_separate_validation_folder(data: dict[str, Path], tmp_path: Path) -> None:
+    val = simulate_folder(tmp_path / "val", "2d", 2, seed0=40)
+    out = tmp_path / "m.pt"
+    train(tiny(data["2d"], out, max_steps=1, val_data=str(val), val_samples=8))
+    meta = load_checkpoint(out).metadata
+    assert sorted(meta["val_files"]) == ["2d_40.h5", "2d_41.h5"]
+    assert len(meta["train_files"]) == 3            # the whole --data folder trains
+    with pytest.raises(ConfigError, match="training folder"):
+        train(tiny(data["2d"], tmp_path / "n.pt", val_data=str(data["2d"])))
+    with pytest.raises(InputDataError, match="2d scans"):   # kinds must agree
+        train(tiny(data["2d"], tmp_path / "o.pt", val_data=str(data["3d"])))
+    r = runner.invoke(app, ["train", "--data", str(data["2d"]), "--out", str(tmp_path / "p.pt"),
+                            "--val-data", str(tmp_path / "empty"), *TINY])
+    assert r.exit_code == 1 and "empty" in r.output
+
+
+def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
+        data: dict[str, Path], tmp_path: Path) -> None:
+    from molrecon.models.cnn import CNNConfig, MolCNN
+    from molrecon.train import inflate_state_2d_to_3d
+
+    torch.manual_seed(0)
+    net2 = MolCNN(CNNConfig(dims=2, layers=3, channels=8), constraint="lr").double()
+    net3 = MolCNN(CNNConfig(dims=3, layers=3, channels=8), constraint="lr").double()
+    net3.load_state_dict(inflate_state_2d_to_3d(net2.state_dict()))
+    x = torch.randn(1, 5, 16, 16, dtype=torch.complex128)
+    with torch.no_grad():
+        assert torch.allclose(net3(x), net2(x), atol=1e-12)
+    # through training: --init with a 2D checkpoint for 2D+time data; λ comes from it
+    two = tmp_path / "two.pt"
+    train(tiny(data["2d"], two, max_steps=1, constraint="lr", penalty_crop=16))
+    lam2 = load_checkpoint(two).mol_config.lam
+    three = tmp_path / "three.pt"
+    train(tiny(data["2dt"], three, max_steps=1, constraint="lr", penalty_crop=16,
+               init_weights=str(two)))
+    assert load_checkpoint(three).model.config.dims == 3
+    # an explicit --lam overrides the checkpoint's
+    four = tmp_path / "four.pt"
+    cfg = tiny(data["2d"], four, constraint="lr", init_weights=str(two), lam_init=7.0)
+    from molrecon.train import _build
+    step, _ = _build(cfg, "2d", torch.device("cpu"))
+    assert float(step.lam.detach()) == pytest.approx(7.0)
+    step, _ = _build(tiny(data["2d"], four, constraint="lr", init_weights=str(two)), "2d",
+                     torch.device("cpu"))
+    assert float(step.lam.detach()) == pytest.approx(lam2, rel=1e-6)
+    with pytest.raises(CheckpointError, match="differs"):     # 3D cannot start 2D
+        _build(tiny(data["2d"], four, constraint="lr", init_weights=str(three)), "2d",
+               torch.device("cpu"))
 
 
 @pytest.mark.slow

@@ -120,6 +120,8 @@ from .train_data import (
 )
 
 Loss = Literal["mse", "mse_mag", "l1"]
+#: Initial λ of a run that neither gives one nor starts from a checkpoint.
+DEFAULT_LAM = 100.0
 STATE_VERSION = 1
 RecordFn = Callable[[dict[str, Any]], None]
 WarnFn = Callable[[str], None]
@@ -137,6 +139,7 @@ class TrainConfig:
     extra_noise       std of extra complex noise added to the normalised k-space
     loss              "mse" (complex) | "mse_mag" | "l1", each relative to the target
     lr, lam_lr        Adam learning rates of H and of log λ; lam_init the initial λ
+                      (None: the --init checkpoint's λ, else DEFAULT_LAM)
     alpha, cg_iters   MOL step size and CG iterations per step
     init_iters        CG iterations of the regularised-SENSE start
     fwd_*, bwd_*      tolerance (relative residual) and cap of the forward / backward solves
@@ -147,7 +150,9 @@ class TrainConfig:
     max_steps         steps in all (a resumed run continues up to it)
     time_budget_s     wall-clock seconds of this invocation (loading included); the run
                       stops at the first step boundary after it and saves
-    val_*             validation split (fraction of files), cadence and problem count
+    val_*             validation split (fraction of files), cadence and problem count;
+                      val_data: a separate folder of validation scans (then the whole
+                      of ``data`` trains and val_fraction is not used)
     checkpoint_every  steps between saves; max_skips consecutive skips stop the run
     grad_clip         global gradient-norm clip
     """
@@ -165,7 +170,7 @@ class TrainConfig:
     loss: Loss = "mse"
     lr: float = 1e-4
     lam_lr: float = 1e-2
-    lam_init: float = 100.0
+    lam_init: float | None = None
     alpha: float = 1.0
     cg_iters: int = 5
     init_iters: int = 10
@@ -183,6 +188,7 @@ class TrainConfig:
     max_steps: int = 1000
     time_budget_s: float | None = None
     val_fraction: float = 0.15
+    val_data: str | None = None
     val_every: int = 50
     val_samples: int = 8
     checkpoint_every: int = 25
@@ -200,7 +206,9 @@ class TrainConfig:
             raise ConfigError(f"--constraint must be sn or lr, got {self.constraint!r}")
         if self.loss not in ("mse", "mse_mag", "l1"):
             raise ConfigError(f"--loss must be mse, mse_mag or l1, got {self.loss!r}")
-        for name in ("lr", "lam_init", "alpha", "fwd_tol", "bwd_tol", "lipschitz_target",
+        if self.lam_init is not None and not (math.isfinite(self.lam_init) and self.lam_init > 0):
+            raise ConfigError(f"lam_init must be positive and finite, got {self.lam_init!r}")
+        for name in ("lr", "alpha", "fwd_tol", "bwd_tol", "lipschitz_target",
                      "diverge_tol", "grad_clip", "penalty_threshold"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
@@ -375,7 +383,8 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels),
                  constraint=config.constraint, lipschitz_target=config.lipschitz_target,
                  spectral_grid=config.spectral_grid)
-    step = MolStep(cnn, MolConfig(alpha=config.alpha, lam=config.lam_init,
+    lam = DEFAULT_LAM if config.lam_init is None else config.lam_init
+    step = MolStep(cnn, MolConfig(alpha=config.alpha, lam=lam,
                                   cg_iters=config.cg_iters, learn_lam=True))
     if not config.init_weights:
         # H ≡ 0 at the start: the untrained model is the regularised SENSE solution.
@@ -388,13 +397,55 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
         from .models.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(config.init_weights)
-        if loaded.model.config != cnn.config:
-            raise CheckpointError(f"architecture {loaded.model.config} differs from the one asked "
+        source = loaded.model.config
+        if source == cnn.config:
+            cnn.load_state_dict(loaded.model.state_dict())
+        elif replace(source, dims=cnn.config.dims) == cnn.config and source.dims == 2:
+            # A 2D prior starts a 3D (or 2D+time) one: every kernel goes to the centre
+            # plane of a 3D kernel, so the new network is exactly the 2D one applied plane
+            # by plane (same operator norm per layer) until training mixes the planes.
+            cnn.load_state_dict(inflate_state_2d_to_3d(loaded.model.state_dict()))
+        else:
+            raise CheckpointError(f"architecture {source} differs from the one asked "
                                   f"for ({cnn.config})", path=config.init_weights)
-        cnn.load_state_dict(loaded.model.state_dict())
-        with torch.no_grad():
-            step.log_lam.fill_(math.log(loaded.mol_config.lam))
+        if config.lam_init is None:       # λ continues from the checkpoint unless given
+            with torch.no_grad():
+                step.log_lam.fill_(math.log(loaded.mol_config.lam))
     return step.to(device), cnn
+
+
+def inflate_state_2d_to_3d(state: dict[str, Any]) -> dict[str, Any]:
+    """2D convolution weights (O, I, k, k) as 3D ones (O, I, k, k, k), zero off the centre plane."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, value in state.items():
+        if name.endswith("weight") and value.ndim == 4:
+            k = value.shape[-1]
+            w = torch.zeros((*value.shape[:2], k, *value.shape[2:]), dtype=value.dtype)
+            w[:, :, k // 2] = value
+            out[name] = w
+        else:
+            out[name] = value.clone()
+    return out
+
+
+def _load_validation(folder: str, kind: str, train_folder: str, warn: WarnFn) -> Any:
+    """The scans of a separate validation folder; their kind must be the training data's."""
+    from .train_data import load_folder
+
+    if Path(folder).resolve() == Path(train_folder).resolve():
+        raise ConfigError(f"--val-data {folder} is the training folder: validation scans must be "
+                          "held out")
+    files = list_raw_files(folder)
+    if not files:
+        raise InputDataError("no raw files (*.h5, *.hdf5, *.mrd) in the validation folder",
+                             path=folder)
+    val = load_folder(files, kind, warn=warn)
+    if not val.samples:
+        raise InputDataError(f"no usable fully sampled {kind} scans among {len(files)} validation "
+                             "file(s)", path=folder)
+    return val
 
 
 def _model_dims(kind: str) -> int:
@@ -670,7 +721,10 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
         warn(f"using {len(data.files)} of {len(files)} raw files ({len(data.skipped)} skipped)")
     kind = data.kind
     check_masks(data, config.mask)
-    train_set, val_set = split_dataset(data, config.val_fraction, config.seed)
+    if config.val_data is None:
+        train_set, val_set = split_dataset(data, config.val_fraction, config.seed)
+    else:
+        train_set, val_set = data, _load_validation(config.val_data, kind, config.data, warn)
 
     state: dict[str, Any] | None = None
     if config.resume:
