@@ -56,16 +56,43 @@ from molrecon.simulate import SimulationConfig, simulate_to_file  # noqa: E402
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
-def bart_l1(kn: np.ndarray, maps: np.ndarray, lam: float, iters: int = 100) -> np.ndarray:
-    """BART pics with an l1-wavelet prior on one 2D slice: kn (C, Y, X), maps (C, Y, X) → (Y, X)."""
+#: BART's regulariser per data kind: l1-wavelet over the image axes; for 2D+time total
+#: variation along time (BART's dimension 10, flag 1024).
+BART_PRIOR = {"2d": "W:3:0", "3d": "W:7:0", "2dt": "T:1024:0"}
+BART_NAME = {"2d": "BART pics l1-wavelet", "3d": "BART pics l1-wavelet 3D",
+             "2dt": "BART pics temporal TV"}
+
+
+def _bart_layout(a: np.ndarray, kind: str) -> np.ndarray:
+    """molrecon (C, D, Y, X) → BART: (X, Y, 1, C) for 2d (D = 1), (X, Y, Z, C) for 3d,
+    (X, Y, 1, C, 1 … 1, T) for 2dt (frames on BART's time axis 10; shared maps keep T = 1)."""
+    xyzc = np.transpose(a, (3, 2, 1, 0))                      # (X, Y, D, C)
+    if kind == "2dt":
+        x, y, t, c = xyzc.shape
+        return np.transpose(xyzc, (0, 1, 3, 2)).reshape(x, y, 1, c, *([1] * 6), t)
+    return xyzc
+
+
+def bart_pics(kn: np.ndarray, maps: np.ndarray, kind: str, lam: float, iters: int = 100) -> np.ndarray:
+    """BART ``pics`` with the kind's prior (:data:`BART_PRIOR`): kn (C, D, Y, X), maps
+    (C, D or 1, Y, X) → image (D, Y, X)."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        write_cfl(d / "k", to_bart(kn))
-        write_cfl(d / "m", to_bart(maps))
-        subprocess.run(["bart", "pics", "-S", "-l1", "-r", f"{lam:g}", "-i", str(iters),
+        write_cfl(d / "k", _bart_layout(kn, kind))
+        write_cfl(d / "m", _bart_layout(maps, "3d" if kind == "3d" else "2d"))
+        subprocess.run(["bart", "pics", "-S", "-R", f"{BART_PRIOR[kind]}:{lam:g}", "-i", str(iters),
                         str(d / "k"), str(d / "m"), str(d / "x")],
                        check=True, capture_output=True)
-        return from_bart(read_cfl(d / "x"), coils=False)
+        x = read_cfl(d / "x")
+        if kind == "2dt":
+            x = x.reshape(x.shape[0], x.shape[1], -1)          # (X, Y, T)
+        return np.transpose(x.reshape(x.shape[0], x.shape[1], -1), (2, 1, 0))
+
+
+def checkpoint_kinds(path: str) -> tuple[str, ...]:
+    from molrecon.models.checkpoint import load_checkpoint
+
+    return tuple(load_checkpoint(path).kinds)
 
 
 def problem(scan_path: Path) -> dict:
@@ -83,7 +110,8 @@ def run_methods(path: Path, truth: np.ndarray, weights: dict[str, str], bart_lam
                 rows: list[dict], label: str) -> None:
     """Every method on one raw file, scored against ``truth`` (B, D, Y, X)."""
     scan = read_raw(path)
-    for method, wname in [("zf", None), ("sense", None)] + [("mol", n) for n in weights]:
+    usable = [n for n in weights if scan.kind in checkpoint_kinds(weights[n])]
+    for method, wname in [("zf", None), ("sense", None)] + [("mol", n) for n in usable]:
         cfg = ReconConfig(method=method, weights=weights.get(wname) if wname else None,  # type: ignore[arg-type]
                           device="cpu")
         t0 = time.perf_counter()
@@ -100,30 +128,31 @@ def run_methods(path: Path, truth: np.ndarray, weights: dict[str, str], bart_lam
     if bart_lam is not None and shutil.which("bart"):
         p = problem(path)
         t0 = time.perf_counter()
-        x = bart_l1(p["kn"][0, :, 0].numpy(), p["maps"][0, :, 0].numpy(), bart_lam)
-        dt = time.perf_counter() - t0 + 0.0
-        m = compare(x[None, None], truth)
-        rows.append({"data": label, "method": f"BART pics l1-wavelet (λ={bart_lam:g})", "psnr": m.psnr,
+        x = bart_pics(p["kn"][0].numpy(), p["maps"][0].numpy(), scan.kind, bart_lam)
+        dt = time.perf_counter() - t0
+        m = compare(x[None], truth)
+        rows.append({"data": label, "method": f"{BART_NAME[scan.kind]} (λ={bart_lam:g})", "psnr": m.psnr,
                      "ssim": m.ssim, "nrmse": m.nrmse, "seconds": dt})
 
 
-def tune_bart(tmp: Path, accel: float, grid: list[float]) -> float | None:
-    """λ of BART's l1-wavelet prior with the best mean PSNR on two *val* slabs."""
+def tune_bart(tmp: Path, cases: list[SimulationConfig], grid: list[float]) -> float | None:
+    """λ of the kind's BART prior with the best mean PSNR on *val*-slab cases."""
     if not shutil.which("bart"):
         return None
-    scores = {lam: [] for lam in grid}
-    for i, pos in enumerate((0.57, 0.63)):
-        f = tmp / f"val_{accel}_{i}.h5"
-        t = tmp / f"val_{accel}_{i}_truth.nii.gz"
-        cfg = SimulationConfig(kind="2d", matrix=(256, 256), coils=8, acceleration=accel, acs=16,
-                               mask="equispaced", noise=0.01, seed=100 + i, slice_position=pos)
-        sim = simulate_to_file(cfg, f, t, force=True)
+    scores: dict[float, list[float]] = {lam: [] for lam in grid}
+    for i, cfg in enumerate(cases):
+        f = tmp / f"val_{cfg.kind}_{cfg.acceleration:g}_{i}.h5"
+        sim = simulate_to_file(cfg, f, tmp / f"{f.stem}_truth.nii.gz", force=True)
         truth = np.abs(sim.truth.data)
         p = problem(f)
         for lam in grid:
-            x = bart_l1(p["kn"][0, :, 0].numpy(), p["maps"][0, :, 0].numpy(), lam)
-            scores[lam].append(compare(x[None, None], truth).psnr)
-    return max(grid, key=lambda lam: float(np.mean(scores[lam])))
+            x = bart_pics(p["kn"][0].numpy(), p["maps"][0].numpy(), cfg.kind, lam)
+            scores[lam].append(compare(x[None], truth).psnr)
+    best = max(grid, key=lambda lam: float(np.mean(scores[lam])))
+    print(f"BART {cfg.kind} R={cfg.acceleration:g}: mean val PSNR by λ "
+          + ", ".join(f"{lam:g}: {np.mean(v):.2f}" for lam, v in scores.items()) + f" → {best:g}",
+          file=sys.stderr, flush=True)
+    return best
 
 
 def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
@@ -140,7 +169,8 @@ def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
     mask = np.asarray(mask, dtype=bool)
     under = full.replace(kspace=(full.kspace * mask).astype(np.complex64), mask=mask,
                          calib=find_calibration_region(mask, "2d"))
-    for method, wname in [("zf", None), ("sense", None)] + [("mol", n) for n in weights]:
+    usable = [n for n in weights if "2d" in checkpoint_kinds(weights[n])]
+    for method, wname in [("zf", None), ("sense", None)] + [("mol", n) for n in usable]:
         cfg = ReconConfig(method=method, weights=weights.get(wname) if wname else None,  # type: ignore[arg-type]
                           device="cpu")
         t0 = time.perf_counter()
@@ -201,50 +231,73 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def sim(kind: str, accel: float, seed: int, pos: float, **extra: object) -> SimulationConfig:
+    """The benchmark's acquisition of each kind (see the module docstring)."""
+    base: dict[str, object] = {"coils": 8, "noise": 0.01, "acceleration": accel, "seed": seed,
+                               "slice_position": pos}
+    if kind == "2d":
+        base.update(matrix=(256, 256), acs=16, mask="equispaced")
+    elif kind == "3d":
+        base.update(matrix=(128, 128, 16), fov_mm=(240.0, 240.0, 20.0), acs=12, mask="poisson")
+    else:
+        base.update(matrix=(128, 128), frames=12, acs=8, mask="interleaved")
+    base.update(extra)
+    return SimulationConfig(kind=kind, **base)  # type: ignore[arg-type]
+
+
+def run_case(tmp: Path, name: str, cfg: SimulationConfig, weights: dict[str, str],
+             lam: float | None, rows: list[dict], label: str) -> None:
+    f = tmp / f"{name}.h5"
+    result = simulate_to_file(cfg, f, tmp / f"{name}_truth.nii.gz", force=True)
+    run_methods(f, np.abs(result.truth.data), weights, lam, rows, label)
+    print(f"done: {label}", file=sys.stderr, flush=True)
+
+
+PARTS = ("2d", "ood", "3d", "2dt", "real")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", action="append", default=[], help="name=path of a MOL checkpoint")
+    ap.add_argument("--weights", action="append", default=[],
+                    help="name=path of a MOL checkpoint (used on the data kinds it declares)")
     ap.add_argument("--slices", type=int, default=4, help="held-out test slices per acceleration")
     ap.add_argument("--accelerations", default="4,6")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     weights = dict(w.split("=", 1) for w in args.weights)
+    parts = set(args.parts.split(","))
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmpname:
         tmp = Path(tmpname)
-        for accel in (float(a) for a in args.accelerations.split(",")):
-            lam = tune_bart(tmp, accel, [0.0003, 0.001, 0.003, 0.01])
+        for accel in (float(a) for a in args.accelerations.split(",")) if "2d" in parts else ():
+            lam = tune_bart(tmp, [sim("2d", accel, 100 + i, pos) for i, pos in enumerate((0.57, 0.63))],
+                            [0.0003, 0.001, 0.003, 0.01])
             for i, pos in enumerate(np.linspace(0.72, 0.82, args.slices)):
-                f = tmp / f"test_{accel}_{i}.h5"
-                t = tmp / f"test_{accel}_{i}_truth.nii.gz"
-                cfg = SimulationConfig(kind="2d", matrix=(256, 256), coils=8, acceleration=accel, acs=16,
-                                       mask="equispaced", noise=0.01, seed=500 + i, slice_position=float(pos))
-                sim = simulate_to_file(cfg, f, t, force=True)
-                run_methods(f, np.abs(sim.truth.data), weights, lam, rows,
-                            f"held-out brain 2D, R={accel:g} #{i}")
-            if accel == 4.0:
+                run_case(tmp, f"test_{accel:g}_{i}", sim("2d", accel, 500 + i, float(pos)), weights,
+                         lam, rows, f"held-out brain 2D, R={accel:g} #{i}")
+            if accel == 4.0 and "ood" in parts:
                 try:
-                    cfg = SimulationConfig(kind="2d", matrix=(256, 256), coils=8, acceleration=accel,
-                                           acs=16, mask="equispaced", noise=0.01, seed=900,
-                                           anatomy="inia19", slice_position=0.6)
-                    f = tmp / "ood.h5"
-                    sim = simulate_to_file(cfg, f, tmp / "ood_truth.nii.gz", force=True)
-                    run_methods(f, np.abs(sim.truth.data), weights, lam, rows,
-                                "out-of-distribution macaque brain 2D, R=4")
+                    run_case(tmp, "ood", sim("2d", 4.0, 900, 0.6, anatomy="inia19"), weights, lam,
+                             rows, "out-of-distribution macaque brain 2D, R=4")
                 except Exception as exc:  # noqa: BLE001 - optional anatomy
                     print(f"OOD case skipped: {exc}", file=sys.stderr)
-        for i, pos in enumerate((0.74, 0.80)):
-            cfg = SimulationConfig(kind="2dt", matrix=(128, 128), frames=12, coils=8, acceleration=4.0,
-                                   acs=8, mask="interleaved", noise=0.01, seed=700 + i,
-                                   slice_position=pos)
-            f = tmp / f"dyn_{i}.h5"
-            sim = simulate_to_file(cfg, f, tmp / f"dyn_{i}_truth.nii.gz", force=True)
-            run_methods(f, np.abs(sim.truth.data), weights, None, rows,
-                        f"held-out brain 2D+time (128², 12 frames, interleaved R=4) #{i}")
-        real_siemens(weights, rows, tmp)
-        real_invivo(rows)
+        if "3d" in parts:
+            lam = tune_bart(tmp, [sim("3d", 4.0, 300, 0.60)], [0.001, 0.003, 0.01, 0.03])
+            for i, pos in enumerate((0.74, 0.80)):
+                run_case(tmp, f"vol_{i}", sim("3d", 4.0, 310 + i, pos), weights, lam, rows,
+                         f"held-out brain 3D (128²×16, Poisson R=4) #{i}")
+        if "2dt" in parts:
+            lam = tune_bart(tmp, [sim("2dt", 4.0, 600 + i, pos) for i, pos in enumerate((0.57, 0.63))],
+                            [0.001, 0.003, 0.01, 0.03])
+            for i, pos in enumerate((0.74, 0.80)):
+                run_case(tmp, f"dyn_{i}", sim("2dt", 4.0, 700 + i, pos), weights, lam, rows,
+                         f"held-out brain 2D+time (128², 12 frames, interleaved R=4) #{i}")
+        if "real" in parts:
+            real_siemens(weights, rows, tmp)
+            real_invivo(rows)
     table = summarise(rows)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} threads, date {time.strftime('%Y-%m-%d')}")

@@ -37,9 +37,9 @@ class MolEngine:
 
         from .deq.mol import MolStep, contraction_factor
         from .models.checkpoint import load_checkpoint
-        from .weights import bundled_checkpoint
+        from .weights import bundled_checkpoint, resolve_weights
 
-        path = config.weights if config.weights is not None else bundled_checkpoint(kind)
+        path = resolve_weights(config.weights) if config.weights is not None else bundled_checkpoint(kind)
         loaded = load_checkpoint(path, map_location=device)
         if kind not in loaded.kinds:
             raise CheckpointError(f"model is for {'/'.join(loaded.kinds)} data, the scan is {kind} "

@@ -39,8 +39,12 @@ def bundled_checkpoint(kind: str, constraint: str | None = None) -> Path:
     if constraint is None:
         name = man.get("defaults", {}).get(kind)
     else:
-        name = next((n for n, m in models.items()
-                     if m.get("kind") == kind and m.get("constraint") == constraint), None)
+        # a model trained on this kind first, else one that declares it (a 2D model serving
+        # 2D+time frame by frame)
+        fits = [n for n, m in models.items() if m.get("constraint") == constraint
+                and kind in m.get("kinds", [m.get("kind")])]
+        fits.sort(key=lambda n: models[n].get("kind") != kind)
+        name = fits[0] if fits else None
     if not name:
         what = f"{constraint} " if constraint else ""
         raise ConfigError(f"no bundled {what}MOL weights for {kind} data; pass --weights MODEL.pt "
@@ -49,3 +53,32 @@ def bundled_checkpoint(kind: str, constraint: str | None = None) -> Path:
     if not path.is_file():
         raise CheckpointError("bundled checkpoint is missing from the installation", path=path)
     return path
+
+
+def resolve_weights(value: str | Path) -> Path:
+    """A ``--weights`` value: a checkpoint file, or the name of a bundled model
+    (``mol_2d_sn``) when no such file exists."""
+    path = Path(value)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    models: dict[str, dict[str, Any]] = manifest().get("models", {})
+    if str(value) not in models:
+        names = ", ".join(sorted(models)) or "none"
+        raise ConfigError(f"--weights {value}: no such file and no bundled model of that name "
+                          f"(bundled: {names}; see `molrecon models`)")
+    target = weights_dir() / models[str(value)]["file"]
+    if not target.is_file():
+        raise CheckpointError("bundled checkpoint is missing from the installation", path=target)
+    return target
+
+
+def bundled_models() -> list[dict[str, Any]]:
+    """Every bundled model: name, file, kinds, constraint, the kinds it is default for."""
+    man = manifest()
+    defaults: dict[str, str] = man.get("defaults", {})
+    out = []
+    for name, entry in sorted(man.get("models", {}).items()):
+        out.append({"name": name, **entry,
+                    "default_for": sorted(k for k, n in defaults.items() if n == name),
+                    "path": str(weights_dir() / entry["file"])})
+    return out

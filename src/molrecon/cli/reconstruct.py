@@ -20,7 +20,7 @@ def reconstruct_cmd(
     output: Annotated[Path, typer.Argument(help="Output image, .nii or .nii.gz.")],
     method: Annotated[str, typer.Option("--method", "-m", help=_METHOD_HELP)] = "mol",
     weights: Annotated[Optional[Path], typer.Option(
-        "--weights", "-w", help="MOL checkpoint (.pt); default: the bundled model for the data kind.")] = None,
+        "--weights", "-w", help="MOL checkpoint (.pt) or a bundled model's name (see `molrecon models`); default: the bundled model for the data kind.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.")] = 100,
     tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL.")] = 1e-4,
