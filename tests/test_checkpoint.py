@@ -201,7 +201,7 @@ BAD_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("constraint", lambda o: _edit(o, "constraint", "spectral"), "constraint"),
     ("target", lambda o: _edit(o, "lipschitz_target", 0), "lipschitz_target"),
     ("grid", lambda o: _edit(o, "spectral_grid", 2), "settings"),
-    ("kinds", lambda o: _edit(o, "kinds", ["3d"]), "kinds"),
+    ("kinds", lambda o: _edit(o, "kinds", ["4d"]), "kinds"),
     ("kinds empty", lambda o: _edit(o, "kinds", []), "kinds"),
     ("architecture keys", lambda o: _edit(o, "architecture", {"dims": 2}), "architecture"),
     ("architecture value", lambda o: _edit(o, "architecture", {**o["architecture"], "kernel": 4}),

@@ -49,7 +49,7 @@ from .spectral import layer_bounds
 
 FORMAT = "molrecon-checkpoint"
 FORMAT_VERSION = 1
-_KINDS_BY_DIMS: dict[int, tuple[str, ...]] = {2: ("2d", "2dt"), 3: ("3d", "2dt")}
+_KINDS_BY_DIMS: dict[int, tuple[str, ...]] = {2: ("2d", "2dt", "3d"), 3: ("3d", "2dt")}
 _KEYS = frozenset({
     "format", "format_version", "architecture", "constraint", "lipschitz_target",
     "spectral_grid", "kinds", "alpha", "lam", "cg_iters", "state_dict", "metadata",

@@ -10,7 +10,8 @@ two real channels (real, imaginary). This map is an isometry, so the
 Lipschitz constant of H on complex images is that of the real network.
 
 * ``dims=2`` treats every (B, D) pair as an independent 2D image (2D slices,
-  or the frames of 2D+time data processed frame by frame).
+  the frames of 2D+time data frame by frame, or the partitions of a 3D scan
+  plane by plane).
 * ``dims=3`` convolves over (D, Y, X): partitions of a 3D scan, or time as
   the third axis of 2D+time data.
 
