@@ -268,7 +268,8 @@ def test_non_convergence_warns_and_flags() -> None:
 # -- implicit differentiation -----------------------------------------------------------------
 
 
-def test_gradcheck_of_the_implicit_backward() -> None:
+@pytest.mark.parametrize("exact_dc_grad", [False, True])
+def test_gradcheck_of_the_implicit_backward(exact_dc_grad: bool) -> None:
     op, aty0 = make_problem(b=1, c=2, y=6, x=5, seed=4)
     torch.manual_seed(4)
     prior = MolCNN(CNNConfig(layers=2, channels=3), "lr").double()
@@ -276,6 +277,7 @@ def test_gradcheck_of_the_implicit_backward() -> None:
         for conv in prior.convs:
             conv.weight.mul_(0.5)
     mol = MolStep(prior, MolConfig(alpha=1.0, lam=4.0, cg_iters=4)).double()
+    mol.exact_dc_grad = exact_dc_grad
     names = [n for n, _ in mol.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for _, p in mol.named_parameters())
     aty = aty0.detach().clone().requires_grad_(True)
@@ -314,6 +316,49 @@ def test_implicit_gradient_matches_long_unrolled_differentiation() -> None:
     for a, b in zip(g_deq, g_unr):
         assert float((a - b).norm()) <= 1e-4 * float(b.norm()) + 1e-12
     assert float(g_deq[names.index("log_lam")].abs()) > 0    # λ is learned through x*
+
+
+def test_exact_solve_gradient_is_the_implicit_gradient_where_cg_differentiation_stalls() -> None:
+    """Large λ and few CG iterations: differentiating through the CG iterations gives a
+    backward map that does not contract (the backward solve stalls); the exact-inverse VJP
+    converges in a few iterations to the derivative of x*(θ) (checked by central differences)."""
+    op, aty = make_problem(seed=8)
+    prior = sn_prior(target=0.9, seed=8).double()
+    mol = MolStep(prior, MolConfig(alpha=1.0, lam=300.0, cg_iters=2)).double()
+    weight = torch.randn_like(aty)
+    x0 = regularised_sense(op.normal, aty, lam=300.0)
+    _, params = zip(*mol.named_parameters())
+
+    def solve(exact: bool, backward: FixedPointConfig) -> tuple[torch.Tensor, list[int]]:
+        mol.exact_dc_grad = exact
+        out = deq_solve(mol.bind(normal=op.normal, aty=aty), x0, forward=tight(),
+                        backward=backward)
+        return (weight.conj() * out.x).real.sum(), out.backward
+
+    loss, stats = solve(True, tight(tol=1e-10, max_iter=300))
+    grads = torch.autograd.grad(loss, params)
+    assert stats.converged == [True] and stats.iterations[0] < 100
+
+    loss, stats = solve(False, FixedPointConfig(tol=1e-10, max_iter=300, warn=False))
+    torch.autograd.grad(loss, params)
+    assert stats.converged == [False]
+
+    # central differences of x*(θ), solved with exact data consistency (same fixed point)
+    mol.cg_iters = 60
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    eps = 1e-6
+    values = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+            values.append(float(solve(True, tight())[0]))
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+    fd = (values[0] - values[1]) / (2 * eps)
+    analytic = float(sum((gr * d).sum() for gr, d in zip(grads, direction)))
+    assert abs(analytic - fd) <= 1e-5 * abs(fd)
 
 
 def test_deq_module_and_gradient_to_the_data() -> None:

@@ -411,6 +411,9 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
         if config.lam_init is None:       # λ continues from the checkpoint unless given
             with torch.no_grad():
                 step.log_lam.fill_(math.log(loaded.mol_config.lam))
+    # Implicit gradients at the fixed point: differentiate data consistency as the exact
+    # inverse (deq/mol.py, _ExactSolveGrad); the unrolled baseline differentiates what it ran.
+    step.exact_dc_grad = config.unroll == 0
     return step.to(device), cnn
 
 
