@@ -106,10 +106,9 @@ def problem(scan_path: Path) -> dict:
     return {"scan": scan, "kn": kn, "maps": maps, "mask": mask, "scale": s}
 
 
-def run_methods(path: Path, truth: np.ndarray, weights: dict[str, str], bart_lam: float | None,
-                rows: list[dict], label: str) -> None:
-    """Every method on one raw file, scored against ``truth`` (B, D, Y, X)."""
-    scan = read_raw(path)
+def score_molrecon(scan, truth: np.ndarray, weights: dict[str, str], rows: list[dict],
+                   label: str) -> None:
+    """zf, CG-SENSE and MOL with every checkpoint that serves the scan's kind, on one scan."""
     usable = [n for n in weights if scan.kind in checkpoint_kinds(weights[n])]
     for method, wname in [("zf", None), ("sense", None)] + [("mol", n) for n in usable]:
         cfg = ReconConfig(method=method, weights=weights.get(wname) if wname else None,  # type: ignore[arg-type]
@@ -125,6 +124,13 @@ def run_methods(path: Path, truth: np.ndarray, weights: dict[str, str], bart_lam
             row["iterations"] = res.report.get("iterations")
             row["converged"] = res.report.get("converged")
         rows.append(row)
+
+
+def run_methods(path: Path, truth: np.ndarray, weights: dict[str, str], bart_lam: float | None,
+                rows: list[dict], label: str) -> None:
+    """Every method on one raw file, scored against ``truth`` (B, D, Y, X)."""
+    scan = read_raw(path)
+    score_molrecon(scan, truth, weights, rows, label)
     if bart_lam is not None and shutil.which("bart"):
         p = problem(path)
         t0 = time.perf_counter()
@@ -169,17 +175,8 @@ def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
     mask = np.asarray(mask, dtype=bool)
     under = full.replace(kspace=(full.kspace * mask).astype(np.complex64), mask=mask,
                          calib=find_calibration_region(mask, "2d"))
-    usable = [n for n in weights if "2d" in checkpoint_kinds(weights[n])]
-    for method, wname in [("zf", None), ("sense", None)] + [("mol", n) for n in usable]:
-        cfg = ReconConfig(method=method, weights=weights.get(wname) if wname else None,  # type: ignore[arg-type]
-                          device="cpu")
-        t0 = time.perf_counter()
-        res = reconstruct(under, cfg)
-        dt = time.perf_counter() - t0
-        m = compare(res.image.data, np.abs(ref))
-        name = f"MOL-{wname.upper()}" if wname else {"zf": "zero-filled", "sense": "CG-SENSE"}[method]
-        rows.append({"data": "real Siemens GRE phantom, 2 coils, R=2 (ref: full CG-SENSE)",
-                     "method": name, "psnr": m.psnr, "ssim": m.ssim, "nrmse": m.nrmse, "seconds": dt})
+    score_molrecon(under, np.abs(ref), weights, rows,
+                   "real Siemens GRE phantom, 2 coils, R=2 (ref: full CG-SENSE)")
 
 
 def real_invivo(rows: list[dict]) -> None:
@@ -285,7 +282,7 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - optional anatomy
                     print(f"OOD case skipped: {exc}", file=sys.stderr)
         if "3d" in parts:
-            lam = tune_bart(tmp, [sim("3d", 4.0, 300, 0.60)], [0.001, 0.003, 0.01, 0.03])
+            lam = tune_bart(tmp, [sim("3d", 4.0, 300, 0.60)], [0.0001, 0.0003, 0.001, 0.003])
             for i, pos in enumerate((0.74, 0.80)):
                 run_case(tmp, f"vol_{i}", sim("3d", 4.0, 310 + i, pos), weights, lam, rows,
                          f"held-out brain 3D (128²×16, Poisson R=4) #{i}")
