@@ -236,8 +236,13 @@ def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
     lam2 = load_checkpoint(two).mol_config.lam
     three = tmp_path / "three.pt"
     train(tiny(data["2dt"], three, max_steps=1, constraint="lr", penalty_crop=16,
-               init_weights=str(two)))
-    assert load_checkpoint(three).model.config.dims == 3
+               init_weights=str(two), lr=0.5))
+    best = load_checkpoint(three)
+    assert best.model.config.dims == 3
+    # the starting weights are the model to beat: the best file is never worse than them
+    start = next(r for r in records(output_paths(three)["log"]) if r.get("event") == "validation")
+    assert best.metadata["last_metrics"]["val_psnr"] >= start["val_psnr"]
+    assert best.metadata["steps"] in (0, 1)
     # an explicit --lam overrides the checkpoint's
     four = tmp_path / "four.pt"
     cfg = tiny(data["2d"], four, constraint="lr", init_weights=str(two), lam_init=7.0)

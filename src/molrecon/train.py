@@ -804,8 +804,13 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
           "skipped_files": len(data.skipped), "device": str(device),
           "world_size": dist_info.world, "max_steps": config.max_steps})
     if val_problems and not config.resume:
-        vm = evaluate(step, val_problems, config)
+        vm = evaluate(step, val_problems, config, val_fixed_points if config.init_weights else None)
         emit({"event": "validation", "step": 0, **vm})
+        if config.init_weights and vm.get("val_psnr") is not None:
+            # Started from trained weights: they are the model to beat, and the best model
+            # until a step beats them (a fine-tuning run never ends worse than it began).
+            best = float(vm["val_psnr"])
+            save_all(0, {"step": 0, **vm}, True)
 
     s = start_step
     saved_at = start_step if config.resume else -1
