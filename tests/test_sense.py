@@ -204,6 +204,23 @@ def test_decoupled_readout_reproduces_the_3d_operator() -> None:
     assert adjoint_error(sub) < TOL
 
 
+@pytest.mark.parametrize("index", [3, 4, 5])          # 3d, 3d batch 2, 2dt shared maps
+def test_a_block_of_readout_positions_is_an_exact_problem(index: int) -> None:
+    """hybrid_readout: the operator on a block of readout positions of the hybrid data
+    (ifft along x) is the full operator restricted to that block."""
+    case = CASES[index]
+    op = make_operator(case)
+    x = random_complex(op.image_shape, seed=9)
+    k = op.forward(x)
+    cut = slice(1, 4)
+    block = SenseOperator(op.maps[..., cut], make_mask(case), case.kind, hybrid_readout=True)
+    assert adjoint_error(block) < TOL and normal_error(block) < TOL
+    hybrid = ifftc(k, dims=(-1,))[..., cut]
+    assert torch.allclose(block.forward(x[..., cut]), hybrid, atol=1e-12)
+    assert torch.allclose(block.adjoint(hybrid), op.adjoint(k)[..., cut], atol=1e-12)
+    assert torch.allclose(block.normal(x[..., cut]), op.normal(x)[..., cut], atol=1e-12)
+
+
 def test_decouple_rejects_2d() -> None:
     with pytest.raises(InputDataError):
         decouple_readout(torch.zeros(1, 2, 1, 4, 4, dtype=torch.complex64), "2d")

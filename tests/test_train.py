@@ -257,6 +257,34 @@ def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
                torch.device("cpu"))
 
 
+@pytest.mark.parametrize("kind", ["3d", "2dt"])
+def test_readout_blocks_train_on_exact_sub_problems(data: dict[str, Path], tmp_path: Path,
+                                                    kind: str) -> None:
+    from molrecon.train import make_problem
+
+    ds = load_folder(list_raw_files(data[kind]), kind)
+    sample = ds.samples[0]
+    full = make_problem(sample, kind, MaskSpec(acceleration=3.0, acs=8), np.random.default_rng(1),
+                        0.0, torch.device("cpu"))
+    part = make_problem(sample, kind, MaskSpec(acceleration=3.0, acs=8), np.random.default_rng(1),
+                        0.0, torch.device("cpu"), readout_block=8)
+    assert part.target.shape[-1] == 8 and part.scale == full.scale
+    # the block is the full problem restricted to 8 readout positions: same Aᴴy there
+    nx = full.target.shape[-1]
+    offsets = [o for o in range(nx - 7)
+               if torch.allclose(full.target[..., o:o + 8], part.target)]
+    assert len(offsets) == 1
+    o = offsets[0]
+    assert torch.allclose(full.aty[..., o:o + 8], part.aty, atol=1e-5 * float(full.aty.abs().max()))
+    result = train(tiny(data[kind], tmp_path / "m.pt", readout_block=8, constraint="lr",
+                        penalty_crop=16))
+    assert result.steps == 2
+    meta = load_checkpoint(tmp_path / "m.pt").metadata
+    assert meta["config"]["readout_block"] == 8
+    with pytest.raises(ConfigError, match="readout_block"):
+        tiny(data[kind], tmp_path / "n.pt", readout_block=0)
+
+
 @pytest.mark.slow
 def test_a_short_run_beats_cg_sense_on_its_validation_split(multislice: Path,
                                                             tmp_path: Path) -> None:

@@ -150,6 +150,8 @@ class TrainConfig:
     max_steps         steps in all (a resumed run continues up to it)
     time_budget_s     wall-clock seconds of this invocation (loading included); the run
                       stops at the first step boundary after it and saves
+    readout_block     3d/2dt: train on blocks of this many readout positions (exact
+                      hybrid-space problems, :func:`make_problem`); validation uses whole scans
     val_*             validation split (fraction of files), cadence and problem count;
                       val_data: a separate folder of validation scans (then the whole
                       of ``data`` trains and val_fraction is not used)
@@ -189,6 +191,7 @@ class TrainConfig:
     time_budget_s: float | None = None
     val_fraction: float = 0.15
     val_data: str | None = None
+    readout_block: int | None = None
     val_every: int = 50
     val_samples: int = 8
     checkpoint_every: int = 25
@@ -206,6 +209,10 @@ class TrainConfig:
             raise ConfigError(f"--constraint must be sn or lr, got {self.constraint!r}")
         if self.loss not in ("mse", "mse_mag", "l1"):
             raise ConfigError(f"--loss must be mse, mse_mag or l1, got {self.loss!r}")
+        if self.readout_block is not None and (isinstance(self.readout_block, bool) or not
+                                               isinstance(self.readout_block, int)
+                                               or self.readout_block < 1):
+            raise ConfigError(f"readout_block must be a positive integer, got {self.readout_block!r}")
         if self.lam_init is not None and not (math.isfinite(self.lam_init) and self.lam_init > 0):
             raise ConfigError(f"lam_init must be positive and finite, got {self.lam_init!r}")
         for name in ("lr", "alpha", "fwd_tol", "bwd_tol", "lipschitz_target",
@@ -495,8 +502,14 @@ class Problem:
 
 
 def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generator,
-                 extra_noise: float, device: Any) -> Problem:
-    """Undersample ``sample`` with a fresh mask and normalise it as reconstruction would."""
+                 extra_noise: float, device: Any, readout_block: int | None = None) -> Problem:
+    """Undersample ``sample`` with a fresh mask and normalise it as reconstruction would.
+
+    ``readout_block``: keep only a block of that many readout positions (3d, 2dt). The
+    readout is fully sampled, so after an inverse transform along it every readout
+    position is a problem of its own and the block is exact (hybrid-space operator);
+    the block is drawn with probability proportional to the target's energy in it.
+    """
     import torch
 
     from .physics.scaling import scale_factor
@@ -513,9 +526,22 @@ def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Gener
     y = k * mask                                                           # (1, C, D, Y, X)
     s = float(scale_factor(y, mask, kind).reshape(-1)[0])
     y = y / s
-    op = SenseOperator(sample.maps.to(device), mask, kind)
-    aty = op.adjoint(y)                                                    # (1, D, Y, X)
-    return Problem(op=op, y=y, aty=aty, target=sample.target.to(device) / s, scale=s)
+    n_x = y.shape[-1]
+    if readout_block is None or kind == "2d" or readout_block >= n_x:
+        op = SenseOperator(sample.maps.to(device), mask, kind)
+        aty = op.adjoint(y)                                                # (1, D, Y, X)
+        return Problem(op=op, y=y, aty=aty, target=sample.target.to(device) / s, scale=s)
+    from .physics.fft import ifftc
+
+    energy = sample.target.abs().square().sum(dim=(0, 1, 2)).cpu().numpy()  # (X,)
+    windows = np.convolve(energy, np.ones(readout_block), mode="valid")     # (X − w + 1,)
+    x0 = int(rng.choice(windows.size, p=windows / windows.sum()))
+    cut = slice(x0, x0 + readout_block)
+    y = ifftc(y, dims=(-1,))[..., cut].contiguous()
+    op = SenseOperator(sample.maps[..., cut].contiguous().to(device), mask, kind,
+                       hybrid_readout=True)
+    aty = op.adjoint(y)
+    return Problem(op=op, y=y, aty=aty, target=sample.target[..., cut].to(device) / s, scale=s)
 
 
 def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[Problem]:
@@ -930,7 +956,8 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
         gi = (within * global_batch + g_index) % n_train
         sample = train_set.samples[int(order[gi])]
         rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
-        prob = make_problem(sample, kind, config.mask, rng, config.extra_noise, device)
+        prob = make_problem(sample, kind, config.mask, rng, config.extra_noise, device,
+                            config.readout_block)
         with torch.no_grad():
             x0 = regularised_sense(prob.op.normal, prob.aty, lam=step.lam.detach(),
                                    iters=config.init_iters)         # (1, D, Y, X)

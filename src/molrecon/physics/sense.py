@@ -69,13 +69,17 @@ class SenseOperator:
         mask over two axes).
     kind
         ``"2d"``, ``"3d"`` or ``"2dt"``: selects the FFT axes.
+    hybrid_readout
+        The k-space is in hybrid space (x, ky[, kz]): no transform along the readout,
+        which may then be any block of readout positions (training on readout blocks).
 
     The operator's tensors live on ``maps.device``; its precision is that of
     ``maps`` (``complex64`` → float32 arithmetic). Inputs must be on the same
     device.
     """
 
-    def __init__(self, maps: torch.Tensor, mask: torch.Tensor, kind: str) -> None:
+    def __init__(self, maps: torch.Tensor, mask: torch.Tensor, kind: str, *,
+                 hybrid_readout: bool = False) -> None:
         if kind not in _KINDS:
             raise InputDataError(f"kind must be one of {_KINDS}, got {kind!r}")
         if maps.ndim != 5 or not maps.is_complex():
@@ -97,7 +101,10 @@ class SenseOperator:
                 f"maps have {d_maps} planes but the mask has {d}; only 2dt maps may be shared "
                 "over frames")
         self.kind = kind
-        self._dims = spatial_dims(kind)
+        # hybrid_readout: data already inverse-transformed along the fully sampled readout
+        # (x, not kx), so the transform acts on the phase-encoding axes only; a block of
+        # readout positions is then an exact problem of its own.
+        self._dims = tuple(a for a in spatial_dims(kind) if not (hybrid_readout and a == -1))
         real = maps.real.dtype
         m = mask.to(device=maps.device, dtype=real)
         self._maps_u = torch.fft.ifftshift(maps, dim=self._dims)          # (B, C, D|1, Y, X)
