@@ -16,7 +16,13 @@ from molrecon.errors import ConfigError
 from molrecon.models.checkpoint import load_checkpoint, sha256
 from molrecon.recon import ReconConfig, reconstruct
 from molrecon.simulate import SimulationConfig, simulate_to_file
-from molrecon.weights import bundled_checkpoint, bundled_models, manifest, resolve_weights, weights_dir
+from molrecon.weights import (
+    bundled_checkpoint,
+    bundled_models,
+    manifest,
+    resolve_weights,
+    weights_dir,
+)
 
 runner = CliRunner()
 KINDS = ("2d", "3d", "2dt")

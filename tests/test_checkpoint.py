@@ -25,7 +25,6 @@ from molrecon.models import (
 from molrecon.models.checkpoint import FORMAT_VERSION
 
 
-
 def small_model(constraint: str = "sn", dims: int = 2) -> MolCNN:
     torch.manual_seed(0)
     model = MolCNN(CNNConfig(dims=dims, layers=3, channels=4), constraint, 0.95)  # type: ignore[arg-type]

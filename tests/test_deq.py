@@ -24,7 +24,6 @@ from molrecon.models import CNNConfig, MolCNN, certified_bound
 from molrecon.physics.fft import fftc, ifftc
 
 
-
 class MaskedSense:
     """A = M F S on (B, D, Y, X) images, k-space (B, C, D, Y, X); written here so the
     engine is tested against nothing but the normal/adjoint interface."""

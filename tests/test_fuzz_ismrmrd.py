@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import molrecon.io.ismrmrd as ismrmrd_io
+from _builders import write_raw_table
 from molrecon.errors import InputDataError
 from molrecon.io.detect import read_raw
 from molrecon.io.ismrmrd import read_ismrmrd, write_ismrmrd
@@ -61,15 +62,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, Pa
     with h5py.File(path, "r") as f:
         table = f["dataset/data"][...]
     return path, table, folder
-
-
-def save(path: Path, xml: str, table: np.ndarray) -> Path:
-    with h5py.File(path, "w") as f:
-        grp = f.create_group("dataset")
-        ds = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
-        ds[0] = xml.encode()
-        grp.create_dataset("data", data=table, maxshape=(None,))
-    return path
 
 
 def check_contract(scan: RawScan) -> None:
@@ -178,7 +170,7 @@ def headers(draw: st.DrawFn) -> str:
 @FUZZ
 @given(xml=headers())
 def test_fuzzed_header(base: tuple[Path, np.ndarray, Path], xml: str) -> None:
-    path = save(base[2] / "header.h5", xml, base[1])
+    path = write_raw_table(base[2] / "header.h5", xml, base[1])
     read_or_refuse(path)
 
 
@@ -263,7 +255,7 @@ def test_fuzzed_acquisitions(base: tuple[Path, np.ndarray, Path], data: st.DataO
     with h5py.File(path, "r") as f:
         xml = bytes(f["dataset/xml"][0]).decode()
     edits = data.draw(table_edits(table.size))
-    read_or_refuse(save(folder / "table.h5", xml, apply_edits(table, edits)))
+    read_or_refuse(write_raw_table(folder / "table.h5", xml, apply_edits(table, edits)))
 
 
 @FUZZ
@@ -273,7 +265,7 @@ def test_fuzzed_header_and_acquisitions_together(base: tuple[Path, np.ndarray, P
     _, table, folder = base
     xml = data.draw(headers())
     edits = data.draw(table_edits(table.size))
-    read_or_refuse(save(folder / "both.h5", xml, apply_edits(table, edits)))
+    read_or_refuse(write_raw_table(folder / "both.h5", xml, apply_edits(table, edits)))
 
 
 # --------------------------------------------------------------------------- byte flipping
@@ -302,7 +294,7 @@ def test_lowered_limit_refuses_before_allocating(base: tuple[Path, np.ndarray, P
     assert big != xml
     with pytest.raises(InputDataError, match="exceeds the limit"), \
             mock.patch.object(ismrmrd_io, "MAX_KSPACE_ELEMENTS", SMALL_LIMIT):
-        read_ismrmrd(save(folder / "big.h5", big, table))
+        read_ismrmrd(write_raw_table(folder / "big.h5", big, table))
 
 
 # --------------------------------------------------------------------------- calibration region
@@ -399,7 +391,7 @@ def test_headers_with_other_field_widths_are_converted(
     wide = _retyped_table(table, {"active_channels": np.int64, "number_of_samples": np.int32,
                                   "sample_time_us": np.float64})
     assert wide.dtype["head"] != table.dtype["head"]
-    scan = read_or_refuse(save(folder / "wide.h5", xml, wide))
+    scan = read_or_refuse(write_raw_table(folder / "wide.h5", xml, wide))
     reference = read_or_refuse(path)
     assert scan is not None and reference is not None
     assert np.array_equal(scan.kspace, reference.kspace)
@@ -410,6 +402,6 @@ def test_header_without_a_field_molrecon_uses_is_refused(
     path, table, folder = base
     with h5py.File(path, "r") as f:
         xml = bytes(f["dataset/xml"][0]).decode()
-    bad = save(folder / "noflags.h5", xml, _retyped_table(table, {"flags": None}))
+    bad = write_raw_table(folder / "noflags.h5", xml, _retyped_table(table, {"flags": None}))
     with pytest.raises(InputDataError, match="lack the field flags"):
         read_ismrmrd(bad)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as nnf
@@ -15,7 +14,6 @@ from molrecon.models import (
     local_lipschitz_power,
     local_lipschitz_ratio,
 )
-
 
 
 def test_reference_architecture_parameter_count() -> None:

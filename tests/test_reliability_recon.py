@@ -31,6 +31,7 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
+from _builders import write_raw_table
 from molrecon.cli import app
 from molrecon.deq import MolConfig
 from molrecon.errors import ConfigError, ResourceError
@@ -71,15 +72,6 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = MolCNN(CNNConfig(dims=2, layers=3, channels=8), "sn", 0.95)
     return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model,
                            MolConfig(alpha=1.0, lam=50.0, cg_iters=3))
-
-
-def write_raw(path: Path, xml: str, table: np.ndarray) -> Path:
-    with h5py.File(path, "w") as f:
-        grp = f.create_group("dataset")
-        ds = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
-        ds[0] = xml.encode()
-        grp.create_dataset("data", data=table, maxshape=(None,))
-    return path
 
 
 def is_noise(table: np.ndarray) -> np.ndarray:
@@ -157,7 +149,7 @@ def test_dead_coil_equals_the_scan_without_it(parts: tuple[str, np.ndarray],
     xml, table = parts
     silent = map_samples(table, np.arange(table.size),
                          lambda s: np.where(np.arange(COILS)[:, None] == 2, 0, s))
-    dead, img_dead, rep_dead = recon(write_raw(tmp_path / "dead.h5", xml, silent),
+    dead, img_dead, rep_dead = recon(write_raw_table(tmp_path / "dead.h5", xml, silent),
                                      tmp_path / "dead.nii", "--method", "sense")
     lines = warning_lines(dead)
     assert len(lines) == 1 and "not positive definite" in lines[0]
@@ -167,7 +159,7 @@ def test_dead_coil_equals_the_scan_without_it(parts: tuple[str, np.ndarray],
     # Reference: the scan without that coil, and (to compare like with like) without noise
     # acquisitions, since the dead-coil scan could not be prewhitened either.
     signal = table[~is_noise(table)]
-    _, img_ref, rep_ref = recon(write_raw(tmp_path / "three.h5", xml, drop_coil(signal, 2)),
+    _, img_ref, rep_ref = recon(write_raw_table(tmp_path / "three.h5", xml, drop_coil(signal, 2)),
                                 tmp_path / "three.nii", "--method", "sense")
     assert rep_ref["shape_bcdyx"][1] == COILS - 1 and rep_dead["shape_bcdyx"][1] == COILS
     assert rel_diff(img_dead, img_ref) < 1e-3
@@ -184,7 +176,7 @@ def _thin(table: np.ndarray) -> np.ndarray:
 
 def test_too_little_calibration_is_refused(parts: tuple[str, np.ndarray], tmp_path: Path) -> None:
     xml, table = parts
-    path = write_raw(tmp_path / "thin.h5", xml, _thin(table))
+    path = write_raw_table(tmp_path / "thin.h5", xml, _thin(table))
     out = tmp_path / "thin.nii"
     result = runner.invoke(app, ["reconstruct", str(path), str(out), "--method", "sense"])
     assert result.exit_code == 1
@@ -201,7 +193,7 @@ def test_too_little_calibration_is_refused(parts: tuple[str, np.ndarray], tmp_pa
 def test_too_little_calibration_error_names_the_file(parts: tuple[str, np.ndarray],
                                                      tmp_path: Path) -> None:
     xml, table = parts
-    path = write_raw(tmp_path / "thin.h5", xml, _thin(table))
+    path = write_raw_table(tmp_path / "thin.h5", xml, _thin(table))
     result = runner.invoke(app, ["reconstruct", str(path), str(tmp_path / "x.nii"),
                                  "--method", "sense"])
     assert result.exit_code == 1 and str(path) in result.stderr
@@ -212,16 +204,16 @@ def test_too_little_calibration_error_names_the_file(parts: tuple[str, np.ndarra
 def test_extreme_intensity_scales_with_the_data(parts: tuple[str, np.ndarray], tmp_path: Path,
                                                 factor: float, weights: Path) -> None:
     xml, table = parts
-    _, base, _ = recon(write_raw(tmp_path / "base.h5", xml, table), tmp_path / "base.nii",
+    _, base, _ = recon(write_raw_table(tmp_path / "base.h5", xml, table), tmp_path / "base.nii",
                        "--method", "sense")
     signal = np.flatnonzero(~is_noise(table))
-    scaled = write_raw(tmp_path / "scaled.h5", xml,
+    scaled = write_raw_table(tmp_path / "scaled.h5", xml,
                        map_samples(table, signal, lambda s: s * np.float32(factor)))
     _, image, _ = recon(scaled, tmp_path / "scaled.nii", "--method", "sense")
     assert np.isfinite(image).all()
     assert rel_diff(image / factor, base) < 1e-4
     # Noise scaled too: prewhitened data (noise σ units) do not change at all.
-    both = write_raw(tmp_path / "both.h5", xml,
+    both = write_raw_table(tmp_path / "both.h5", xml,
                      map_samples(table, np.arange(table.size), lambda s: s * np.float32(factor)))
     _, same, _ = recon(both, tmp_path / "both.nii", "--method", "sense")
     assert rel_diff(same, base) < 1e-4

@@ -17,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _builders import records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import CheckpointError, ConfigError, InputDataError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
@@ -45,16 +46,7 @@ def simulate_folder(folder: Path, kind: str, count: int, *, seed0: int = 0, slic
 
 
 def tiny(data: Path, out: Path, **changes: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "layers": 3, "channels": 8, "mask": MaskSpec(acceleration=3.0, acs=8), "max_steps": 2,
-        "val_every": 2, "checkpoint_every": 2, "val_samples": 2, "device": "cpu",
-        "constraint": "sn"}
-    base.update(changes)
-    return TrainConfig(data=str(data), out=str(out), **base)
-
-
-def records(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    return tiny_config(data, out, **changes)
 
 
 def step_records(log: Path) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 import molrecon.train as train_module
+from _builders import records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import InputDataError, MolreconError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
@@ -54,16 +55,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny(data: Path, out: Path, **changes: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "layers": 3, "channels": 8, "mask": MaskSpec(acceleration=3.0, acs=8), "max_steps": 2,
-        "val_every": 2, "checkpoint_every": 2, "val_samples": 1, "device": "cpu",
-        "constraint": "sn"}
-    base.update(changes)
-    return TrainConfig(data=str(data), out=str(out), **base)
-
-
-def records(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    return tiny_config(data, out, **{"val_samples": 1, **changes})
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

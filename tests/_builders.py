@@ -1,0 +1,38 @@
+"""Builders shared by several test modules: tiny training runs and hand-made ISMRMRD files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from molrecon.train import TrainConfig
+from molrecon.train_data import MaskSpec
+
+
+def tiny_config(data: Path, out: Path, **changes: Any) -> TrainConfig:
+    """A training run small enough for a unit test: 3 layers × 8 channels, R = 3, two steps."""
+    base: dict[str, Any] = {
+        "layers": 3, "channels": 8, "mask": MaskSpec(acceleration=3.0, acs=8), "max_steps": 2,
+        "val_every": 2, "checkpoint_every": 2, "val_samples": 2, "device": "cpu",
+        "constraint": "sn"}
+    base.update(changes)
+    return TrainConfig(data=str(data), out=str(out), **base)
+
+
+def records(log: Path) -> list[dict[str, Any]]:
+    """The records of a training log (.log.jsonl)."""
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def write_raw_table(path: Path, xml: str, table: np.ndarray) -> Path:
+    """An ISMRMRD file from a header and an acquisition table, exactly as given."""
+    with h5py.File(path, "w") as f:
+        grp = f.create_group("dataset")
+        ds = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+        ds[0] = xml.encode()
+        grp.create_dataset("data", data=table, maxshape=(None,))
+    return path
