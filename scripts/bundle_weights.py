@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
-import tempfile
-
-from molrecon.guarantees import CheckConfig, check_lipschitz, example_scan, load_problems
+from molrecon.guarantees import (
+    CheckConfig,
+    check_lipschitz,
+    example_scan,
+    load_problems,
+    simulated_example,
+)
 from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
-from molrecon.simulate import SimulationConfig, simulate_to_file
 from molrecon.weights import weights_dir
-
-#: Where the certificate is measured for a model that does not serve 2D data: a
-#: simulated scan of its kind from the *val* slab (the bundled example is 2D).
-CHECK_SCAN = {
-    "3d": SimulationConfig(kind="3d", matrix=(128, 128, 16), fov_mm=(240.0, 240.0, 20.0), coils=8,
-                           acceleration=4.0, acs=12, mask="poisson", noise=0.01, seed=4242,
-                           slice_position=0.60),
-    "2dt": SimulationConfig(kind="2dt", matrix=(128, 128), frames=12, coils=8, acceleration=4.0,
-                            acs=8, mask="interleaved", noise=0.01, seed=4243, slice_position=0.60),
-}
 
 DATA_TEXT = {
     "2d": "fully sampled 2D slices",
@@ -56,11 +50,8 @@ def main() -> None:
         if "2d" in loaded.kinds:
             scan, where = example_scan(), f"the bundled example ({example_scan().name})"
         else:
-            cfg = CHECK_SCAN[loaded.kinds[0]]
-            scan = Path(tmp) / f"check_{cfg.kind}.h5"
-            simulate_to_file(cfg, scan)
-            where = (f"a simulated {cfg.kind} scan of the validation slab (R = {cfg.acceleration:g}, "
-                     f"{cfg.mask} mask, {cfg.coils} coils)")
+            scan = simulated_example(loaded.kinds[0], tmp)
+            where = f"a {loaded.kinds[0]} scan simulated from the validation slab (R = 4, 8 coils)"
         problems = load_problems([scan], kinds=loaded.kinds, points=1)
         report = check_lipschitz(loaded, problems, CheckConfig(power_iters=20, ratio_steps=10))
     rep = report.as_dict()

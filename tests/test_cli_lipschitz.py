@@ -137,9 +137,26 @@ def test_usage_errors_exit_2(files: dict[str, Path]) -> None:
     assert r.exit_code == 2
 
 
-def test_3d_model_needs_data(files: dict[str, Path]) -> None:
-    r = runner.invoke(app, ["check-lipschitz", str(files["3d"]), "--device", "cpu"])
-    assert r.exit_code == 1 and "--data" in r.stderr
+def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
+        files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import molrecon.guarantees as g
+    from molrecon.simulate import SimulationConfig, simulate_to_file
+
+    asked: list[str] = []
+
+    def small(kind: str, folder: Path) -> Path:      # the real one is 128² × 16 (slow here)
+        asked.append(kind)
+        path = Path(folder) / "small.h5"
+        simulate_to_file(SimulationConfig(kind="3d", matrix=(24, 24, 8), fov_mm=(240.0, 240.0, 40.0),
+                                          coils=4, acceleration=2.0, acs=6, seed=1), path)
+        return path
+
+    monkeypatch.setattr(g, "simulated_example", small)
+    r = runner.invoke(app, ["check-lipschitz", str(files["3d"]), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert asked == ["3d"] and json.loads(r.stdout)["data"] == ["small.h5"]
+    with pytest.raises(g.ConfigError):
+        g.simulated_example("2d", Path("."))
 
 
 def test_default_data_is_the_example(files: dict[str, Path],

@@ -57,26 +57,13 @@ def _fmt(v: float | None, spec: str = ".4g") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def _data_paths(data: list[Path] | None, kinds: tuple[str, ...], model: Path) -> list[Path]:
-    """The files given, or the bundled example when the model applies to 2D data."""
-    from ..errors import ConfigError
-    from ..guarantees import example_scan
-
-    if data:
-        return list(data)
-    if "2d" not in kinds:
-        raise ConfigError(f"the model is for {'/'.join(kinds)} data and the bundled example is "
-                          "2d: pass --data FILE", path=model)
-    return [example_scan()]
-
-
 # ------------------------------------------------------------------------------ check-lipschitz
 @app.command("check-lipschitz")
 def check_lipschitz_cmd(
     model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt).")],
     data: Annotated[list[Path] | None, typer.Option(
         "--data", "-d", help="Raw scan(s) whose MOL fixed points are the test points "
-        "(repeatable; default: the bundled example scan).")] = None,
+        "(repeatable; default: the bundled example scan, or for a 3D or 2D+time model a scan simulated from the validation anatomy).")] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="Also measure every layer's norm on a YxX (3D: DxYxX) image, to show "
                        "how tight the certificate is.")] = None,
@@ -115,24 +102,44 @@ def check_lipschitz_cmd(
     if points < 1:
         raise typer.BadParameter("--points must be at least 1")
     with user_errors(debug):
-        from ..device import resolve_device
-        from ..guarantees import CheckConfig, check_lipschitz, load_problems
-        from ..models.checkpoint import load_checkpoint
+        from ..guarantees import CheckConfig, check_lipschitz
 
-        dev = resolve_device(device)
-        loaded = load_checkpoint(model, map_location=dev)
         config = CheckConfig(power_iters=power_iters, ratio_steps=ratio_steps, tol=tol,
                              max_iter=max_iter, uniqueness=uniqueness, size=size_t, seed=seed)
-        paths = _data_paths(data, loaded.kinds, model)
         with console.status("measuring the prior at MOL fixed points…"):
-            problems = load_problems(paths, kinds=loaded.kinds, points=points, device=dev,
-                                     double=double)
+            loaded, problems = _model_and_problems(model, data, device, points, double)
             report = check_lipschitz(loaded, problems, config)
         if as_json:
             stdout.print_json(json.dumps(report.as_dict()))
         else:
             _print_check(report)
         _finish(report, strict=strict)
+
+
+def _model_and_problems(model: Path, data: list[Path] | None, device: str, points: int,
+                        double: bool) -> tuple[Any, list[Any]]:
+    """The checkpoint (loaded without running code) and the MOL problems of the data.
+
+    Without data: the bundled example for a model of 2D data, else a scan of the model's
+    kind simulated from the validation slab (:func:`~molrecon.guarantees.simulated_example`).
+    """
+    import tempfile
+
+    from ..device import resolve_device
+    from ..guarantees import example_scan, load_problems, simulated_example
+    from ..models.checkpoint import load_checkpoint
+
+    dev = resolve_device(device)
+    loaded = load_checkpoint(model, map_location=dev)
+    with tempfile.TemporaryDirectory(prefix="molrecon-example-") as tmp:
+        if data:
+            paths = list(data)
+        elif "2d" in loaded.kinds:
+            paths = [example_scan()]
+        else:
+            paths = [simulated_example(loaded.kinds[0], tmp)]
+        return loaded, load_problems(paths, kinds=loaded.kinds, points=points, device=dev,
+                                     double=double)
 
 
 def _finish(report: LipschitzReport, *, strict: bool) -> None:
@@ -213,7 +220,7 @@ def _print_check(r: LipschitzReport) -> None:
 def robustness_cmd(
     model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt).")],
     data: Annotated[Path | None, typer.Argument(
-        help="Raw scan (default: the bundled example scan).")] = None,
+        help="Raw scan (default: the bundled example scan, or a simulated one of a 3D or 2D+time model's kind).")] = None,
     eps: Annotated[str, typer.Option(
         "--eps", help="Perturbation sizes ‖Δb‖/‖b‖, comma-separated.")] = "0.01,0.05",
     steps: Annotated[int, typer.Option(
@@ -241,17 +248,12 @@ def robustness_cmd(
     if points < 1:
         raise typer.BadParameter("--points must be at least 1")
     with user_errors(debug):
-        from ..device import resolve_device
-        from ..guarantees import RobustnessConfig, load_problems, robustness
-        from ..models.checkpoint import load_checkpoint
+        from ..guarantees import RobustnessConfig, robustness
 
-        dev = resolve_device(device)
-        loaded = load_checkpoint(model, map_location=dev)
         config = RobustnessConfig(eps=eps_t, steps=steps, unrolled_k=unrolled_k, seed=seed)
-        paths = _data_paths(None if data is None else [data], loaded.kinds, model)
         with console.status("attacking the measurements…"):
-            problems = load_problems(paths, kinds=loaded.kinds, points=points, device=dev,
-                                     double=double)
+            loaded, problems = _model_and_problems(model, None if data is None else [data],
+                                                   device, points, double)
             report = robustness(loaded, problems, config)
         if as_json:
             stdout.print_json(json.dumps(report.as_dict()))
