@@ -142,6 +142,8 @@ def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
     import molrecon.guarantees as g
     from molrecon.simulate import SimulationConfig, simulate_to_file
 
+    with pytest.raises(g.ConfigError):                # 2D models use the bundled example
+        g.simulated_example("2d", Path("."))
     asked: list[str] = []
 
     def small(kind: str, folder: Path) -> Path:      # the real one is 128² × 16 (slow here)
@@ -155,8 +157,6 @@ def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
     r = runner.invoke(app, ["check-lipschitz", str(files["3d"]), "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     assert asked == ["3d"] and json.loads(r.stdout)["data"] == ["small.h5"]
-    with pytest.raises(g.ConfigError):
-        g.simulated_example("2d", Path("."))
 
 
 def test_default_data_is_the_example(files: dict[str, Path],
