@@ -6,8 +6,10 @@ Data (never used in training; see ``molrecon.anatomy`` for the split):
   project's own raw-data model (8 coils, noise 0.01, 256², readout
   oversampling, correlated noise + noise scan), written as ISMRMRD and read
   back (prewhitening included), at R = 4 and R = 6 (equispaced + 16 ACS lines);
+* held-out 3D slabs of the test slab: 128 × 128 × 16, variable-density Poisson
+  (ky, kz) R = 4 with a 12 × 12 calibration region;
 * 2D+time: the test slab with smooth periodic motion, 12 frames, 128²,
-  time-interleaved R = 4 (the 2D model runs frame by frame; no BART here);
+  time-interleaved R = 4 (8 ACS lines);
 * out of distribution: a macaque brain (INIA19 template, from Debian's
   ``mricron-data``) at R = 4, when installed;
 * real scanner data: the Siemens 2-coil GRE phantom scan (fully sampled,
@@ -16,15 +18,18 @@ Data (never used in training; see ``molrecon.anatomy`` for the split):
   compared with BART's own ``pics`` reconstruction shipped beside it.
 
 Methods: zf (zero-filled RSS), CG-SENSE (30 it, λ = 1e-3 relative), BART
-``pics -l1`` (wavelet, 100 it) with λ tuned on the *val* slab, MOL with every
-checkpoint given (``--weights name=path``). All on the same data, same maps
-(molrecon's ESPIRiT for SENSE, MOL and BART), same machine, same run.
+``pics`` (100 iterations) with l1-wavelet (2D, 3D) or total variation along time
+(2D+time), its λ tuned on *val*-slab cases of the same kind, and MOL with every
+checkpoint given (``--weights name=path``) on the data kinds it declares. All on
+the same data, same maps (molrecon's ESPIRiT for SENSE, MOL and BART), same
+machine, same run. ``--previews DIR`` writes a PNG per data group (middle plane
+of every method, and its error map × 5).
 
 PSNR/SSIM/NRMSE follow ``molrecon.metrics`` (magnitudes, least-squares
 intensity fit, data range = max of the reference).
 
     python benchmarks/quality.py --weights lr=src/molrecon/data/weights/mol_2d_lr.pt \
-        --weights sn=src/molrecon/data/weights/mol_2d_sn.pt --json quality.json
+        --weights sn=src/molrecon/data/weights/mol_2d_sn.pt --json quality.json --previews docs/quality
 """
 
 from __future__ import annotations
@@ -43,15 +48,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sense import from_bart, read_cfl, to_bart, write_cfl  # noqa: E402
+from bench_sense import read_cfl, write_cfl
 
-from molrecon.coils import estimate_maps  # noqa: E402
-from molrecon.io.detect import read_raw  # noqa: E402
-from molrecon.metrics import compare  # noqa: E402
-from molrecon.physics.masks import make_mask  # noqa: E402
-from molrecon.physics.scaling import scale_factor  # noqa: E402
-from molrecon.recon import ReconConfig, reconstruct  # noqa: E402
-from molrecon.simulate import SimulationConfig, simulate_to_file  # noqa: E402
+from molrecon.coils import estimate_maps
+from molrecon.io.detect import read_raw
+from molrecon.metrics import compare
+from molrecon.physics.masks import make_mask
+from molrecon.physics.scaling import scale_factor
+from molrecon.recon import ReconConfig, reconstruct
+from molrecon.simulate import SimulationConfig, simulate_to_file
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
@@ -107,8 +112,9 @@ def problem(scan_path: Path) -> dict:
 
 
 def score_molrecon(scan, truth: np.ndarray, weights: dict[str, str], rows: list[dict],
-                   label: str) -> None:
-    """zf, CG-SENSE and MOL with every checkpoint that serves the scan's kind, on one scan."""
+                   label: str, images: dict[str, np.ndarray] | None = None) -> None:
+    """zf, CG-SENSE and MOL with every checkpoint that serves the scan's kind, on one scan
+    (each image kept in ``images`` under its method name when a dict is given)."""
     usable = [n for n in weights if scan.kind in checkpoint_kinds(weights[n])]
     for method, wname in [("zf", None), ("sense", None)] + [("mol", n) for n in usable]:
         cfg = ReconConfig(method=method, weights=weights.get(wname) if wname else None,  # type: ignore[arg-type]
@@ -124,13 +130,17 @@ def score_molrecon(scan, truth: np.ndarray, weights: dict[str, str], rows: list[
             row["iterations"] = res.report.get("iterations")
             row["converged"] = res.report.get("converged")
         rows.append(row)
+        if images is not None:
+            images[name] = np.abs(res.image.data)
 
 
 def run_methods(path: Path, truth: np.ndarray, weights: dict[str, str], bart_lam: float | None,
-                rows: list[dict], label: str) -> None:
-    """Every method on one raw file, scored against ``truth`` (B, D, Y, X)."""
+                rows: list[dict], label: str, preview: Path | None = None) -> None:
+    """Every method on one raw file, scored against ``truth`` (B, D, Y, X); with
+    ``preview``, a PNG of the middle plane of every method and its error map."""
     scan = read_raw(path)
-    score_molrecon(scan, truth, weights, rows, label)
+    images: dict[str, np.ndarray] = {}
+    score_molrecon(scan, truth, weights, rows, label, images)
     if bart_lam is not None and shutil.which("bart"):
         p = problem(path)
         t0 = time.perf_counter()
@@ -139,6 +149,35 @@ def run_methods(path: Path, truth: np.ndarray, weights: dict[str, str], bart_lam
         m = compare(x[None], truth)
         rows.append({"data": label, "method": f"{BART_NAME[scan.kind]} (λ={bart_lam:g})", "psnr": m.psnr,
                      "ssim": m.ssim, "nrmse": m.nrmse, "seconds": dt})
+        images["BART"] = np.abs(x[None])
+    if preview is not None:
+        write_montage(preview, truth, images, label)
+
+
+def write_montage(path: Path, truth: np.ndarray, images: dict[str, np.ndarray], label: str) -> None:
+    """Two rows on the truth's intensity window: truth and every method; the truth again and
+    each method's error |x − truth| × 5 (after the least-squares intensity fit of the
+    metrics), middle slice / partition / frame."""
+    import io
+
+    from PIL import Image
+
+    from molrecon.preview import middle_plane, montage_png
+
+    t = middle_plane(truth)
+    top, bottom = [("truth", t)], [("truth", t)]
+    for name, img in images.items():
+        p = middle_plane(img)
+        a = float(np.vdot(p, t).real / max(np.vdot(p, p).real, 1e-30))
+        top.append((name, a * p))
+        bottom.append((f"|error| x5 {name}", 5.0 * np.abs(a * p - t)))
+    rows = [Image.open(io.BytesIO(montage_png(r, shared_window=True, scale=1))) for r in (top, bottom)]
+    sheet = Image.new("L", (max(r.width for r in rows), sum(r.height for r in rows) + 4), color=40)
+    sheet.paste(rows[0], (0, 0))
+    sheet.paste(rows[1], (0, rows[0].height + 4))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    print(f"preview: {path} ({label})", file=sys.stderr, flush=True)
 
 
 def tune_bart(tmp: Path, cases: list[SimulationConfig], grid: list[float]) -> float | None:
@@ -242,11 +281,17 @@ def sim(kind: str, accel: float, seed: int, pos: float, **extra: object) -> Simu
     return SimulationConfig(kind=kind, **base)  # type: ignore[arg-type]
 
 
+PREVIEWS: Path | None = None     # --previews DIR
+
+
 def run_case(tmp: Path, name: str, cfg: SimulationConfig, weights: dict[str, str],
              lam: float | None, rows: list[dict], label: str) -> None:
     f = tmp / f"{name}.h5"
     result = simulate_to_file(cfg, f, tmp / f"{name}_truth.nii.gz", force=True)
-    run_methods(f, np.abs(result.truth.data), weights, lam, rows, label)
+    preview = None
+    if PREVIEWS is not None and (label.endswith(" #0") or " #" not in label):
+        preview = PREVIEWS / f"quality_{name}.png"
+    run_methods(f, np.abs(result.truth.data), weights, lam, rows, label, preview)
     print(f"done: {label}", file=sys.stderr, flush=True)
 
 
@@ -262,7 +307,10 @@ def main() -> None:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--previews", type=Path, help="folder for PNG montages (first case of each group)")
     args = ap.parse_args()
+    global PREVIEWS
+    PREVIEWS = args.previews
     torch.set_num_threads(args.threads)
     weights = dict(w.split("=", 1) for w in args.weights)
     parts = set(args.parts.split(","))
