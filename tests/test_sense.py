@@ -204,7 +204,7 @@ def test_decoupled_readout_reproduces_the_3d_operator() -> None:
     assert adjoint_error(sub) < TOL
 
 
-@pytest.mark.parametrize("index", [3, 4, 5])          # 3d, 3d batch 2, 2dt shared maps
+@pytest.mark.parametrize("index", [0, 3, 4, 5])      # 2d, 3d, 3d batch 2, 2dt shared maps
 def test_a_block_of_readout_positions_is_an_exact_problem(index: int) -> None:
     """hybrid_readout: the operator on a block of readout positions of the hybrid data
     (ifft along x) is the full operator restricted to that block."""

@@ -249,7 +249,7 @@ def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
                torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kind", ["3d", "2dt"])
+@pytest.mark.parametrize("kind", ["2d", "3d", "2dt"])
 def test_readout_blocks_train_on_exact_sub_problems(data: dict[str, Path], tmp_path: Path,
                                                     kind: str) -> None:
     from molrecon.train import make_problem

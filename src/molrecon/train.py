@@ -150,7 +150,7 @@ class TrainConfig:
     max_steps         steps in all (a resumed run continues up to it)
     time_budget_s     wall-clock seconds of this invocation (loading included); the run
                       stops at the first step boundary after it and saves
-    readout_block     3d/2dt: train on blocks of this many readout positions (exact
+    readout_block     train on blocks of this many readout positions (exact
                       hybrid-space problems, :func:`make_problem`); validation uses whole scans
     val_*             validation split (fraction of files), cadence and problem count;
                       val_data: a separate folder of validation scans (then the whole
@@ -505,7 +505,7 @@ def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Gener
                  extra_noise: float, device: Any, readout_block: int | None = None) -> Problem:
     """Undersample ``sample`` with a fresh mask and normalise it as reconstruction would.
 
-    ``readout_block``: keep only a block of that many readout positions (3d, 2dt). The
+    ``readout_block``: keep only a block of that many readout positions. The
     readout is fully sampled, so after an inverse transform along it every readout
     position is a problem of its own and the block is exact (hybrid-space operator);
     the block is drawn with probability proportional to the target's energy in it.
@@ -527,7 +527,7 @@ def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Gener
     s = float(scale_factor(y, mask, kind).reshape(-1)[0])
     y = y / s
     n_x = y.shape[-1]
-    if readout_block is None or kind == "2d" or readout_block >= n_x:
+    if readout_block is None or readout_block >= n_x:
         op = SenseOperator(sample.maps.to(device), mask, kind)
         aty = op.adjoint(y)                                                # (1, D, Y, X)
         return Problem(op=op, y=y, aty=aty, target=sample.target.to(device) / s, scale=s)

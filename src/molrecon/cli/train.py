@@ -73,7 +73,7 @@ def train_cmd(
     max_steps: Annotated[int, typer.Option("--max-steps")] = 1000,
     time_budget: Annotated[float | None, typer.Option("--time-budget", help="Wall-clock seconds for this invocation (loading included); stops at a step boundary and saves.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Files held out for validation.")] = 0.15,
-    readout_block: Annotated[int | None, typer.Option("--readout-block", help="3d/2dt: train on blocks of this many readout positions (exact, much cheaper per step); validation uses whole scans.")] = None,
+    readout_block: Annotated[int | None, typer.Option("--readout-block", help="Train on blocks of this many readout positions (exact, since the readout is fully sampled; much cheaper per step); validation uses whole scans.")] = None,
     val_data: Annotated[Path | None, typer.Option("--val-data", help="Folder of validation scans kept apart from --data (then --val-fraction is not used).")] = None,
     val_every: Annotated[int, typer.Option("--val-every")] = 50,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 25,
