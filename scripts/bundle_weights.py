@@ -28,9 +28,11 @@ from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
 from molrecon.weights import weights_dir
 
 DATA_TEXT = {
-    "2d": "fully sampled 2D slices",
-    "3d": "fully sampled 3D slabs (128 × 128 × 16, 1.875 × 1.875 × 1.25 mm)",
-    "2dt": "fully sampled 2D+time series (128², 12 frames, smooth periodic motion)",
+    "2d": "fully sampled 2D slices, 4–16 coils, noise 0.005–0.02, 192² and 256² matrices",
+    "3d": ("fully sampled 3D slabs of 128 × 128 × 16 voxels (1.875 × 1.875 × 1.25 mm), 6–12 "
+           "coils, noise 0.005–0.01"),
+    "2dt": ("fully sampled 2D+time series, 128², 12 frames with smooth periodic motion, 6–12 "
+            "coils, noise 0.005–0.02"),
 }
 
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--default-for", default="")
     ap.add_argument("--command", default="", help="the training command, for the model card")
     ap.add_argument("--log", type=Path, help="training log (.log.jsonl) for the card's curve summary")
+    ap.add_argument("--out-dir", type=Path, help="where to write (default: the package's weights folder)")
     args = ap.parse_args()
 
     loaded = load_checkpoint(args.checkpoint)
@@ -58,7 +61,7 @@ def main() -> None:
     cert = dict(loaded.certificate)
     cert["at_bundled_example"] = {"data": where, "verdict": rep["verdict"],
                                   "local": rep["local"], "margin_local": rep["margin_local"]}
-    out_dir = weights_dir()
+    out_dir = args.out_dir or weights_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{args.name}.pt"
     save_checkpoint(target, loaded.model, loaded.mol_config, metadata=loaded.metadata,
@@ -93,6 +96,7 @@ def main() -> None:
                      + (" (2D kernels placed on the centre plane of 3D kernels, so training began "
                         "from exactly the 2D prior applied plane by plane)"
                         if loaded.model.config.dims == 3 else "") + ".\n")
+    cb, loc = rep["certified"], rep["local"]
     card = f"""# {args.name}
 
 MOL prior ({'MOL-SN, certified' if loaded.constraint == 'sn' else 'MOL-LR, Lipschitz penalty'}),
@@ -109,11 +113,11 @@ Serves data kinds: {', '.join(kinds)}{served_note}.
 
 ## Training data
 
-Simulated raw data (`scripts/make_training_data.py --kind {kind}`): {DATA_TEXT.get(kind, kind)}
-of the *train* split of `molrecon.anatomy` (Colin 27 axial slabs
-0–0.50 and 0.88–1.00 of the head, and the MNI152 2009a template), 4–16
-birdcage-like coils, noise 0.005–0.02, 192² and 256² matrices, correlated coil
-noise with noise scans, readout oversampling, simulated on a 2× finer grid.
+Simulated raw data (`scripts/make_training_data.py --kind {kind}`): {DATA_TEXT.get(kind, kind)},
+from the *train* split of `molrecon.anatomy` (Colin 27 axial slabs 0–0.50 and
+0.88–1.00 of the head, and the MNI152 2009a template); birdcage-like coils,
+correlated coil noise with noise scans, readout oversampling, simulated on a 2×
+finer grid.
 Validation: files of the *val* split (slab 0.54–0.66), kept in their own folder
 (`--val-data`). The test slab (0.70–0.84) and the bundled example scan were never used.
 {init_note}
@@ -126,8 +130,9 @@ Command:
 ## Lipschitz certificate (`molrecon check-lipschitz`)
 
 * verdict: **{rep.get('verdict')}**
-* certified global bound (product of per-layer spectral bounds): {rep['certified']}
-* local estimates at the fixed point of {where}: {rep['local']}
+* certified global bound (product of the per-layer spectral bounds; holds for every image size): {cb['bound']:.4g} — {'below 1: certified contraction' if cb.get('certified') else 'not below 1: no certificate (the LR penalty acts at training points only)'}
+* per-layer bounds: {', '.join(f'{v:.4g}' for v in cb['layer_bounds'])}
+* local Lipschitz estimates at the fixed point of {where}: power iteration {loc['power']['max']:.4f}, secant ratio {loc['ratio']['max']:.4f}
 
 ```json
 {json.dumps(rep, indent=1, default=str)[:3000]}
