@@ -59,3 +59,15 @@ def test_bad_inputs_raise() -> None:
         compare(np.full((1, 1, 16, 16), np.nan), np.ones((1, 1, 16, 16)))
     with pytest.raises(InputDataError, match="too small"):
         compare(np.ones((1, 1, 8, 8)), np.ones((1, 1, 8, 8)))
+
+
+def test_one_readout_position_is_scored_on_the_partition_phase_plane(
+        rng: np.random.Generator) -> None:
+    """(B, D, Y, 1) volumes, e.g. a 3D scan stored after the readout transform, are compared
+    as (D, Y) images: the same numbers as the plane itself."""
+    ref = rng.random((1, 40, 30))
+    rec = ref + 0.05 * rng.standard_normal(ref.shape)
+    as_volume = compare(rec[..., None], ref[..., None])
+    as_plane = compare(rec[:, None], ref[:, None])
+    assert as_volume.psnr == pytest.approx(as_plane.psnr)
+    assert as_volume.ssim == pytest.approx(as_plane.ssim)

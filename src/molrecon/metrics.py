@@ -103,6 +103,9 @@ def compare(rec: np.ndarray, ref: np.ndarray, *, fit: bool = True,
     data_range = float(ref_m.max())
     psnr = float("inf") if mse == 0 else 10.0 * np.log10(data_range ** 2 / mse)
     nrmse = float(np.sqrt(np.sum(err ** 2) / ref_energy))
+    if rec_m.ndim >= 3 and rec_m.shape[-1] == 1 and rec_m.shape[-3] > 1:
+        # one readout position (a 3D scan transformed along it): SSIM on the (D, Y) planes
+        rec_m, ref_m = rec_m[..., 0], ref_m[..., 0]
     planes_rec = rec_m.reshape((-1,) + rec_m.shape[-2:]) if rec_m.ndim >= 2 else rec_m
     planes_ref = ref_m.reshape((-1,) + ref_m.shape[-2:]) if ref_m.ndim >= 2 else ref_m
     s = ssim(planes_rec, planes_ref, data_range=data_range)

@@ -25,14 +25,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class MolEngine:
-    loaded: "LoadedModel"
+    loaded: LoadedModel
     step: Any                 # deq.mol.MolStep
-    config: "ReconConfig"
-    device: "torch.device"
+    config: ReconConfig
+    device: torch.device
     contraction: float | None
 
     @classmethod
-    def load(cls, config: "ReconConfig", kind: str, device: "torch.device") -> "MolEngine":
+    def load(cls, config: ReconConfig, kind: str, device: torch.device) -> MolEngine:
         from dataclasses import replace
 
         from .deq.mol import MolStep, contraction_factor
@@ -58,20 +58,23 @@ class MolEngine:
             rho = r if r < 1.0 else None
         return cls(loaded=loaded, step=step, config=config, device=device, contraction=rho)
 
-    def solve(self, op: Any, kspace: "torch.Tensor", x0: "torch.Tensor") -> "FixedPointResult":
+    def solve(self, op: Any, kspace: torch.Tensor, x0: torch.Tensor) -> FixedPointResult:
         import torch
 
         from .deq.fixed_point import FixedPointConfig, solve_fixed_point
 
         fp = FixedPointConfig(method=self.config.solver, tol=self.config.tol,
                               max_iter=self.config.max_iter, warn=False)
+        mol = self.step
+        if self.loaded.model.config.dims == 2 and x0.shape[-1] == 1 and x0.shape[1] > 1:
+            mol = plane_step(mol)
         with torch.no_grad():
             aty = op.adjoint(kspace)                                      # (b, D, Y, X)
-            step = self.step.bind(normal=op.normal, aty=aty)
+            step = mol.bind(normal=op.normal, aty=aty)
             return solve_fixed_point(step, x0, config=fp, contraction=self.contraction,
                                      label="MOL fixed-point iteration")
 
-    def describe(self, res: "FixedPointResult") -> dict[str, Any]:
+    def describe(self, res: FixedPointResult) -> dict[str, Any]:
         """Per-chunk facts for the report (plain JSON types)."""
         out: dict[str, Any] = {
             "iterations": [int(i) for i in res.item_iterations.tolist()],
@@ -100,3 +103,28 @@ class MolEngine:
             "certificate": ld.certificate,
             "model_metadata": ld.metadata,
         }
+
+
+def plane_step(step: Any) -> Any:
+    """The MOL step of a 2D prior for a 3D scan with one readout position (data already
+    transformed along the readout): the prior sees the (partition, phase-encoding) plane,
+    ``(b, D, Y, 1)`` viewed as one ``(D, Y)`` image, instead of D images of Y × 1 pixels.
+    A reshape is an isometry, so the prior's Lipschitz bound and certificate carry over."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from .deq.mol import MolStep
+
+    class PhaseEncodingPlane(nn.Module):
+        def __init__(self, prior: nn.Module) -> None:
+            super().__init__()
+            self.prior = prior
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, d, y, _ = x.shape
+            return self.prior(x.reshape(b, 1, d, y)).reshape(b, d, y, 1)
+
+    out = MolStep(PhaseEncodingPlane(step.prior), replace(step.to_config(), learn_lam=False))
+    out.log_lam = step.log_lam
+    return out

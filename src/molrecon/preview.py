@@ -12,8 +12,11 @@ from .io.atomic import write_bytes_atomic
 
 
 def middle_plane(image: np.ndarray) -> np.ndarray:
-    """The central (Y, X) plane of a (B, D, Y, X) image (middle slice, middle partition/frame)."""
+    """The central (Y, X) plane of a (B, D, Y, X) image (middle slice, middle partition/frame);
+    the (D, Y) plane when the readout has one position (a 3D scan transformed along it)."""
     b, d = image.shape[0], image.shape[1]
+    if image.shape[-1] == 1 and d > 1:
+        return np.abs(image[b // 2, :, :, 0])
     return np.abs(image[b // 2, d // 2])
 
 
