@@ -18,6 +18,7 @@ from molrecon.metrics import compare
 from molrecon.models import CNNConfig, MolCNN
 from molrecon.mol_recon import plane_step
 from molrecon.recon import ReconConfig, reconstruct
+from molrecon.weights import bundled_checkpoint
 
 
 def test_plane_step_applies_the_prior_to_the_partition_phase_plane() -> None:
@@ -43,7 +44,9 @@ def test_real_invivo_scan_mol_beats_cg_sense_against_bart(real_data: Path) -> No
     ref = np.load(real_data / "invivo_brain_bart_pics_reference.npy")       # (ky, kz, maps)
     ref_mag = np.sqrt(np.sum(np.abs(ref) ** 2, axis=-1)).T[None, :, :, None]   # (1, D, Y, 1)
     sense = reconstruct(scan, ReconConfig(method="sense", device="cpu"))
-    mol = reconstruct(scan, ReconConfig(method="mol", weights="mol_2d_lr", device="cpu"))
+    mol = reconstruct(scan, ReconConfig(method="mol", device="cpu"))
+    # the default for a 3D scan with one readout position is the 2D model on its plane
+    assert mol.report["weights"] == str(bundled_checkpoint("2d"))
     assert mol.report["converged"]
     s, m = compare(sense.image.data, ref_mag), compare(mol.image.data, ref_mag)
     assert m.psnr > s.psnr + 1.0 and m.ssim > s.ssim

@@ -32,14 +32,28 @@ class MolEngine:
     contraction: float | None
 
     @classmethod
-    def load(cls, config: ReconConfig, kind: str, device: torch.device) -> MolEngine:
+    def load(cls, config: ReconConfig, kind: str, device: torch.device, *,
+             one_readout: bool = False) -> MolEngine:
+        """The engine for ``kind`` data: ``config.weights`` or the bundled default. A 3D
+        scan with one readout position (``one_readout``) gets the bundled 2D default, which
+        sees its (partition, phase) plane (:func:`plane_step`), when that model declares
+        3D data."""
         from dataclasses import replace
 
         from .deq.mol import MolStep, contraction_factor
         from .models.checkpoint import load_checkpoint
         from .weights import bundled_checkpoint, resolve_weights
 
-        path = resolve_weights(config.weights) if config.weights is not None else bundled_checkpoint(kind)
+        if config.weights is not None:
+            path = resolve_weights(config.weights)
+        else:
+            path = None
+            if kind == "3d" and one_readout:
+                planar = bundled_checkpoint("2d")
+                if "3d" in load_checkpoint(planar).kinds:
+                    path = planar
+            if path is None:
+                path = bundled_checkpoint(kind)
         loaded = load_checkpoint(path, map_location=device)
         if kind not in loaded.kinds:
             raise CheckpointError(f"model is for {'/'.join(loaded.kinds)} data, the scan is {kind} "

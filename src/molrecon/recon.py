@@ -173,7 +173,7 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
     if config.method == "mol":
         from .mol_recon import MolEngine
 
-        engine = MolEngine.load(config, scan.kind, device)
+        engine = MolEngine.load(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
 
     b_total = scan.shape[0]
     out = np.zeros((b_total,) + scan.shape[2:], dtype=np.complex64)       # (B, D, Y, X)
