@@ -39,7 +39,7 @@ import torch
 
 from molrecon.deq import FixedPointConfig, MolConfig, MolStep, regularised_sense, solve_fixed_point
 from molrecon.models import CNNConfig, MolCNN, certified_bound, load_checkpoint
-from molrecon.physics.fft import fftc, ifftc
+from molrecon.physics.sense import SenseOperator
 
 Normal = Callable[[torch.Tensor], torch.Tensor]
 
@@ -97,22 +97,6 @@ def equispaced_mask(n: int, accel: int, acs: int) -> torch.Tensor:
     return mask
 
 
-class _MaskedSense:
-    """Fallback A = M F S (used only where molrecon.physics.sense is unavailable)."""
-
-    def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
-        self.maps, self.mask = maps, mask.to(maps.real.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mask * fftc(self.maps * x[:, None])
-
-    def adjoint(self, k: torch.Tensor) -> torch.Tensor:
-        return torch.sum(self.maps.conj() * ifftc(self.mask * k), dim=1)
-
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adjoint(self.forward(x))
-
-
 @dataclass(frozen=True)
 class Slice:
     op: object
@@ -128,17 +112,13 @@ def simulated_slice(n: int = 256, coils: int = 8, accel: int = 4, acs: int = 24,
     truth = ellipse_phantom(n).to(dev)
     maps = smooth_coil_maps(n, coils).to(dev)
     mask = equispaced_mask(n, accel, acs).to(dev)
-    try:
-        from molrecon.physics.sense import SenseOperator
-        op: object = SenseOperator(maps, mask.bool(), "2d")
-    except ImportError:
-        op = _MaskedSense(maps, mask)
+    op = SenseOperator(maps, mask.bool(), "2d")
     g = torch.Generator().manual_seed(seed)
-    k = op.forward(truth)                                          # type: ignore[attr-defined]
+    k = op.forward(truth)
     noise = torch.randn(k.shape, dtype=k.dtype, generator=g).to(dev)
     k = k + 0.01 * k.abs().max() * mask * noise
-    aty = op.adjoint(k)                                            # type: ignore[attr-defined]
-    return Slice(op=op, kspace=k, aty=aty, truth=truth, normal=op.normal)  # type: ignore[attr-defined]
+    aty = op.adjoint(k)
+    return Slice(op=op, kspace=k, aty=aty, truth=truth, normal=op.normal)
 
 
 def fresh_sn_prior(target: float = 0.99, seed: int = 0) -> MolCNN:
