@@ -394,28 +394,27 @@ def test_silent_coil_is_reconstructed(scan_file: Path, parts: tuple[str, np.ndar
     assert "not positive definite" in result.stderr and "not prewhitened" in result.stderr
 
 
-def test_all_zero_signal_is_refused_by_reconstruct(parts: tuple[str, np.ndarray], tmp_path: Path,
-                                                   out_dir: Path) -> None:
+@pytest.fixture
+def zero_signal(parts: tuple[str, np.ndarray], tmp_path: Path) -> Path:
+    """The scan with every imaging sample zero (noise scans kept)."""
     xml, table = parts
 
     def zero(s: np.ndarray) -> None:
         s[:] = 0
-    path = write_raw(tmp_path / "zero.h5", xml,
+    return write_raw(tmp_path / "zero.h5", xml,
                      set_samples(table, np.flatnonzero(~noise_rows(table)), zero))
+
+
+def test_all_zero_signal_is_refused_by_reconstruct(zero_signal: Path, out_dir: Path) -> None:
+    path = zero_signal
     assert invoke("info", path).exit_code == 0  # the file itself is readable
     result = invoke("reconstruct", path, out_dir / "zero.nii", "--method", "sense")
     assert_one_line_error(result, names=None, needle="all zero")
     assert listing(out_dir) == set()
 
 
-def test_all_zero_signal_error_names_the_file(parts: tuple[str, np.ndarray], tmp_path: Path,
-                                              out_dir: Path) -> None:
-    xml, table = parts
-
-    def zero(s: np.ndarray) -> None:
-        s[:] = 0
-    path = write_raw(tmp_path / "zero.h5", xml,
-                     set_samples(table, np.flatnonzero(~noise_rows(table)), zero))
+def test_all_zero_signal_error_names_the_file(zero_signal: Path, out_dir: Path) -> None:
+    path = zero_signal
     result = invoke("reconstruct", path, out_dir / "zero.nii", "--method", "sense")
     assert_one_line_error(result, names=path, needle="all zero")
 
