@@ -21,7 +21,6 @@ from molrecon.weights import (
     bundled_models,
     manifest,
     resolve_weights,
-    weights_dir,
 )
 
 runner = CliRunner()
@@ -66,9 +65,14 @@ def test_bundled_names_are_accepted_as_weights(tmp_path: Path) -> None:
     r = runner.invoke(app, ["models", "--json"])
     assert r.exit_code == 0, r.output
     assert {m["name"] for m in json.loads(r.output)} == {m["name"] for m in bundled_models()}
-    r = runner.invoke(app, ["reconstruct", str(weights_dir() / "none.h5"), str(tmp_path / "o.nii"),
+    from molrecon.cli.demo import example_paths
+
+    out = tmp_path / "o.nii"
+    r = runner.invoke(app, ["reconstruct", str(example_paths()[0]), str(out),
                             "--weights", "mol_no_such_model"])
-    assert r.exit_code == 1
+    assert r.exit_code == 1 and "no bundled model of that name" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -205,9 +205,12 @@ def test_separate_validation_folder(data: dict[str, Path], tmp_path: Path) -> No
         train(tiny(data["2d"], tmp_path / "n.pt", val_data=str(data["2d"])))
     with pytest.raises(InputDataError, match="2d scans"):   # kinds must agree
         train(tiny(data["2d"], tmp_path / "o.pt", val_data=str(data["3d"])))
+    (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["train", "--data", str(data["2d"]), "--out", str(tmp_path / "p.pt"),
                             "--val-data", str(tmp_path / "empty"), *TINY])
-    assert r.exit_code == 1 and "empty" in r.output
+    assert r.exit_code == 1 and "no raw files" in r.stderr and "empty" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("p.*"))
 
 
 def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
