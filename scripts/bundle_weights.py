@@ -22,9 +22,9 @@ from molrecon.guarantees import (
     check_lipschitz,
     example_scan,
     load_problems,
-    simulated_example,
 )
 from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
+from molrecon.simulate import simulated_example
 from molrecon.weights import weights_dir
 
 DATA_TEXT = {

@@ -139,11 +139,12 @@ def test_usage_errors_exit_2(files: dict[str, Path]) -> None:
 
 def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
         files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import molrecon.guarantees as g
+    import molrecon.simulate as sim
+    from molrecon.errors import ConfigError
     from molrecon.simulate import SimulationConfig, simulate_to_file
 
-    with pytest.raises(g.ConfigError):                # 2D models use the bundled example
-        g.simulated_example("2d", Path("."))
+    with pytest.raises(ConfigError):                  # 2D models use the bundled example
+        sim.simulated_example("2d", Path("."))
     asked: list[str] = []
 
     def small(kind: str, folder: Path) -> Path:      # the real one is 128² × 16 (slow here)
@@ -153,7 +154,7 @@ def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
                                           coils=4, acceleration=2.0, acs=6, seed=1), path)
         return path
 
-    monkeypatch.setattr(g, "simulated_example", small)
+    monkeypatch.setattr(sim, "simulated_example", small)
     r = runner.invoke(app, ["check-lipschitz", str(files["3d"]), "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     assert asked == ["3d"] and json.loads(r.stdout)["data"] == ["small.h5"]

@@ -121,13 +121,14 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
     """The checkpoint (loaded without running code) and the MOL problems of the data.
 
     Without data: the bundled example for a model of 2D data, else a scan of the model's
-    kind simulated from the validation slab (:func:`~molrecon.guarantees.simulated_example`).
+    kind simulated from the validation slab (:func:`~molrecon.simulate.simulated_example`).
     """
     import tempfile
 
     from ..device import resolve_device
-    from ..guarantees import example_scan, load_problems, simulated_example
+    from ..guarantees import example_scan, load_problems
     from ..models.checkpoint import load_checkpoint
+    from ..simulate import simulated_example
 
     dev = resolve_device(device)
     loaded = load_checkpoint(model, map_location=dev)
