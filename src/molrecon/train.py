@@ -440,10 +440,9 @@ def inflate_state_2d_to_3d(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_validation(folder: str, kind: str, train_folder: str, warn: WarnFn) -> Any:
+def _load_validation(folder: str, kind: str, train_folder: str,
+                     warn: WarnFn | None) -> FolderDataset:
     """The scans of a separate validation folder; their kind must be the training data's."""
-    from .train_data import load_folder
-
     if Path(folder).resolve() == Path(train_folder).resolve():
         raise ConfigError(f"--val-data {folder} is the training folder: validation scans must be "
                           "held out")
