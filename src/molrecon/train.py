@@ -118,8 +118,11 @@ from .train_data import (
     load_folder,
     split_dataset,
 )
+from .train_patches import PatchSpec
 
 Loss = Literal["mse", "mse_mag", "l1"]
+Stage = Literal["deq", "denoise"]
+STAGES: tuple[str, ...] = ("deq", "denoise")
 #: Initial λ of a run that neither gives one nor starts from a checkpoint.
 DEFAULT_LAM = 100.0
 STATE_VERSION = 1
@@ -146,6 +149,10 @@ class TrainConfig:
     diverge_tol       a forward residual above this after the cap skips the step
     penalty_*         MOL-LR penalty (see the module docstring)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
+    stage             "deq": deep-equilibrium steps; "denoise": stage-0 pretraining of H
+                      alone on noisy patches of the targets (2D data; ``patch`` says how,
+                      ``batch_size`` counts patches); validation is the full MOL
+                      reconstruction in both
     batch_size        samples per step and process
     max_steps         steps in all (a resumed run continues up to it)
     time_budget_s     wall-clock seconds of this invocation (loading included); the run
@@ -203,8 +210,12 @@ class TrainConfig:
     init_weights: str | None = None
     force: bool = False
     unroll: int = 0
+    stage: Stage = "deq"
+    patch: PatchSpec = field(default_factory=PatchSpec)
 
     def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage must be deq or denoise, got {self.stage!r}")
         if self.constraint not in ("sn", "lr"):
             raise ConfigError(f"--constraint must be sn or lr, got {self.constraint!r}")
         if self.loss not in ("mse", "mse_mag", "l1"):
@@ -245,6 +256,8 @@ class TrainConfig:
             raise ConfigError(f"--dims must be 2d, 3d or 2dt, got {self.kind!r}")
         if not 0.0 < self.alpha < 2.0:
             raise ConfigError(f"--alpha must lie in (0, 2), got {self.alpha}")
+        if self.stage == "denoise" and self.unroll:
+            raise ConfigError("--stage denoise trains H alone: it has no unrolled variant")
 
 
 @dataclass
@@ -754,6 +767,15 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
     else:
         train_set, val_set = data, _load_validation(config.val_data, kind, config.data, warn)
 
+    scales: list[float] = []
+    if config.stage == "denoise":
+        if kind != "2d":
+            raise ConfigError(f"--stage denoise pretrains a 2D prior on 2d data; this folder "
+                              f"holds {kind} data")
+        from .train_patches import sample_scales
+
+        scales = sample_scales(train_set.samples, kind, config.mask, config.seed)
+
     state: dict[str, Any] | None = None
     if config.resume:
         state = _load_state(paths["state"])
@@ -855,8 +877,12 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
                 order_epoch = epoch
             t_step = time.perf_counter()
             optim.zero_grad(set_to_none=True)
-            outcome = _local_step(step, cnn, config, train_set, order, s, within, global_batch,
-                                  dist_info, device, fwd, bwd)
+            if config.stage == "denoise":
+                outcome = _denoise_step(cnn, config, train_set, scales, order, s, within,
+                                        global_batch, dist_info, device)
+            else:
+                outcome = _local_step(step, cnn, config, train_set, order, s, within,
+                                      global_batch, dist_info, device, fwd, bwd)
             bad = outcome.bad
             if bad is None and dist_info.world == 1:
                 grads = [p.grad for p in all_params if p.grad is not None]
@@ -996,6 +1022,47 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
     return out
 
 
+def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scales: list[float],
+                  order: np.ndarray, s: int, within: int, global_batch: int, dist_info: Dist,
+                  device: Any) -> _StepOutcome:
+    """Stage 0: this process's ``batch_size`` noisy patches through H, loss against the clean
+    patches (``config.loss``, over the whole batch), plus the LR penalty on one patch."""
+    import torch
+
+    from .models.lipschitz import local_lipschitz_ratio
+    from .train_patches import draw_patch
+
+    out = _StepOutcome()
+    n_train = len(train_set)
+    noisy, clean = [], []
+    rng = np.random.default_rng([config.seed, 3, s, dist_info.rank])
+    for j in range(config.batch_size):
+        g_index = dist_info.rank * config.batch_size + j
+        gi = int(order[(within * global_batch + g_index) % n_train])
+        pair_rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
+        a, b = draw_patch(train_set.samples[gi], scales[gi], config.patch, pair_rng)
+        noisy.append(a)
+        clean.append(b)
+    p = min(min(x.shape[-2:]) for x in noisy)         # images smaller than the patch size
+    x_in = torch.stack([x[..., :p, :p] for x in noisy]).to(device)        # (B, 1, P, P)
+    target = torch.stack([x[..., :p, :p] for x in clean]).to(device)      # (B, 1, P, P)
+    loss = _loss(cnn(x_in), target, config.loss)
+    if (config.constraint == "lr" and config.penalty_weight > 0
+            and s % config.penalty_every == 0):
+        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
+        u = x_in[int(rng.integers(x_in.shape[0]))][None]                  # (1, 1, P, P)
+        lip, _ = local_lipschitz_ratio(cnn, u, steps=config.penalty_steps, generator=gen)
+        loss = loss + config.penalty_weight * _penalty(lip, config.penalty_threshold)
+        out.lipschitz.append(float(lip.detach()))
+    if not bool(torch.isfinite(loss)):
+        out.bad = "non-finite loss"
+        return out
+    loss.backward()
+    out.loss_sum = float(loss.detach())
+    out.count = 1
+    return out
+
+
 def _random_crop(x: Any, size: int | None, rng: np.random.Generator) -> Any:
     """A random (Y, X) window of ``size`` pixels of a (B, D, Y, X) image (all of it if smaller)."""
     if size is None:
@@ -1098,7 +1165,7 @@ def _check_state(state: dict[str, Any], config: TrainConfig, kind: str, path: Pa
     if state["kind"] != kind:
         raise CheckpointError(f"resume state is for {state['kind']} data, this folder holds "
                               f"{kind} data", path=path)
-    for name in ("constraint", "layers", "channels", "lipschitz_target"):
+    for name in ("constraint", "layers", "channels", "lipschitz_target", "stage"):
         if name in saved and saved[name] != getattr(config, name):
             raise CheckpointError(f"resume state was trained with {name}={saved[name]!r}, this run "
                                   f"asks for {getattr(config, name)!r}", path=path)

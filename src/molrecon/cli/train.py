@@ -22,6 +22,18 @@ def _accelerations(text: str) -> tuple[float, tuple[float, ...]]:
     return values[0], (values if len(values) > 1 else ())
 
 
+def _sigmas(text: str) -> tuple[float, float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected LOW,HIGH noise levels, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise typer.BadParameter(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return values[0], values[1]
+
+
 def _progress_line(rec: dict[str, Any], max_steps: int) -> str:
     """One console line for a log record (start, validation or step)."""
     if rec.get("event") == "start":
@@ -38,9 +50,10 @@ def _progress_line(rec: dict[str, Any], max_steps: int) -> str:
         val = f"[val MOL {mol}; CG-SENSE {rec['val_sense_psnr']:.2f} dB / SSIM {rec['val_sense_ssim']:.3f}]"
     if rec.get("event") == "validation":
         return f"before training: {val}"
-    line = (f"step {rec['step']:>6}/{max_steps}  loss {rec['loss']:.4g}  "
-            f"DEQ it {rec['fwd_iterations']:.0f}/{rec['bwd_iterations'] or 0:.0f}  "
-            f"λ {rec['lambda']:.3g}  {rec['step_s']:.2f} s")
+    line = f"step {rec['step']:>6}/{max_steps}  loss {rec['loss']:.4g}  "
+    if rec.get("fwd_iterations") is not None:          # None in the denoising stage
+        line += f"DEQ it {rec['fwd_iterations']:.0f}/{rec['bwd_iterations'] or 0:.0f}  "
+    line += f"λ {rec['lambda']:.3g}  {rec['step_s']:.2f} s"
     if "lipschitz_local" in rec:
         line += f"  L̂ {rec['lipschitz_local']:.3f}"
     return line + (f"  {val}" if val else "")
@@ -80,6 +93,9 @@ def train_cmd(
     fwd_max_iter: Annotated[int, typer.Option("--fwd-max-iter", help="Forward fixed-point cap per step.")] = 40,
     max_skips: Annotated[int, typer.Option("--max-skips", help="Stop after this many consecutive failed (skipped) steps.")] = 10,
     init_weights: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's weights.")] = None,
+    stage: Annotated[str, typer.Option("--stage", help="deq (deep-equilibrium steps) | denoise (stage 0: pretrain H alone as a denoiser of noisy image patches of the targets; 2d data; --batch-size counts patches). Validation is the full MOL reconstruction in both.")] = "deq",
+    patch: Annotated[int, typer.Option("--patch", help="denoise: patch size in pixels.")] = 64,
+    sigma: Annotated[str, typer.Option("--sigma", help="denoise: LOW,HIGH std of the complex noise, relative to the normalised intensity (bright tissue ≈ 1); drawn log-uniformly.")] = "0.01,0.12",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run whose state file is beside --out.")] = False,
@@ -96,9 +112,11 @@ def train_cmd(
     Runs unchanged under `torchrun --nproc-per-node N` (N processes of --batch-size samples each).
     """
     r, rs = _accelerations(acceleration)
+    sigma_lo, sigma_hi = _sigmas(sigma)
     with user_errors(debug):
         from ..train import TrainConfig, train
         from ..train_data import MaskSpec
+        from ..train_patches import PatchSpec
 
         config = TrainConfig(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]
@@ -112,7 +130,8 @@ def train_cmd(
             readout_block=readout_block,
             val_every=val_every, checkpoint_every=checkpoint_every,
             fwd_max_iter=fwd_max_iter, max_skips=max_skips, init_weights=None if init_weights is None else str(init_weights),
-            seed=seed, device=device, resume=resume, force=force,
+            seed=seed, device=device, resume=resume, force=force, stage=stage,  # type: ignore[arg-type]
+            patch=PatchSpec(size=patch, sigma_min=sigma_lo, sigma_max=sigma_hi),
         )
 
         def show(rec: dict[str, Any]) -> None:

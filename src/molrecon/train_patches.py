@@ -1,0 +1,127 @@
+"""Stage-0 training data: noisy image patches for pretraining the prior as a denoiser.
+
+Deep-equilibrium steps are expensive on a CPU (a forward solve of several MOL
+steps, each with CG, then a backward solve). Pretraining the prior H without
+the data term costs one network pass per patch, so a CPU-hour buys thousands of
+steps. The patches are drawn from the fully sampled training scans' targets,
+at the intensity the network meets in reconstruction:
+
+* every scan's target is divided by the scale ``s`` that reconstruction
+  computes (:func:`molrecon.physics.scaling.scale_factor`) from the scan's own
+  k-space under a retrospective mask of the run's mask family, so bright
+  tissue sits near 1; ``s`` is computed once per scan (one FFT) and jittered
+  per patch by a log-uniform factor in [1/``jitter``, ``jitter``], since the
+  mask and the noise move the percentile a little from one problem to the next;
+* augmentation: one of the 8 flips/transpositions of the square patch, a
+  random global phase (the network must not depend on the scanner's phase
+  reference), and a power curve ``|x|^γ`` on the magnitude with γ log-uniform
+  in [1/``gamma``, ``gamma``] (other contrasts and receive profiles);
+* patches are drawn at random, but a patch whose mean magnitude is below
+  ``background`` × the scan's mean magnitude is redrawn (up to 8 times), so
+  that most of them show anatomy;
+* the noise is complex white Gaussian with E|n|² = σ², σ log-uniform in
+  [``sigma_min``, ``sigma_max``] per patch (σ relative to the normalised
+  intensity, i.e. to bright tissue).
+
+Everything is drawn from the caller's ``numpy`` generator, so a step's patches
+depend only on (seed, step, position in the batch), as in deep-equilibrium
+training, and a resumed run draws the same patches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .train_data import MaskSpec, Sample, draw_mask
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """How stage-0 patches are drawn (see the module docstring)."""
+
+    size: int = 64
+    sigma_min: float = 0.01
+    sigma_max: float = 0.12
+    jitter: float = 1.25
+    gamma: float = 1.25
+    background: float = 0.25
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8:
+            raise ConfigError(f"patch size must be an integer >= 8, got {self.size!r}")
+        if not 0 < self.sigma_min <= self.sigma_max < math.inf:
+            raise ConfigError("noise levels must satisfy 0 < sigma_min <= sigma_max, got "
+                              f"{self.sigma_min!r}, {self.sigma_max!r}")
+        for name in ("jitter", "gamma"):
+            value = getattr(self, name)
+            if not 1.0 <= value < math.inf:
+                raise ConfigError(f"{name} must be >= 1, got {value!r}")
+        if not 0.0 <= self.background < math.inf:
+            raise ConfigError(f"background must be >= 0, got {self.background!r}")
+
+
+def sample_scales(samples: list[Sample], kind: str, mask: MaskSpec, seed: int) -> list[float]:
+    """Reconstruction's intensity scale of every sample under one seeded retrospective mask."""
+    import torch
+
+    from .physics.scaling import scale_factor
+
+    scales = []
+    for i, sample in enumerate(samples):
+        rng = np.random.default_rng([seed, 5_555_555, i])
+        m = torch.from_numpy(np.array(draw_mask(sample, kind, mask, rng), dtype=bool))
+        scales.append(float(scale_factor(sample.kspace * m, m, kind).reshape(-1)[0]))
+    return scales
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def draw_patch(sample: Sample, scale: float, spec: PatchSpec, rng: np.random.Generator
+               ) -> tuple[Any, Any]:
+    """One (noisy, clean) pair of complex ``(1, P, P)`` patches of a 2D sample's target.
+
+    Patches larger than the image are cut to the image (both axes to the smaller one).
+    """
+    import torch
+
+    target = sample.target[0]                                    # (D, Y, X) complex
+    d = int(rng.integers(target.shape[0]))
+    image = target[d]                                            # (Y, X)
+    ny, nx = image.shape
+    p = min(spec.size, ny, nx)
+    level = float(image.abs().mean()) * spec.background
+    for _ in range(8):
+        y0 = int(rng.integers(ny - p + 1))
+        x0 = int(rng.integers(nx - p + 1))
+        patch = image[y0:y0 + p, x0:x0 + p]
+        if float(patch.abs().mean()) >= level:
+            break
+    s = scale * _log_uniform(rng, 1.0 / spec.jitter, spec.jitter)
+    clean = patch / s                                            # (P, P)
+    if rng.integers(2):
+        clean = clean.flip(0)
+    if rng.integers(2):
+        clean = clean.flip(1)
+    if rng.integers(2):
+        clean = clean.transpose(0, 1)
+    gamma = _log_uniform(rng, 1.0 / spec.gamma, spec.gamma)
+    mag = clean.abs()
+    phase = float(rng.uniform(0.0, 2.0 * math.pi))
+    rot = torch.polar(torch.ones((), dtype=mag.dtype), torch.tensor(phase, dtype=mag.dtype))
+    unit = torch.where(mag > 0, clean / mag.clamp_min(1e-30), torch.zeros_like(clean))
+    clean = (mag ** gamma) * unit * rot
+    sigma = _log_uniform(rng, spec.sigma_min, spec.sigma_max)
+    g = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
+    noise = torch.complex(torch.randn(clean.shape, generator=g), torch.randn(clean.shape, generator=g))
+    noisy = clean + (sigma / math.sqrt(2.0)) * noise.to(clean.dtype)
+    return noisy.unsqueeze(0).contiguous(), clean.unsqueeze(0).contiguous()
+
+
+__all__ = ["PatchSpec", "draw_patch", "sample_scales"]
