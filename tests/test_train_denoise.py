@@ -23,7 +23,7 @@ from molrecon.models.checkpoint import load_checkpoint
 from molrecon.simulate import SimulationConfig, simulate_to_file
 from molrecon.train import output_paths, train
 from molrecon.train_data import MaskSpec, list_raw_files, load_folder
-from molrecon.train_patches import PatchSpec, draw_patch, sample_scales
+from molrecon.train_patches import PatchSpec, degraded_bank, draw_patch, sample_scales
 
 runner = CliRunner()
 
@@ -99,9 +99,40 @@ def test_patch_is_the_scaled_target_up_to_flips_and_a_global_phase(dataset: Any)
     assert found
 
 
+def test_sense_patches_are_windows_of_the_regularised_sense_image(dataset: Any) -> None:
+    """The degraded patch is the MOL start image (aliased, noisy) on the same window as the
+    clean one: same flips and phase, farther from the clean patch than noise of σ = 1 %."""
+    spec = MaskSpec(family="random", acceleration=3.0, acs=8)
+    bank = degraded_bank(dataset.samples, "2d", spec, lam=100.0, iters=10, count=2, seed=0)
+    assert len(bank) == len(dataset) and all(len(pairs) == 2 for pairs in bank)
+    x0, target = bank[0][0]
+    assert x0.shape == target.shape == dataset.samples[0].target.shape[-2:]
+    assert not torch.equal(bank[0][0][0], bank[0][1][0])          # two different masks
+    p = PatchSpec(size=16, sense_fraction=1.0, jitter=1.0, background=0.0)
+    noisy, clean = draw_patch(dataset.samples[0], 1.0, p, np.random.default_rng(1), bank[0])
+    # Undo the unknown flips/phase by trying all of them against the bank pair's windows.
+    found = False
+    for a, b in bank[0]:
+        for y in range(a.shape[0] - 15):
+            for x in range(a.shape[1] - 15):
+                wa, wb = a[y:y + 16, x:x + 16], b[y:y + 16, x:x + 16]
+                if np.allclose(np.sort(wb.abs().numpy().ravel()),
+                               np.sort(clean[0].abs().numpy().ravel()), rtol=1e-5, atol=1e-7):
+                    found = np.allclose(np.sort(wa.abs().numpy().ravel()),
+                                        np.sort(noisy[0].abs().numpy().ravel()), rtol=1e-5,
+                                        atol=1e-7)
+                    break
+            if found:
+                break
+    assert found
+    err = float((noisy - clean).abs().square().mean() / clean.abs().square().mean())
+    assert err > 1e-4
+
+
 def test_patch_spec_is_checked() -> None:
     for bad in ({"size": 4}, {"sigma_min": 0.0}, {"sigma_min": 0.2, "sigma_max": 0.1},
-                {"jitter": 0.5}, {"gamma": 0.9}, {"background": -1.0}):
+                {"jitter": 0.5}, {"gamma": 0.9}, {"background": -1.0}, {"sense_fraction": 1.5},
+                {"sense_masks": 0}):
         with pytest.raises(ConfigError):
             PatchSpec(**bad)
 
@@ -128,7 +159,8 @@ def test_denoise_run_learns_and_writes_a_model_that_reconstructs(folder2d: Path,
 
 
 def test_interrupted_denoise_run_resumes_exactly(folder2d: Path, tmp_path: Path) -> None:
-    common = {"max_steps": 6, "val_every": 3, "checkpoint_every": 2}
+    common = {"max_steps": 6, "val_every": 3, "checkpoint_every": 2,
+              "patch": PatchSpec(size=24, sense_fraction=0.5, sense_masks=1)}
     full = tmp_path / "full" / "m.pt"
     full.parent.mkdir()
     train(denoise(folder2d, full, **common))

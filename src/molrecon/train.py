@@ -800,6 +800,12 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
         best = float(state["best"])
         skips = int(state.get("skips", 0))
     _broadcast_parameters(step, dist_info)
+    bank: list[Any] = []
+    if config.stage == "denoise" and config.patch.sense_fraction > 0:
+        from .train_patches import degraded_bank
+
+        bank = degraded_bank(train_set.samples, kind, config.mask, float(step.lam.detach()),
+                             config.init_iters, config.patch.sense_masks, config.seed)
 
     if dist_info.main:
         _remove_stale_temporaries(paths)
@@ -878,7 +884,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
             t_step = time.perf_counter()
             optim.zero_grad(set_to_none=True)
             if config.stage == "denoise":
-                outcome = _denoise_step(cnn, config, train_set, scales, order, s, within,
+                outcome = _denoise_step(cnn, config, train_set, scales, bank, order, s, within,
                                         global_batch, dist_info, device)
             else:
                 outcome = _local_step(step, cnn, config, train_set, order, s, within,
@@ -1023,10 +1029,11 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
 
 
 def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scales: list[float],
-                  order: np.ndarray, s: int, within: int, global_batch: int, dist_info: Dist,
+                  bank: list[Any], order: np.ndarray, s: int, within: int, global_batch: int, dist_info: Dist,
                   device: Any) -> _StepOutcome:
-    """Stage 0: this process's ``batch_size`` noisy patches through H, loss against the clean
-    patches (``config.loss``, over the whole batch), plus the LR penalty on one patch."""
+    """Stage 0: this process's ``batch_size`` degraded patches through H, loss against the
+    clean patches (``config.loss``, over the whole batch), plus the LR penalty on one patch.
+    ``bank``: the regularised SENSE images per sample (empty: noise patches only)."""
     import torch
 
     from .models.lipschitz import local_lipschitz_ratio
@@ -1040,7 +1047,8 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
         g_index = dist_info.rank * config.batch_size + j
         gi = int(order[(within * global_batch + g_index) % n_train])
         pair_rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
-        a, b = draw_patch(train_set.samples[gi], scales[gi], config.patch, pair_rng)
+        a, b = draw_patch(train_set.samples[gi], scales[gi], config.patch, pair_rng,
+                          bank[gi] if bank else None)
         noisy.append(a)
         clean.append(b)
     p = min(min(x.shape[-2:]) for x in noisy)         # images smaller than the patch size

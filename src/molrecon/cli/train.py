@@ -95,6 +95,7 @@ def train_cmd(
     init_weights: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's weights.")] = None,
     stage: Annotated[str, typer.Option("--stage", help="deq (deep-equilibrium steps) | denoise (stage 0: pretrain H alone as a denoiser of noisy image patches of the targets; 2d data; --batch-size counts patches). Validation is the full MOL reconstruction in both.")] = "deq",
     patch: Annotated[int, typer.Option("--patch", help="denoise: patch size in pixels.")] = 64,
+    sense_fraction: Annotated[float, typer.Option("--sense-fraction", help="denoise: fraction of the patches cut from regularised SENSE images of the training scans under the run's masks (aliasing and g-factor noise) instead of the target plus white noise.")] = 0.0,
     sigma: Annotated[str, typer.Option("--sigma", help="denoise: LOW,HIGH std of the complex noise, relative to the normalised intensity (bright tissue ≈ 1); drawn log-uniformly.")] = "0.01,0.12",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
@@ -131,7 +132,8 @@ def train_cmd(
             val_every=val_every, checkpoint_every=checkpoint_every,
             fwd_max_iter=fwd_max_iter, max_skips=max_skips, init_weights=None if init_weights is None else str(init_weights),
             seed=seed, device=device, resume=resume, force=force, stage=stage,  # type: ignore[arg-type]
-            patch=PatchSpec(size=patch, sigma_min=sigma_lo, sigma_max=sigma_hi),
+            patch=PatchSpec(size=patch, sigma_min=sigma_lo, sigma_max=sigma_hi,
+                            sense_fraction=sense_fraction),
         )
 
         def show(rec: dict[str, Any]) -> None:
