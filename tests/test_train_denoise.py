@@ -177,7 +177,11 @@ def test_interrupted_denoise_run_resumes_exactly(folder2d: Path, tmp_path: Path)
 
     with pytest.raises(Crash):
         train(denoise(folder2d, part, **common), on_record=crash_at_5)
+    saved = torch.load(output_paths(part)["state"], weights_only=True)["elapsed_s"]
     train(denoise(folder2d, part, **common, resume=True))
+    # The run's clock continues across the resume: a learning curve against compute time.
+    clock = [r["elapsed_s"] for r in records(output_paths(part)["log"]) if "loss" in r]
+    assert clock == sorted(clock) and clock[-1] > saved > 0
     a = load_checkpoint(output_paths(full)["last"]).model.state_dict()
     b = load_checkpoint(output_paths(part)["last"]).model.state_dict()
     for name in a:

@@ -90,7 +90,10 @@ resume state, ``MODEL.log.jsonl`` one JSON record per line: a ``start``
 record per invocation, a ``validation`` record of the untrained model
 (step 0), and one record per step (loss, iterations, λ, learning rate, and on
 validation steps the mean PSNR/SSIM of MOL and of CG-SENSE on the same
-validation problems).
+validation problems). ``elapsed_s`` in every step record is the run's wall-clock
+time so far, summed over resumed invocations (the state carries it), so a
+learning curve can be drawn against compute time; the ``start`` record gives
+the torch thread count it ran with.
 """
 
 from __future__ import annotations
@@ -789,6 +792,10 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
     start_step = 0
     best = -math.inf
     skips = 0
+    elapsed_before = 0.0          # wall-clock seconds of the earlier invocations of this run
+
+    def elapsed() -> float:
+        return round(elapsed_before + time.perf_counter() - t_start, 1)
     if state is not None:
         try:
             step.load_state_dict(state["step"])
@@ -799,6 +806,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
         start_step = int(state["steps"])
         best = float(state["best"])
         skips = int(state.get("skips", 0))
+        elapsed_before = float(state.get("elapsed_s", 0.0))
     _broadcast_parameters(step, dist_info)
     bank: list[Any] = []
     if config.stage == "denoise" and config.patch.sense_fraction > 0:
@@ -845,7 +853,8 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
                    lambda: save_checkpoint(paths["best"], cnn, model_cfg, metadata=meta,
                                            certificate=cert, kinds=_kinds(kind), force=True))
         state = {"version": STATE_VERSION, "kind": kind, "config": _plain(asdict(config)),
-                 "steps": steps_done, "best": best, "skips": skips, "step": step.state_dict(),
+                 "steps": steps_done, "best": best, "skips": skips, "elapsed_s": elapsed(),
+                 "step": step.state_dict(),
                  "optim": optim.state_dict()}
         _write(paths["state"], "resume state", steps_done,
                lambda: _save_state(paths["state"], state))
@@ -855,7 +864,8 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
           "train_files": len(train_set.files), "val_files": len(val_set.files),
           "train_samples": n_train, "val_samples": len(val_set),
           "skipped_files": len(data.skipped), "device": str(device),
-          "world_size": dist_info.world, "max_steps": config.max_steps})
+          "world_size": dist_info.world, "max_steps": config.max_steps, "stage": config.stage,
+          "threads": torch.get_num_threads(), "elapsed_s": elapsed()})
     if val_problems and not config.resume:
         vm = evaluate(step, val_problems, config, val_fixed_points if config.init_weights else None)
         emit({"event": "validation", "step": 0, **vm})
@@ -930,7 +940,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
                 "fwd_iterations": stats["fwd_iterations"],
                 "bwd_iterations": stats["bwd_iterations"],
                 "lambda": float(step.lam.detach()), "lr": optim.param_groups[0]["lr"],
-                "step_s": round(time.perf_counter() - t_step, 3)}
+                "step_s": round(time.perf_counter() - t_step, 3), "elapsed_s": elapsed()}
             if outcome.lipschitz:
                 rec["lipschitz_local"] = float(np.max(outcome.lipschitz))
             is_best = False
