@@ -317,6 +317,34 @@ def test_implicit_gradient_matches_long_unrolled_differentiation() -> None:
     assert float(g_deq[names.index("log_lam")].abs()) > 0    # λ is learned through x*
 
 
+def test_jacobian_free_gradient_is_one_step_at_the_fixed_point() -> None:
+    """gradient="jfb": no backward solve; the gradient is that of one recorded step at x*,
+    close to but not equal to the implicit one, and a descent direction for the loss."""
+    op, aty = make_problem(seed=6)
+    prior = sn_prior(target=0.9, seed=6)
+    mol = MolStep(prior, MolConfig(alpha=1.0, lam=8.0, cg_iters=5))
+    step = mol.bind(normal=op.normal, aty=aty)
+    weight = torch.randn_like(aty)
+    x0 = regularised_sense(op.normal, aty, lam=8.0)
+    params = [p for _, p in mol.named_parameters()]
+
+    out = deq_solve(step, x0, forward=tight(), backward=tight(), gradient="jfb")
+    assert out.backward.iterations == []
+    g_jfb = torch.autograd.grad((weight.conj() * out.x).real.sum(), params)
+    one = step(out.forward.x.detach())
+    g_one = torch.autograd.grad((weight.conj() * one).real.sum(), params)
+    for a, b in zip(g_jfb, g_one):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    exact = deq_solve(step, x0, forward=tight(), backward=tight())
+    g_imp = torch.autograd.grad((weight.conj() * exact.x).real.sum(), params)
+    flat_j = torch.cat([g.reshape(-1) for g in g_jfb])
+    flat_i = torch.cat([g.reshape(-1) for g in g_imp])
+    assert float((flat_j - flat_i).norm()) > 1e-6 * float(flat_i.norm())
+    assert float(torch.dot(flat_j, flat_i)) > 0
+    with pytest.raises(ValueError, match="gradient"):
+        deq_solve(step, x0, gradient="phantom")
+
+
 def test_exact_solve_gradient_is_the_implicit_gradient_where_cg_differentiation_stalls() -> None:
     """Large λ and few CG iterations: differentiating through the CG iterations gives a
     backward map that does not contract (the backward solve stalls); the exact-inverse VJP

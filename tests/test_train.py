@@ -376,3 +376,15 @@ def test_config_is_checked() -> None:
                 {"kind": "4d"}, {"unroll": -1}, {"time_budget_s": 0.0}):
         with pytest.raises(ConfigError):
             TrainConfig(data="d", out="m.pt", **bad)  # type: ignore[arg-type]
+
+
+def test_jacobian_free_training_runs_without_backward_solves(data: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "jfb.pt"
+    train(tiny(data["2d"], out, gradient="jfb", max_steps=3, val_every=3, checkpoint_every=3))
+    steps = step_records(output_paths(out)["log"])
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["bwd_iterations"] is None and r["fwd_iterations"] >= 1 for r in steps)
+    assert load_checkpoint(out).metadata["config"]["gradient"] == "jfb"
+    with pytest.raises(ConfigError, match="gradient"):
+        tiny(data["2d"], out, gradient="phantom")

@@ -152,6 +152,8 @@ class TrainConfig:
     diverge_tol       a forward residual above this after the cap skips the step
     penalty_*         MOL-LR penalty (see the module docstring)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
+    gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward
+                      solve) or "jfb" (Jacobian-free: the gradient through one step at x*)
     stage             "deq": deep-equilibrium steps; "denoise": stage-0 pretraining of H
                       alone on noisy patches of the targets (2D data; ``patch`` says how,
                       ``batch_size`` counts patches); validation is the full MOL
@@ -214,9 +216,12 @@ class TrainConfig:
     force: bool = False
     unroll: int = 0
     stage: Stage = "deq"
+    gradient: Literal["implicit", "jfb"] = "implicit"
     patch: PatchSpec = field(default_factory=PatchSpec)
 
     def __post_init__(self) -> None:
+        if self.gradient not in ("implicit", "jfb"):
+            raise ConfigError(f"--gradient must be implicit or jfb, got {self.gradient!r}")
         if self.stage not in STAGES:
             raise ConfigError(f"--stage must be deq or denoise, got {self.stage!r}")
         if self.constraint not in ("sn", "lr"):
@@ -1011,7 +1016,7 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
             x = unrolled(fn, x0, config.unroll)
             out.fwd_iterations.append(config.unroll)
         else:
-            res = deq_solve(fn, x0, forward=fwd, backward=bwd)
+            res = deq_solve(fn, x0, forward=fwd, backward=bwd, gradient=config.gradient)
             r = float(res.forward.final_residual.max())
             if not math.isfinite(r) or r > config.diverge_tol:
                 out.bad = (f"forward fixed point diverged (relative residual {r:.3g} after "

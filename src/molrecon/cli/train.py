@@ -93,6 +93,7 @@ def train_cmd(
     fwd_max_iter: Annotated[int, typer.Option("--fwd-max-iter", help="Forward fixed-point cap per step.")] = 40,
     max_skips: Annotated[int, typer.Option("--max-skips", help="Stop after this many consecutive failed (skipped) steps.")] = 10,
     init_weights: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's weights.")] = None,
+    gradient: Annotated[str, typer.Option("--gradient", help="deq: implicit (exact implicit gradient, one backward fixed-point solve per sample) | jfb (Jacobian-free: the gradient through one MOL step at the fixed point; cheaper, approximate).")] = "implicit",
     stage: Annotated[str, typer.Option("--stage", help="deq (deep-equilibrium steps) | denoise (stage 0: pretrain H alone as a denoiser of noisy image patches of the targets; 2d data; --batch-size counts patches). Validation is the full MOL reconstruction in both.")] = "deq",
     patch: Annotated[int, typer.Option("--patch", help="denoise: patch size in pixels.")] = 64,
     sense_fraction: Annotated[float, typer.Option("--sense-fraction", help="denoise: fraction of the patches cut from regularised SENSE images of the training scans under the run's masks (aliasing and g-factor noise) instead of the target plus white noise.")] = 0.0,
@@ -132,6 +133,7 @@ def train_cmd(
             val_every=val_every, checkpoint_every=checkpoint_every,
             fwd_max_iter=fwd_max_iter, max_skips=max_skips, init_weights=None if init_weights is None else str(init_weights),
             seed=seed, device=device, resume=resume, force=force, stage=stage,  # type: ignore[arg-type]
+            gradient=gradient,  # type: ignore[arg-type]
             patch=PatchSpec(size=patch, sigma_min=sigma_lo, sigma_max=sigma_hi,
                             sense_fraction=sense_fraction),
         )

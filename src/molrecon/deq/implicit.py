@@ -22,6 +22,11 @@ Complex tensors follow PyTorch's convention (the gradient of a real loss is
 the real-view gradient packed as a complex tensor), so J and Jᵀ are the
 real-linear Jacobian of the real view and its transpose.
 
+``gradient="jfb"`` (Jacobian-free backpropagation, Fung et al., AAAI 2022)
+keeps the recorded step but skips the backward solve: it takes g = ∂ℓ/∂x*,
+i.e. replaces (I − Jᵀ)⁻¹ by I. It is a descent direction for contractive T and
+costs one vector–Jacobian product instead of one per backward iteration.
+
 :func:`unrolled` differentiates through K recorded steps instead (memory
 grows with K): the baseline of the memory benchmark and of robustness
 comparisons.
@@ -38,6 +43,8 @@ from torch import nn
 from .fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_point
 
 StepFn = Callable[[torch.Tensor], torch.Tensor]
+#: Ways to differentiate the equilibrium (see the module docstring).
+GRADIENTS: tuple[str, ...] = ("implicit", "jfb")
 
 
 @dataclass
@@ -66,13 +73,17 @@ def deq_solve(
     forward: FixedPointConfig | None = None,
     backward: FixedPointConfig | None = None,
     contraction: float | None = None,
+    gradient: str = "implicit",
 ) -> DEQOutput:
     """Solve x* = step(x*) from ``x0`` and make x* differentiable by implicit differentiation.
 
     ``step`` is a function of x alone that closes over everything else (prior,
     λ, normal operator, Aᴴb); whatever it uses that requires a gradient gets
     one. ``contraction``: certified ρ for the forward distance bound.
+    ``gradient``: "implicit" (exact) or "jfb" (Jacobian-free, see the module docstring).
     """
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     fwd_cfg = FixedPointConfig() if forward is None else forward
     bwd_cfg = FixedPointConfig() if backward is None else backward
     fwd = solve_fixed_point(step, x0, config=fwd_cfg, contraction=contraction,
@@ -86,6 +97,8 @@ def deq_solve(
     y = step(z)
     if not y.requires_grad:
         return DEQOutput(x=y.detach(), forward=fwd, backward=stats)
+    if gradient == "jfb":
+        return DEQOutput(x=y, forward=fwd, backward=stats)
 
     # The vector-Jacobian products below start their own backward passes at y, and those
     # run y's hooks too: while the solve is running, the hook lets gradients through as they are.
