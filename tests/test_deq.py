@@ -317,6 +317,38 @@ def test_implicit_gradient_matches_long_unrolled_differentiation() -> None:
     assert float(g_deq[names.index("log_lam")].abs()) > 0    # λ is learned through x*
 
 
+def test_support_projection_zeroes_the_unobserved_background() -> None:
+    """Where the maps are zero the data say nothing: without P the fixed point there is H's own
+    (an offset c of H(x) = g·x + c gives c/(1 − g)); with P it is zero, the equation holds with
+    P∘H, and inside the support nothing else changes (maps without zeros: P = I)."""
+    op, aty = make_problem(seed=7)
+    op.maps[:, :, :, 2:5, 3:7] = 0                                   # a hole in every coil
+    aty = op.adjoint(op.forward(torch.ones_like(aty)))
+    support = (op.maps.abs().sum(dim=1) > 0).to(torch.float64)      # (B, 1, Y, X)
+    prior = MolCNN(CNNConfig(layers=1), "lr").double()
+    with torch.no_grad():                                            # H(x) = 0.5 x + 0.1 (1 + i)
+        prior.convs[0].weight.zero_()
+        prior.convs[0].weight[0, 0, 1, 1] = 0.5
+        prior.convs[0].weight[1, 1, 1, 1] = 0.5
+        prior.convs[0].bias.fill_(0.1)
+    mol = MolStep(prior, MolConfig(alpha=1.0, lam=4.0, cg_iters=8))
+    x0 = regularised_sense(op.normal, aty, lam=4.0)
+    free = solve_fixed_point(mol.bind(normal=op.normal, aty=aty), x0, config=tight()).x
+    proj = solve_fixed_point(mol.bind(normal=op.normal, aty=aty, support=support), x0,
+                             config=tight()).x
+    hole = support == 0
+    expect = 0.1 * (1 + 1j) / (1 - 0.5)
+    assert torch.allclose(free[hole.expand_as(free)], torch.full_like(free[hole.expand_as(free)],
+                                                                      expect), atol=1e-8)
+    assert float(proj[hole.expand_as(proj)].abs().max()) < 1e-10
+    with torch.no_grad():
+        r = mol.equation_residual(proj, normal=op.normal, aty=aty, support=support)
+    assert float(r.norm() / proj.norm()) < 1e-8
+    full = torch.ones_like(support)
+    a = solve_fixed_point(mol.bind(normal=op.normal, aty=aty, support=full), x0, config=tight()).x
+    assert torch.allclose(a, free, atol=1e-10)
+
+
 def test_jacobian_free_gradient_is_one_step_at_the_fixed_point() -> None:
     """gradient="jfb": no backward solve; the gradient is that of one recorded step at x*,
     close to but not equal to the implicit one, and a descent direction for the loss."""

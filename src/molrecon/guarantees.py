@@ -838,11 +838,13 @@ def solve_mol(step: MolStep, problem: Problem, x0: torch.Tensor, *, tol: float,
     import torch
 
     from .deq.fixed_point import FixedPointConfig, solve_fixed_point
+    from .deq.mol import support_of
 
     cfg = FixedPointConfig(method="anderson", tol=tol, max_iter=max_iter, warn=False)
     with torch.no_grad():
         aty = problem.aty()                                                     # (B, D, Y, X)
-        return solve_fixed_point(step.bind(normal=problem.op.normal, aty=aty), x0, config=cfg,
+        fn = step.bind(normal=problem.op.normal, aty=aty, support=support_of(problem.op))
+        return solve_fixed_point(fn, x0, config=cfg,
                                  label="MOL fixed-point iteration")
 
 
@@ -890,6 +892,8 @@ def check_uniqueness(step: MolStep, problem: Problem, *, lipschitz: float, basis
     """
     import torch
 
+    from .deq.mol import support_of
+
     gen = _generator(seed)
     with torch.no_grad():
         aty = problem.aty()                                                     # (B, D, Y, X)
@@ -908,7 +912,8 @@ def check_uniqueness(step: MolStep, problem: Problem, *, lipschitz: float, basis
         for name in START_NAMES:
             fp = solve_mol(step, problem, starts[name], tol=tol, max_iter=max_iter)
             sols[name] = fp.x
-            r = step.equation_residual(fp.x, normal=problem.op.normal, aty=aty)
+            r = step.equation_residual(fp.x, normal=problem.op.normal, aty=aty,
+                                       support=support_of(problem.op))
             res_norm[name] = _item_norm(r)                                      # (B,)
             residuals.append(float(fp.final_residual.max()))
             converged.append(bool(fp.converged))
@@ -1134,6 +1139,7 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
 
     from .deq.fixed_point import FixedPointConfig
     from .deq.implicit import deq_solve, unrolled
+    from .deq.mol import support_of
     from .models.lipschitz import local_lipschitz_power
 
     cfg = RobustnessConfig() if config is None else config
@@ -1164,7 +1170,7 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
         def solve_mol_diff(aty: torch.Tensor, step: MolStep = step, fwd: FixedPointConfig = fwd,
                            bwd: FixedPointConfig = bwd, warm: list[torch.Tensor] = warm,
                            prob: Problem = prob) -> tuple[torch.Tensor, bool]:
-            fn = step.bind(normal=prob.op.normal, aty=aty)
+            fn = step.bind(normal=prob.op.normal, aty=aty, support=support_of(prob.op))
             out = deq_solve(fn, warm[0], forward=fwd, backward=bwd)
             if bool(torch.isfinite(torch.view_as_real(out.forward.x)).all()):
                 warm[0] = out.forward.x.detach()
@@ -1172,7 +1178,7 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
 
         def solve_unrolled(aty: torch.Tensor, step: MolStep = step,
                            prob: Problem = prob) -> tuple[torch.Tensor, bool]:
-            fn = step.bind(normal=prob.op.normal, aty=aty)
+            fn = step.bind(normal=prob.op.normal, aty=aty, support=support_of(prob.op))
             return unrolled(fn, aty, cfg.unrolled_k), True
 
         with torch.no_grad():

@@ -76,6 +76,7 @@ class MolEngine:
         import torch
 
         from .deq.fixed_point import FixedPointConfig, solve_fixed_point
+        from .deq.mol import support_of
 
         fp = FixedPointConfig(method=self.config.solver, tol=self.config.tol,
                               max_iter=self.config.max_iter, warn=False)
@@ -84,7 +85,7 @@ class MolEngine:
             mol = plane_step(mol)
         with torch.no_grad():
             aty = op.adjoint(kspace)                                      # (b, D, Y, X)
-            step = mol.bind(normal=op.normal, aty=aty)
+            step = mol.bind(normal=op.normal, aty=aty, support=support_of(op))
             return solve_fixed_point(step, x0, config=fp, contraction=self.contraction,
                                      label="MOL fixed-point iteration")
 

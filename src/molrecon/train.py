@@ -612,7 +612,8 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
         with torch.no_grad():
             for p in problems:
                 x0 = regularised_sense(p.op.normal, p.aty, lam=step.lam, iters=config.init_iters)
-                res = solve_fixed_point(step.bind(normal=p.op.normal, aty=p.aty), x0, config=fp)
+                res = solve_fixed_point(step.bind(normal=p.op.normal, aty=p.aty,
+                                                  support=p.op.support()), x0, config=fp)
                 sense = cg_sense(p.op, p.y, lam=sense_cfg.sense_lambda,
                                  max_iter=sense_cfg.sense_iters).x
                 tgt = p.target.cpu().numpy()
@@ -1008,8 +1009,10 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
             x0 = regularised_sense(prob.op.normal, prob.aty, lam=step.lam.detach(),
                                    iters=config.init_iters)         # (1, D, Y, X)
 
-        def fn(x: Any, _p: Problem = prob) -> Any:
-            return step(x, normal=_p.op.normal, aty=_p.aty)
+        support = prob.op.support()                                  # (1, D|1, Y, X)
+
+        def fn(x: Any, _p: Problem = prob, _s: Any = support) -> Any:
+            return step(x, normal=_p.op.normal, aty=_p.aty, support=_s)
 
         stats = None
         if config.unroll > 0:

@@ -91,10 +91,19 @@ def _item_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 class MolStep(nn.Module):
-    """T(x) = (I + αλAᴴA)⁻¹((1 − α)x + αH(x) + αλAᴴb) with a learnable λ = exp(log_lam).
+    """T(x) = (I + αλAᴴA)⁻¹(P((1 − α)x + αH(x)) + αλAᴴb) with a learnable λ = exp(log_lam).
 
     ``prior`` maps complex (B, D, Y, X) to the same; ``normal`` is x ↦ AᴴAx on
     that shape and ``aty`` = Aᴴb (computed once per measurement).
+
+    ``support`` (optional, real 0/1 broadcastable to x): P multiplies by it, so
+    the image is zero where the coil maps are (``SenseOperator.support``). There
+    AᴴA and Aᴴb vanish, so without P the fixed point there would be H's own fixed
+    point, which nothing in the data controls: a contractive H with a small
+    output offset ε fills the cropped background with ≈ ε/(1 − L). P is a
+    projection, so P∘H has H's Lipschitz bound and every guarantee carries
+    over; the fixed point solves (1) with H replaced by P∘H (zero outside the
+    support, the same equation inside).
     """
 
     def __init__(self, prior: nn.Module, config: MolConfig | None = None) -> None:
@@ -124,30 +133,38 @@ class MolStep(nn.Module):
         other.log_lam = self.log_lam
         return other
 
-    def forward(self, x: torch.Tensor, *, normal: Normal, aty: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, normal: Normal, aty: torch.Tensor,
+                support: torch.Tensor | None = None) -> torch.Tensor:
         alpha = self.alpha
         al = alpha * self.lam.to(x.real.dtype)                            # αλ, shape ()
         z = (1.0 - alpha) * x + alpha * self.prior(x)                    # (B, D, Y, X)
+        if support is not None:
+            z = z * support                                               # (B, D, Y, X)
         rhs = z / al + aty                                                # (B, D, Y, X)
         if self.exact_dc_grad and torch.is_grad_enabled():
             return _ExactSolveGrad.apply(rhs, 1.0 / al, x, normal, self.cg_iters)
         res = conjugate_gradient(normal, rhs, x0=x, shift=1.0 / al, max_iter=self.cg_iters)
         return res.x
 
-    def bind(self, *, normal: Normal, aty: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def bind(self, *, normal: Normal, aty: torch.Tensor, support: torch.Tensor | None = None
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The step as a function of x alone, for the fixed-point solvers."""
         def step(x: torch.Tensor) -> torch.Tensor:
-            return self(x, normal=normal, aty=aty)
+            return self(x, normal=normal, aty=aty, support=support)
         return step
 
-    def equation_residual(self, x: torch.Tensor, *, normal: Normal,
-                          aty: torch.Tensor) -> torch.Tensor:
-        """x − H(x) + λ(AᴴAx − Aᴴb), the left side of (1); shape of x."""
+    def equation_residual(self, x: torch.Tensor, *, normal: Normal, aty: torch.Tensor,
+                          support: torch.Tensor | None = None) -> torch.Tensor:
+        """x − P H(x) + λ(AᴴAx − Aᴴb), the left side of (1) (P: the support projection,
+        the identity without one); shape of x."""
         lam = self.lam.to(x.real.dtype)
-        return x - self.prior(x) + lam * (normal(x) - aty)
+        h = self.prior(x)
+        if support is not None:
+            h = h * support
+        return x - h + lam * (normal(x) - aty)
 
     def distance_bound(self, x: torch.Tensor, *, normal: Normal, aty: torch.Tensor,
-                       lipschitz: float) -> torch.Tensor:
+                       lipschitz: float, support: torch.Tensor | None = None) -> torch.Tensor:
         """Certified ‖x − x*‖ ≤ ‖residual of (1)‖ / (1 − L) per item, shape (B,).
 
         Valid when ``lipschitz`` is a certified global Lipschitz bound L < 1 of H.
@@ -155,11 +172,18 @@ class MolStep(nn.Module):
         if not lipschitz < 1.0:
             raise ValueError("the distance bound needs a Lipschitz bound L < 1")
         with torch.no_grad():
-            r = self.equation_residual(x, normal=normal, aty=aty)
+            r = self.equation_residual(x, normal=normal, aty=aty, support=support)
         return _item_norm(r) / (1.0 - lipschitz)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, cg_iters={self.cg_iters}"
+
+
+def support_of(op: object) -> torch.Tensor | None:
+    """The support projection's mask of an operator that defines one (``SenseOperator.support``);
+    None for operators without coil maps (P is then the identity)."""
+    fn = getattr(op, "support", None)
+    return fn() if callable(fn) else None
 
 
 class _ExactSolveGrad(torch.autograd.Function):
@@ -219,6 +243,7 @@ def regularised_sense(normal: Normal, aty: torch.Tensor, *, lam: float | torch.T
 __all__ = [
     "MolConfig",
     "MolStep",
+    "support_of",
     "Normal",
     "NormalOperator",
     "contraction_factor",

@@ -131,6 +131,14 @@ class SenseOperator:
         return op
 
     # ------------------------------------------------------------------ properties
+    def support(self) -> torch.Tensor:
+        """Where the coil maps are not all zero: real 0/1 ``(B, D|1, Y, X)`` (``D = 1`` for
+        2dt maps shared over frames). Outside it AᴴA and Aᴴ vanish: the data say nothing
+        there (ESPIRiT's crop marks such pixels as outside the object)."""
+        energy = self._maps_u.real.square() + self._maps_u.imag.square()    # (B, C, D|1, Y, X)
+        inside = (energy.sum(dim=1) > 0).to(self._maps_u.real.dtype)        # (B, D|1, Y, X)
+        return torch.fft.fftshift(inside, dim=self._dims)
+
     @property
     def domain_shape(self) -> tuple[int, ...]:
         """Image shape ``(B, D, Y, X)``."""
