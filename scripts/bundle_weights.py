@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import learning_curve
 
 from molrecon.guarantees import (
     CheckConfig,
@@ -43,7 +48,9 @@ def main() -> None:
     ap.add_argument("--kinds", default="2d")
     ap.add_argument("--default-for", default="")
     ap.add_argument("--command", default="", help="the training command, for the model card")
-    ap.add_argument("--log", type=Path, help="training log (.log.jsonl) for the card's curve summary")
+    ap.add_argument("--log", action="append", default=[],
+                    help="training log (.log.jsonl) of a stage, as LABEL=PATH, in training order "
+                         "(repeat for a staged campaign): the card's learning curve and its PNG")
     ap.add_argument("--out-dir", type=Path, help="where to write (default: the package's weights folder)")
     args = ap.parse_args()
 
@@ -78,14 +85,21 @@ def main() -> None:
     man_path.write_text(json.dumps(man, indent=2) + "\n")
 
     curve = ""
-    if args.log and args.log.exists():
-        vals = [json.loads(line) for line in args.log.read_text().splitlines() if '"val_psnr"' in line]
-        if vals:
-            curve = "\n".join(f"| {v['step']} | {v['val_psnr']:.2f} | {v['val_ssim']:.4f} | "
-                              f"{v['val_sense_psnr']:.2f} | {v['val_sense_ssim']:.4f} | {v['val_iterations']:.1f} |"
-                              for v in vals)
-            curve = ("| step | MOL PSNR | MOL SSIM | CG-SENSE PSNR | CG-SENSE SSIM | MOL iterations |\n"
-                     "|---:|---:|---:|---:|---:|---:|\n" + curve)
+    stages = []
+    for item in args.log:
+        label, _, path = item.partition("=")
+        if not path:
+            label, path = Path(item).stem, item
+        if Path(path).exists():
+            stages.append((label, Path(path)))
+    if stages:
+        rows = learning_curve.campaign(stages)
+        if rows:
+            png = out_dir / f"{args.name}_curve.png"
+            learning_curve.draw(rows, png, f"{args.name}: validation during training")
+            curve = (f"![learning curve]({png.name})\n\n"
+                     f"Total: {rows[-1]['core_hours']:.2f} core-hours over {len(stages)} stage(s) "
+                     "(wall-clock × torch threads).\n\n" + learning_curve.markdown(rows))
     cfg = meta.get("config", {})
     kind = str(meta.get("kind", "2d"))
     served_note = (" (2D+time frame by frame, 3D partition by partition, with a 2D model)"

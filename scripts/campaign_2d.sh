@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The 2D MOL-LR training campaign, stage by stage, resumable across sessions and machines.
+#
+#   scripts/campaign_2d.sh data          # simulate the training and validation folders (≈ 1 min)
+#   scripts/campaign_2d.sh stage0 SECS   # denoiser pretraining for SECS seconds (resumes)
+#   scripts/campaign_2d.sh stage1 SECS   # deep-equilibrium training for SECS seconds (resumes)
+#   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
+#   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
+#
+# Every stage writes MODEL.pt (best by validation PSNR of the full MOL reconstruction),
+# MODEL.last.pt, MODEL.state.pt (weights, Adam moments, learning rates, step count, clock)
+# and MODEL.log.jsonl under runs/; `save` copies the state and log (about 2 MB) into
+# campaign/2d_lr/ so that a commit carries the campaign to the next session, and
+# `restore` puts them back. THREADS (default 2) sets the torch threads of a stage.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+MOL=${MOL:-.venv/bin/molrecon}
+THREADS=${THREADS:-2}
+RUNS=runs
+KEEP=campaign/2d_lr
+DATA="--data $RUNS/data2d --val-data $RUNS/data2d_val"
+MASKS="--mask equispaced,random -R 4,6 --acs 16"
+SEED=11
+
+stage0() {
+  local secs=$1 out=$RUNS/s0lr/s0lr.pt resume=()
+  mkdir -p "$RUNS/s0lr"
+  [ -f "$RUNS/s0lr/s0lr.state.pt" ] && resume=(--resume)
+  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --stage denoise \
+    --batch-size 16 --patch 64 --sigma 0.01,0.12 --constraint lr \
+    --init src/molrecon/data/weights/mol_2d_lr.pt --lr 2e-4 --penalty-weight 1e-3 \
+    --penalty-every 4 --max-steps 100000 --val-every 300 --val-samples 6 \
+    --checkpoint-every 300 --seed $SEED --time-budget "$secs" --quiet "${resume[@]}"
+}
+
+stage1() {
+  local secs=$1 out=$RUNS/s1lr/s1lr.pt resume=() init=$RUNS/s0lr/s0lr.pt
+  mkdir -p "$RUNS/s1lr"
+  [ -f "$RUNS/s1lr/s1lr.state.pt" ] && resume=(--resume)
+  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --init "$init" \
+    --constraint lr --readout-block 128 --cg-iters 10 --lr 1e-4 --penalty-weight 1e-3 \
+    --penalty-every 2 --penalty-threshold 0.95 --max-steps 100000 --val-every 100 \
+    --val-samples 6 --checkpoint-every 25 --seed $SEED --time-budget "$secs" --quiet \
+    "${resume[@]}"
+}
+
+save() {
+  mkdir -p "$KEEP"
+  for stage in s0lr s1lr; do
+    for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
+             "$RUNS/$stage/$stage.pt"; do
+      [ -f "$f" ] && cp "$f" "$KEEP/"
+    done
+  done
+  ls -la "$KEEP"
+}
+
+restore() {
+  for stage in s0lr s1lr; do
+    mkdir -p "$RUNS/$stage"
+    for f in "$KEEP/$stage".*; do
+      [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
+    done
+  done
+  return 0
+}
+
+case "${1:-}" in
+  data)
+    # MNI152 (a second subject for the train split) comes with nilearn: the "train" extra.
+    "$PY" -m pip install -q -e ".[train]"
+    "$PY" scripts/make_training_data.py --kind 2d --out "$RUNS/data2d" --train 96 --val 8 ;;
+  stage0) stage0 "${2:?seconds}" ;;
+  stage1) stage1 "${2:?seconds}" ;;
+  save) save ;;
+  restore) restore ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
+esac
