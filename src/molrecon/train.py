@@ -484,8 +484,10 @@ def _model_dims(kind: str) -> int:
 
 
 def _kinds(kind: str) -> list[str]:
-    """The data kinds a model trained on ``kind`` is declared for in its checkpoint."""
-    return [kind]
+    """The data kinds a model trained on ``kind`` is declared for in its checkpoint: a 2D
+    prior also serves 2D+time frame by frame and 3D partition by partition (as the bundled
+    2D models do); a 3D network only the kind it was trained on."""
+    return ["2d", "2dt", "3d"] if kind == "2d" else [kind]
 
 
 def _loss(x: Any, target: Any, kind: Loss) -> Any:
