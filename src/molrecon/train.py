@@ -995,7 +995,6 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
 
     from .deq.implicit import deq_solve, unrolled
     from .deq.mol import regularised_sense
-    from .models.lipschitz import local_lipschitz_ratio
 
     out = _StepOutcome()
     n_train = len(train_set)
@@ -1030,13 +1029,11 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
             x, stats = res.x, res.backward
             out.fwd_iterations.append(res.forward.iterations)
         loss = _loss(x, prob.target, config.loss)
-        if (config.constraint == "lr" and config.penalty_weight > 0
-                and s % config.penalty_every == 0):
-            gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
-            u = _random_crop(x.detach(), config.penalty_crop, rng)
-            lip, _ = local_lipschitz_ratio(cnn, u, steps=config.penalty_steps, generator=gen)
-            loss = loss + config.penalty_weight * _penalty(lip, config.penalty_threshold)
-            out.lipschitz.append(float(lip.detach()))
+        penalty = _lipschitz_penalty(
+            cnn, config, s, rng, out,
+            lambda _x=x, _r=rng: _random_crop(_x.detach(), config.penalty_crop, _r))
+        if penalty is not None:
+            loss = loss + penalty
         if not bool(torch.isfinite(loss)):
             out.bad = "non-finite loss"
             return out
@@ -1056,7 +1053,6 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     ``bank``: the regularised SENSE images per sample (empty: noise patches only)."""
     import torch
 
-    from .models.lipschitz import local_lipschitz_ratio
     from .train_patches import draw_patch
 
     out = _StepOutcome()
@@ -1075,13 +1071,10 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     x_in = torch.stack([x[..., :p, :p] for x in noisy]).to(device)        # (B, 1, P, P)
     target = torch.stack([x[..., :p, :p] for x in clean]).to(device)      # (B, 1, P, P)
     loss = _loss(cnn(x_in), target, config.loss)
-    if (config.constraint == "lr" and config.penalty_weight > 0
-            and s % config.penalty_every == 0):
-        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
-        u = x_in[int(rng.integers(x_in.shape[0]))][None]                  # (1, 1, P, P)
-        lip, _ = local_lipschitz_ratio(cnn, u, steps=config.penalty_steps, generator=gen)
-        loss = loss + config.penalty_weight * _penalty(lip, config.penalty_threshold)
-        out.lipschitz.append(float(lip.detach()))
+    penalty = _lipschitz_penalty(cnn, config, s, rng, out,
+                                 lambda: x_in[int(rng.integers(x_in.shape[0]))][None])  # (1, 1, P, P)
+    if penalty is not None:
+        loss = loss + penalty
     if not bool(torch.isfinite(loss)):
         out.bad = "non-finite loss"
         return out
@@ -1089,6 +1082,24 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     out.loss_sum = float(loss.detach())
     out.count = 1
     return out
+
+
+def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Generator,
+                       out: _StepOutcome, point: Callable[[], Any]) -> Any | None:
+    """MOL-LR's penalty term on step ``s`` (None when the step has none): the adversarial
+    local Lipschitz estimate at ``point()`` through the log barrier; the estimate is recorded
+    in ``out``."""
+    import torch
+
+    from .models.lipschitz import local_lipschitz_ratio
+
+    if not (config.constraint == "lr" and config.penalty_weight > 0
+            and s % config.penalty_every == 0):
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
+    lip, _ = local_lipschitz_ratio(cnn, point(), steps=config.penalty_steps, generator=gen)
+    out.lipschitz.append(float(lip.detach()))
+    return config.penalty_weight * _penalty(lip, config.penalty_threshold)
 
 
 def _random_crop(x: Any, size: int | None, rng: np.random.Generator) -> Any:

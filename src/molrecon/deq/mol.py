@@ -243,9 +243,9 @@ def regularised_sense(normal: Normal, aty: torch.Tensor, *, lam: float | torch.T
 __all__ = [
     "MolConfig",
     "MolStep",
-    "support_of",
     "Normal",
     "NormalOperator",
     "contraction_factor",
     "regularised_sense",
+    "support_of",
 ]
