@@ -54,6 +54,18 @@ A certified distance to the solution of (1) that does not depend on the
 solver: F + λAᴴA − λAᴴb is m-strongly monotone, so
 ‖x − x*‖ ≤ ‖x − H(x) + λ(AᴴAx − Aᴴb)‖ / m (:meth:`MolStep.distance_bound`).
 
+Support of the coil maps
+------------------------
+Where every coil map is zero (outside ESPIRiT's crop), AᴴA and Aᴴb vanish and
+(1) reads x = H(x): the data say nothing and the solution there would be H's
+own fixed point, which a contractive H with a small output offset ε puts at
+≈ ε/(1 − L) (measured: a 2 % grey background with a denoiser-pretrained
+prior). Given the support mask P (``SenseOperator.support``), the step uses
+P∘H in place of H: z = P((1 − α)x + αH(x)). P is a projection, so P∘H is
+L-Lipschitz whenever H is, and everything above holds for (1) with P∘H; its
+solution is zero outside the support (as CG-SENSE's is) and solves the same
+equation inside.
+
 λ is learnable and positive through a log parametrisation: λ = exp(log_lam).
 """
 
