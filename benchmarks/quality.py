@@ -6,6 +6,8 @@ Data (never used in training; see ``molrecon.anatomy`` for the split):
   project's own raw-data model (8 coils, noise 0.01, 256², readout
   oversampling, correlated noise + noise scan), written as ISMRMRD and read
   back (prewhitening included), at R = 4 and R = 6 (equispaced + 16 ACS lines);
+* the same slab with 12 coils, 1D variable-density masks (R = 4, 6) and 24
+  calibration lines (the protocol of retrospectively undersampled real scans);
 * held-out 3D slabs of the test slab: 128 × 128 × 16, variable-density Poisson
   (ky, kz) R = 4 with a 12 × 12 calibration region;
 * 2D+time: the test slab with smooth periodic motion, 12 frames, 128²,
@@ -294,7 +296,7 @@ def run_case(tmp: Path, name: str, cfg: SimulationConfig, weights: dict[str, str
     print(f"done: {label}", file=sys.stderr, flush=True)
 
 
-PARTS = ("2d", "ood", "3d", "2dt", "real")
+PARTS = ("2d", "ood", "vd", "3d", "2dt", "real")
 
 
 def main() -> None:
@@ -328,6 +330,18 @@ def main() -> None:
                              rows, "out-of-distribution macaque brain 2D, R=4")
                 except Exception as exc:  # noqa: BLE001 - optional anatomy
                     print(f"OOD case skipped: {exc}", file=sys.stderr)
+        if "vd" in parts:
+            # The protocol of real 2D brain scans retrospectively undersampled elsewhere:
+            # 1D variable density with 24 calibration lines, 12 coils.
+            for accel in (4.0, 6.0):
+                vd = {"mask": "random", "acs": 24, "coils": 12}
+                lam = tune_bart(tmp, [sim("2d", accel, 120 + i, pos, **vd)
+                                      for i, pos in enumerate((0.57, 0.63))],
+                                [0.0003, 0.001, 0.003, 0.01])
+                for i, pos in enumerate(np.linspace(0.72, 0.82, args.slices)):
+                    run_case(tmp, f"vd_{accel:g}_{i}", sim("2d", accel, 520 + i, float(pos), **vd),
+                             weights, lam, rows,
+                             f"held-out brain 2D, 12 coils, VD R={accel:g}, 24 ACS #{i}")
         if "3d" in parts:
             lam = tune_bart(tmp, [sim("3d", 4.0, 300, 0.60)], [0.0001, 0.0003, 0.001, 0.003])
             for i, pos in enumerate((0.74, 0.80)):
