@@ -71,6 +71,7 @@ def train_cmd(
     noise: Annotated[float, typer.Option("--noise", help="Extra complex noise std added to the normalised k-space.")] = 0.0,
     loss: Annotated[str, typer.Option("--loss", help="mse (complex) | mse_mag | l1.")] = "mse",
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of H.")] = 1e-4,
+    lam_lr: Annotated[float, typer.Option("--lam-lr", help="Adam learning rate of log λ (0 keeps λ fixed).")] = 1e-2,
     lam_init: Annotated[float | None, typer.Option("--lam", help="Initial data-consistency weight λ (learned) [default: 100, or the --init checkpoint's λ].", show_default=False)] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="MOL step size α.")] = 1.0,
     cg_iters: Annotated[int, typer.Option("--cg-iters", help="CG iterations per MOL step.")] = 5,
@@ -124,7 +125,7 @@ def train_cmd(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]
             lipschitz_target=lipschitz_target, spectral_grid=spectral_grid, layers=layers, channels=channels,
             mask=MaskSpec(family=mask, acceleration=r, acs=acs, accelerations=rs),
-            extra_noise=noise, loss=loss, lr=lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
+            extra_noise=noise, loss=loss, lr=lr, lam_lr=lam_lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
             cg_iters=cg_iters, penalty_weight=penalty_weight, penalty_threshold=penalty_threshold,
             penalty_every=penalty_every, val_samples=val_samples,
             batch_size=batch_size, max_steps=max_steps, time_budget_s=time_budget,
