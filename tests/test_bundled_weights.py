@@ -75,6 +75,29 @@ def test_bundled_names_are_accepted_as_weights(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_command_that_takes_a_model_takes_a_bundled_name(tmp_path: Path) -> None:
+    """check-lipschitz, robustness and train --init resolve bundled names as reconstruct does."""
+    r = runner.invoke(app, ["check-lipschitz", "mol_2d_sn", "--points", "1", "--power-iters", "2",
+                            "--ratio-steps", "1", "--tol", "1e-3", "--max-iter", "30", "--json",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["verdict"] == "certified"
+    for cmd in (["check-lipschitz", "mol_no_such_model"], ["robustness", "mol_no_such_model"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 1 and "no bundled model of that name" in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1
+    data = tmp_path / "d"
+    data.mkdir()
+    simulate_to_file(SimulationConfig(kind="2d", matrix=(48, 48), coils=4, acceleration=1.0,
+                                      seed=3), data / "a.h5")
+    out = tmp_path / "m.pt"
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--init", "mol_2d_lr",
+                            "--max-steps", "1", "--val-fraction", "0", "--acs", "8", "-R", "3",
+                            "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out).metadata["config"]["init_weights"] == "mol_2d_lr"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_fresh_scan_of_each_kind_reconstructs_with_the_default_model(
         kind: str, tmp_path: Path) -> None:

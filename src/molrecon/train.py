@@ -423,8 +423,9 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
                 last.bias.zero_()
     else:
         from .models.checkpoint import load_checkpoint
+        from .weights import resolve_weights
 
-        loaded = load_checkpoint(config.init_weights)
+        loaded = load_checkpoint(resolve_weights(config.init_weights))
         source = loaded.model.config
         if source == cnn.config:
             cnn.load_state_dict(loaded.model.state_dict())

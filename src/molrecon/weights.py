@@ -56,15 +56,16 @@ def bundled_checkpoint(kind: str, constraint: str | None = None) -> Path:
 
 
 def resolve_weights(value: str | Path) -> Path:
-    """A ``--weights`` value: a checkpoint file, or the name of a bundled model
-    (``mol_2d_sn``) when no such file exists."""
+    """A model argument (``--weights``, ``--init``, ``check-lipschitz MODEL``, ``robustness
+    MODEL``): a checkpoint file, or the name of a bundled model (``mol_2d_sn``) when no such
+    file exists."""
     path = Path(value)
     if path.exists() or path.suffix or len(path.parts) > 1:
         return path
     models: dict[str, dict[str, Any]] = manifest().get("models", {})
     if str(value) not in models:
         names = ", ".join(sorted(models)) or "none"
-        raise ConfigError(f"--weights {value}: no such file and no bundled model of that name "
+        raise ConfigError(f"{value}: no such file and no bundled model of that name "
                           f"(bundled: {names}; see `molrecon models`)")
     target = weights_dir() / models[str(value)]["file"]
     if not target.is_file():

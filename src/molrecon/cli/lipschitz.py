@@ -60,7 +60,7 @@ def _fmt(v: float | None, spec: str = ".4g") -> str:
 # ------------------------------------------------------------------------------ check-lipschitz
 @app.command("check-lipschitz")
 def check_lipschitz_cmd(
-    model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt).")],
+    model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt), or a bundled model's name (`molrecon models`).")],
     data: Annotated[list[Path] | None, typer.Option(
         "--data", "-d", help="Raw scan(s) whose MOL fixed points are the test points "
         "(repeatable; default: the bundled example scan, or for a 3D or 2D+time model a scan simulated from the validation anatomy).")] = None,
@@ -129,9 +129,10 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
     from ..guarantees import example_scan, load_problems
     from ..models.checkpoint import load_checkpoint
     from ..simulate import simulated_example
+    from ..weights import resolve_weights
 
     dev = resolve_device(device)
-    loaded = load_checkpoint(model, map_location=dev)
+    loaded = load_checkpoint(resolve_weights(model), map_location=dev)
     with tempfile.TemporaryDirectory(prefix="molrecon-example-") as tmp:
         if data:
             paths = list(data)
@@ -219,7 +220,7 @@ def _print_check(r: LipschitzReport) -> None:
 # ------------------------------------------------------------------------------ robustness
 @app.command("robustness")
 def robustness_cmd(
-    model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt).")],
+    model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt), or a bundled model's name (`molrecon models`).")],
     data: Annotated[Path | None, typer.Argument(
         help="Raw scan (default: the bundled example scan, or a simulated one of a 3D or 2D+time model's kind).")] = None,
     eps: Annotated[str, typer.Option(

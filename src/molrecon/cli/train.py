@@ -93,7 +93,7 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 25,
     fwd_max_iter: Annotated[int, typer.Option("--fwd-max-iter", help="Forward fixed-point cap per step.")] = 40,
     max_skips: Annotated[int, typer.Option("--max-skips", help="Stop after this many consecutive failed (skipped) steps.")] = 10,
-    init_weights: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's weights.")] = None,
+    init_weights: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's weights (a file, or a bundled model's name).")] = None,
     gradient: Annotated[str, typer.Option("--gradient", help="deq: implicit (exact implicit gradient, one backward fixed-point solve per sample) | jfb (Jacobian-free: the gradient through one MOL step at the fixed point; cheaper, approximate).")] = "implicit",
     stage: Annotated[str, typer.Option("--stage", help="deq (deep-equilibrium steps) | denoise (stage 0: pretrain H alone as a denoiser of noisy image patches of the targets; 2d data; --batch-size counts patches). Validation is the full MOL reconstruction in both.")] = "deq",
     patch: Annotated[int, typer.Option("--patch", help="denoise: patch size in pixels.")] = 64,
