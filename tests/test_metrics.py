@@ -71,3 +71,24 @@ def test_one_readout_position_is_scored_on_the_partition_phase_plane(
     as_plane = compare(rec[:, None], ref[:, None])
     assert as_volume.psnr == pytest.approx(as_plane.psnr)
     assert as_volume.ssim == pytest.approx(as_plane.ssim)
+
+
+def test_cli_json_of_identical_images_is_valid_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Identical images: PSNR is infinite, which JSON cannot hold; the command writes null and
+    says "identical" (and the table shows ∞)."""
+    import json
+
+    import nibabel as nib
+    from typer.testing import CliRunner
+
+    from molrecon.cli import app
+
+    img = np.random.default_rng(0).random((16, 12, 1)).astype(np.float32)
+    path = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(img, np.eye(4)), str(path))
+    r = CliRunner().invoke(app, ["metrics", str(path), str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["psnr"] is None and out["identical"] is True and out["ssim"] > 0.999
+    r = CliRunner().invoke(app, ["metrics", str(path), str(path)])
+    assert r.exit_code == 0 and "identical" in r.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -26,14 +27,19 @@ def metrics_cmd(
 
         m = metrics(str(recon), str(reference), fit=not no_fit)
         if as_json:
-            stdout.print_json(json.dumps(m.as_dict()))
+            # JSON has no Infinity: identical images get "psnr": null and "identical": true.
+            out: dict[str, object] = dict(m.as_dict())
+            out["identical"] = not math.isfinite(m.psnr)
+            if out["identical"]:
+                out["psnr"] = None
+            stdout.print_json(json.dumps(out, allow_nan=False))
             return
         from rich.table import Table
 
         table = Table(title=f"{recon.name} vs {reference.name}", show_header=True)
         table.add_column("metric")
         table.add_column("value", justify="right")
-        table.add_row("PSNR", f"{m.psnr:.2f} dB")
+        table.add_row("PSNR", f"{m.psnr:.2f} dB" if math.isfinite(m.psnr) else "∞ (identical)")
         table.add_row("SSIM", f"{m.ssim:.4f}")
         table.add_row("NRMSE", f"{m.nrmse:.4f}")
         table.add_row("intensity fit", f"{m.scale:.4g}" if not no_fit else "off")
