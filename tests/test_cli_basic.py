@@ -99,7 +99,27 @@ def test_demo_writes_outputs_and_scores(tmp_path: Path) -> None:
 
 def test_impossible_option_values_are_usage_errors(tmp_path: Path) -> None:
     raw, _ = example_paths()
-    for extra in (["--device", "tpu"], ["--method", "magic"], ["--max-iter", "0"], ["--tol", "2"]):
+    for extra in (["--device", "tpu"], ["--method", "magic"], ["--max-iter", "0"], ["--tol", "2"],
+                  ["--method", "sense", "--weights", "mol_2d_lr"]):
         res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "o.nii"), *extra])
         assert res.exit_code == 2, (extra, res.output)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_bad_model_is_refused_before_the_scan_is_read(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model file that cannot be used ends the command before the raw file is read."""
+    import molrecon.io.detect as detect
+
+    def no_read(*_a: object, **_k: object) -> None:
+        raise AssertionError("the scan was read before the model was checked")
+
+    monkeypatch.setattr(detect, "read_raw", no_read)
+    raw, _ = example_paths()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "o.nii"), "--weights",
+                              str(bad)])
+    assert res.exit_code == 1 and "bad.pt" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.nii").exists()

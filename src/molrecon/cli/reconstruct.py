@@ -40,6 +40,9 @@ def reconstruct_cmd(
     """Reconstruct raw multicoil Cartesian k-space into a NIfTI image with correct geometry."""
     _check_usage(method=method, device=device, solver=solver, max_iter=max_iter, tol=tol,
                  alpha=alpha, batch_size=batch_size)
+    if weights is not None and method != "mol":
+        raise typer.BadParameter(f"--weights is used by --method mol only (this run is "
+                                 f"--method {method})", param_hint="--weights")
     with user_errors(debug):
         import warnings
 
@@ -70,6 +73,13 @@ def reconstruct_cmd(
         from ..io.detect import read_raw
         from ..io.nifti import write_nifti
         from ..recon import ReconConfig, reconstruct
+
+        if weights is not None:
+            # A wrong model is found before the (possibly long) read of the scan.
+            from ..models.checkpoint import load_checkpoint
+            from ..weights import resolve_weights
+
+            load_checkpoint(resolve_weights(weights), map_location="cpu")
 
         config = ReconConfig(
             method=method, weights=None if weights is None else str(weights), device=device,  # type: ignore[arg-type]
