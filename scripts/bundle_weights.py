@@ -49,8 +49,9 @@ def main() -> None:
     ap.add_argument("--default-for", default="")
     ap.add_argument("--command", default="", help="the training command, for the model card")
     ap.add_argument("--log", action="append", default=[],
-                    help="training log (.log.jsonl) of a stage, as LABEL=PATH, in training order "
-                         "(repeat for a staged campaign): the card's learning curve and its PNG")
+                    help="training log (.log.jsonl) of a stage, as LABEL=PATH[@STEP], in training "
+                         "order (repeat for a staged campaign; see learning_curve.py): the card's "
+                         "learning curve and its PNG")
     ap.add_argument("--out-dir", type=Path, help="where to write (default: the package's weights folder)")
     args = ap.parse_args()
 
@@ -85,13 +86,7 @@ def main() -> None:
     man_path.write_text(json.dumps(man, indent=2) + "\n")
 
     curve = ""
-    stages = []
-    for item in args.log:
-        label, _, path = item.partition("=")
-        if not path:
-            label, path = Path(item).stem, item
-        if Path(path).exists():
-            stages.append((label, Path(path)))
+    stages = [st for st in map(learning_curve.parse_stage, args.log) if st[1].exists()]
     if stages:
         rows = learning_curve.campaign(stages)
         if rows:

@@ -5,7 +5,8 @@ the validation PSNR of the full MOL reconstruction, and of CG-SENSE on the same
 validation problems, against the cumulative core-hours of the campaign
 (wall-clock seconds × torch threads of each stage). Logs written before
 ``elapsed_s`` existed fall back to the sum of the step times (validation time
-not counted); the table says which.
+not counted); the table says which. A stage that started from an earlier step
+of the stage before it (``LABEL=LOG@STEP``) is drawn from that step's clock.
 
     python scripts/learning_curve.py stage0=runs/s0lr/s0lr.log.jsonl \
         stage1=runs/s1lr/s1lr.log.jsonl --png card_curve.png --markdown
@@ -22,16 +23,26 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def read_stage(path: Path) -> tuple[list[dict], int, bool]:
     """Validation points (step, hours within the stage, PSNRs) of one log, its thread count,
-    and whether the clock is the run's wall clock (else summed step times)."""
+    and whether the clock is the run's wall clock (else summed step times).
+
+    Each invocation (a ``start`` record) is a segment: within it the wall clock is the
+    difference of ``elapsed_s`` (validation included); without ``elapsed_s`` (logs from
+    before it existed) the step times are summed."""
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     starts = [r for r in recs if r.get("event") == "start"]
     threads = int(starts[-1].get("threads", 1)) if starts else 1
-    wall = any("elapsed_s" in r for r in recs if "loss" in r)
-    points, summed, clock = [], 0.0, 0.0
+    wall = all("elapsed_s" in r for r in recs if "loss" in r)
+    points, clock, base, first = [], 0.0, 0.0, None
     for r in recs:
+        if r.get("event") == "start":
+            base, first = clock, None
         if "loss" in r:
-            summed += float(r.get("step_s", 0.0))
-            clock = float(r["elapsed_s"]) if wall and "elapsed_s" in r else summed
+            if "elapsed_s" in r:
+                if first is None:
+                    first = float(r["elapsed_s"]) - float(r.get("step_s", 0.0))
+                clock = base + float(r["elapsed_s"]) - first
+            else:
+                clock += float(r.get("step_s", 0.0))
         if r.get("val_psnr") is not None:
             points.append({"step": int(r["step"]), "hours": clock / 3600.0,
                            "psnr": float(r["val_psnr"]), "ssim": float(r["val_ssim"]),
@@ -40,15 +51,26 @@ def read_stage(path: Path) -> tuple[list[dict], int, bool]:
     return points, threads, wall
 
 
-def campaign(stages: list[tuple[str, Path]]) -> list[dict]:
-    rows, offset = [], 0.0
-    for label, path in stages:
+def campaign(stages: list[tuple[str, Path, int | None]]) -> list[dict]:
+    """The stages' validation points on one clock. A stage given a step (``LABEL=LOG@STEP``)
+    started from that step of the stage before it (a branch: its clock starts there);
+    otherwise it follows the end of the stage before it."""
+    rows: list[dict] = []
+    offset = 0.0
+    previous: list[dict] = []
+    for label, path, branch in stages:
         points, threads, wall = read_stage(path)
-        for p in points:
-            rows.append({**p, "stage": label, "core_hours": offset + p["hours"] * threads,
-                         "clock": "wall" if wall else "steps"})
-        if points:
-            offset += points[-1]["hours"] * threads
+        start = offset
+        if branch is not None:
+            at = [r for r in previous if r["step"] <= branch]
+            start = at[-1]["core_hours"] if at else 0.0
+        mine = [{**p, "stage": label, "core_hours": start + p["hours"] * threads,
+                 "clock": "wall" if wall else "steps"} for p in points]
+        rows.extend(mine)
+        if branch is None:
+            previous = mine
+            if mine:
+                offset = mine[-1]["core_hours"]
     return rows
 
 
@@ -90,8 +112,8 @@ def draw(rows: list[dict], path: Path, title: str) -> None:
             d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
             sx, sy = px(r["core_hours"], r["sense"])
             d.line([sx - 3, sy, sx + 3, sy], fill=(120, 120, 120), width=2)
-        d.text((w - right - 170, top + 8 + 14 * k), f"MOL, {stage}", fill=colour)
-    d.text((w - right - 170, top + 8 + 14 * len(stages)), "- CG-SENSE (same problems)",
+        d.text((left + 10, top + 8 + 14 * k), f"MOL, {stage}", fill=colour)
+    d.text((left + 10, top + 8 + 14 * len(stages)), "- CG-SENSE (same problems)",
            fill=(120, 120, 120))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -109,19 +131,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def parse_stage(item: str) -> tuple[str, Path, int | None]:
+    """``LABEL=LOG.jsonl[@STEP]`` (or a bare path) → (label, path, branch step)."""
+    label, _, rest = item.partition("=")
+    if not rest:
+        label, rest = Path(item).stem, item
+    path, _, step = rest.partition("@")
+    return label, Path(path), int(step) if step else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stages", nargs="+", help="LABEL=LOG.jsonl, in training order")
+    ap.add_argument("stages", nargs="+",
+                    help="LABEL=LOG.jsonl in training order; LABEL=LOG.jsonl@STEP for a stage that "
+                         "started from STEP of the main line before it (a branch)")
     ap.add_argument("--png", type=Path)
     ap.add_argument("--title", default="learning curve")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
-    stages = []
-    for item in args.stages:
-        label, _, path = item.partition("=")
-        if not path:
-            label, path = Path(item).stem, item
-        stages.append((label, Path(path)))
+    stages = [parse_stage(item) for item in args.stages]
     rows = campaign(stages)
     if args.png:
         draw(rows, args.png, args.title)
