@@ -2,7 +2,7 @@
 # The 2D MOL-LR training campaign, stage by stage, resumable across sessions and machines.
 #
 #   scripts/campaign_2d.sh data          # simulate the training and validation folders (≈ 1 min)
-#   scripts/campaign_2d.sh stage0 SECS   # denoiser pretraining for SECS seconds (resumes)
+#   scripts/campaign_2d.sh stage0 SECS   # denoiser pretraining (stage 0b) for SECS seconds (resumes)
 #   scripts/campaign_2d.sh stage1 SECS   # deep-equilibrium training for SECS seconds (resumes)
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
@@ -29,23 +29,27 @@ SEED=11
 GRADIENT=(--gradient "${GRADIENT:-implicit}")
 
 stage0() {
-  local secs=$1 out=$RUNS/s0lr/s0lr.pt resume=()
-  mkdir -p "$RUNS/s0lr"
-  [ -f "$RUNS/s0lr/s0lr.state.pt" ] && resume=(--resume)
+  # Stage 0a (lr 2e-4, from the earlier bundled prior) ran 3,502 steps: runs/s0lr, its best
+  # (step 3000) is the start of stage 0b (lr 5e-5), which this continues.
+  local secs=$1 out=$RUNS/s0b/s0b.pt resume=()
+  mkdir -p "$RUNS/s0b"
+  [ -f "$RUNS/s0b/s0b.state.pt" ] && resume=(--resume)
   OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --stage denoise \
     --batch-size 16 --patch 64 --sigma 0.01,0.12 --constraint lr --cg-iters 10 \
-    --init src/molrecon/data/weights/mol_2d_lr.pt --lr 2e-4 --penalty-weight 1e-3 \
+    --init "$RUNS/s0lr/s0lr.pt" --lr 5e-5 --penalty-weight 1e-3 \
     --penalty-every 4 --max-steps 100000 --val-every 300 --val-samples 6 \
     --checkpoint-every 300 --seed $SEED --time-budget "$secs" --quiet "${resume[@]}"
 }
 
 stage1() {
-  local secs=$1 out=$RUNS/s1lr/s1lr.pt resume=() init=$RUNS/s0lr/s0lr.pt
+  local secs=$1 out=$RUNS/s1lr/s1lr.pt resume=() init=$RUNS/s0b/s0b.pt
   mkdir -p "$RUNS/s1lr"
   [ -f "$RUNS/s1lr/s1lr.state.pt" ] && resume=(--resume)
   # Whole images, λ fixed at the prior's, a light penalty: the readout-block variant with a
   # learned λ and weight 1e-3 at T = 0.95 lost 1.1 dB of validation PSNR in 100 steps
-  # (campaign/2d_lr/experiments/), this one gained 0.25 dB in 50.
+  # (campaign/2d_lr/experiments/); this one gained 0.25 dB in 50 steps from stage 0a's step
+  # 2400, then swung by ±0.5 dB (batch 1, lr 5e-5) while stage 0b kept rising: try a
+  # larger batch or a smaller lr before spending more on it.
   OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --init "$init" \
     --constraint lr --cg-iters 10 --lr 5e-5 --lam-lr 0 --penalty-weight 1e-4 \
     --penalty-every 2 --penalty-threshold 0.98 --max-steps 100000 --val-every 50 \
@@ -55,7 +59,7 @@ stage1() {
 
 save() {
   mkdir -p "$KEEP"
-  for stage in s0lr s1lr; do
+  for stage in s0lr s0b s1lr; do
     for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
              "$RUNS/$stage/$stage.pt"; do
       [ -f "$f" ] && cp "$f" "$KEEP/"
@@ -65,7 +69,7 @@ save() {
 }
 
 restore() {
-  for stage in s0lr s1lr; do
+  for stage in s0lr s0b s1lr; do
     mkdir -p "$RUNS/$stage"
     for f in "$KEEP/$stage".*; do
       [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
