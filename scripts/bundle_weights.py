@@ -106,6 +106,12 @@ def main() -> None:
                         "from exactly the 2D prior applied plane by plane)"
                         if loaded.model.config.dims == 3 else "") + ".\n")
     cb, loc = rep["certified"], rep["local"]
+    tuning = meta.get("lambda_tuning")
+    lam_text = (f"λ = {loaded.mol_config.lam:.4g} (chosen on validation problems by "
+                f"`scripts/tune_lambda.py`"
+                + (f", prior's last layer × {tuning['output_scale']:g}"
+                   if tuning.get("output_scale", 1.0) != 1.0 else "") + ")"
+                if isinstance(tuning, dict) else f"trained λ = {loaded.mol_config.lam:.4g}")
     card = f"""# {args.name}
 
 MOL prior ({'MOL-SN, certified' if loaded.constraint == 'sn' else 'MOL-LR, Lipschitz penalty'}),
@@ -114,8 +120,8 @@ MOL prior ({'MOL-SN, certified' if loaded.constraint == 'sn' else 'MOL-LR, Lipsc
 Serves data kinds: {', '.join(kinds)}{served_note}.
 
 * sha256: `{digest}`
-* α = {loaded.mol_config.alpha:g}, trained λ = {loaded.mol_config.lam:.4g}, CG iterations per step = {loaded.mol_config.cg_iters}
-* trained: {meta.get('steps')} steps on {meta.get('train_samples')} {'slices' if kind == '2d' else 'volumes' if kind == '3d' else 'series'} ({len(meta.get('train_files', []))} files), {meta.get('date')}
+* α = {loaded.mol_config.alpha:g}, {lam_text}, CG iterations per step = {loaded.mol_config.cg_iters}
+* trained: {meta.get('steps')} steps (of its last stage; see Command) on {meta.get('train_samples')} {'slices' if kind == '2d' else 'volumes' if kind == '3d' else 'series'} ({len(meta.get('train_files', []))} files), {meta.get('date')}
 * validation: {meta.get('val_samples')} {'slices' if kind == '2d' else 'volumes' if kind == '3d' else 'series'} from {len(meta.get('val_files', []))} held-out files
 * masks: {meta.get('mask')}
 * loss: {cfg.get('loss')}, Adam lr {cfg.get('lr')}, λ init {cfg.get('lam_init')}, seed {cfg.get('seed')}

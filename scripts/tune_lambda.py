@@ -8,6 +8,9 @@ mask family asked for, masks seeded per problem) for each λ of a grid, prints
 mean PSNR/SSIM and iterations per λ beside CG-SENSE, and with ``--out`` writes
 the checkpoint again with the λ of the best mean PSNR (weights, certificate and
 kinds unchanged; the table is kept in the metadata under ``lambda_tuning``).
+``--output-scale c`` first multiplies the prior's last layer by c, i.e. H → cH,
+which divides every Lipschitz constant of H by 1/c: for a prior whose local
+estimate at the data (``molrecon check-lipschitz``) is not below 1.
 
     python scripts/tune_lambda.py runs/s0lr/s0lr.pt --val-data runs/data2d_val \
         --lams 30,60,90,150,250 -R 4,6 --out runs/s0lr/tuned.pt
@@ -35,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8, help="validation scans used per mask")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--output-scale", type=float, default=1.0,
+                    help="multiply the prior's last layer (weights and bias) by this factor first: "
+                         "H → cH lowers every Lipschitz constant by c (for a prior whose local "
+                         "estimate at the data is not below 1)")
     ap.add_argument("--out", type=Path, help="write the checkpoint with the best λ here")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -49,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)
+    if not 0.0 < args.output_scale <= 1.0:
+        print("error: --output-scale must lie in (0, 1]", file=sys.stderr)
+        return 2
+    if args.output_scale != 1.0:
+        last = loaded.model.convs[-1]
+        with torch.no_grad():
+            last.weight.mul_(args.output_scale)
+            if last.bias is not None:
+                last.bias.mul_(args.output_scale)
     val = load_folder(list_raw_files(args.val_data), None,
                       warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     if not val.samples:
@@ -85,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = dict(loaded.metadata)
         meta["lambda_tuning"] = {"val_data": args.val_data.name, "accelerations": args.accelerations,
                                  "mask": args.mask, "problems": len(problems), "rows": rows,
-                                 "chosen": best["lambda"]}
+                                 "chosen": best["lambda"], "output_scale": args.output_scale}
         save_checkpoint(args.out, loaded.model, replace(loaded.mol_config, lam=best["lambda"]),
                         metadata=meta, certificate=loaded.certificate, kinds=loaded.kinds,
                         force=True)
