@@ -23,6 +23,19 @@ def tiny_config(data: Path, out: Path, **changes: Any) -> TrainConfig:
     return TrainConfig(data=str(data), out=str(out), **base)
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_at` to kill a training run from its record callback."""
+
+
+def crash_at(step: int) -> Any:
+    """An ``on_record`` callback that kills the run once step ``step`` has been logged (the
+    state on disk is then that of the last checkpoint before it)."""
+    def callback(rec: dict[str, Any]) -> None:
+        if rec.get("step") == step and "loss" in rec:
+            raise Crash
+    return callback
+
+
 def records(log: Path) -> list[dict[str, Any]]:
     """The records of a training log (.log.jsonl)."""
     return [json.loads(line) for line in log.read_text().splitlines()]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _builders import records, tiny_config
+from _builders import Crash, crash_at, records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import CheckpointError, ConfigError, InputDataError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
@@ -139,15 +139,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
     part = tmp_path / "part" / "m.pt"
     part.parent.mkdir()
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(rec: dict[str, Any]) -> None:
-        if rec.get("step") == 5 and "loss" in rec:
-            raise Crash
-
     with pytest.raises(Crash):   # dies after step 5: the state on disk is that of step 4
-        train(tiny(data["2d"], part, **common), on_record=crash_at_5)
+        train(tiny(data["2d"], part, **common), on_record=crash_at(5))
     assert torch.load(output_paths(part)["state"], weights_only=True)["steps"] == 4
     result = train(tiny(data["2d"], part, **common, resume=True))
     assert result.steps == 6

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _builders import records, tiny_config
+from _builders import Crash, crash_at, records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import ConfigError
 from molrecon.models.checkpoint import load_checkpoint
@@ -168,15 +168,8 @@ def test_interrupted_denoise_run_resumes_exactly(folder2d: Path, tmp_path: Path)
     part = tmp_path / "part" / "m.pt"
     part.parent.mkdir()
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(rec: dict[str, Any]) -> None:
-        if rec.get("step") == 5 and "loss" in rec:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(denoise(folder2d, part, **common), on_record=crash_at_5)
+        train(denoise(folder2d, part, **common), on_record=crash_at(5))
     saved = torch.load(output_paths(part)["state"], weights_only=True)["elapsed_s"]
     train(denoise(folder2d, part, **common, resume=True))
     # The run's clock continues across the resume: a learning curve against compute time.
