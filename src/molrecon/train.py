@@ -1047,8 +1047,8 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
 
 
 def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scales: list[float],
-                  bank: list[Any], order: np.ndarray, s: int, within: int, global_batch: int, dist_info: Dist,
-                  device: Any) -> _StepOutcome:
+                  bank: list[Any], order: np.ndarray, s: int, within: int, global_batch: int,
+                  dist_info: Dist, device: Any) -> _StepOutcome:
     """Stage 0: this process's ``batch_size`` degraded patches through H, loss against the
     clean patches (``config.loss``, over the whole batch), plus the LR penalty on one patch.
     ``bank``: the regularised SENSE images per sample (empty: noise patches only)."""
