@@ -3,13 +3,17 @@ programs the project did not write); nothing is committed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+# Real scanner files: MOLRECON_REAL_DATA points the tests at another folder (the tests that
+# need a file it lacks skip, naming the file); the default is the project's shared/ copy.
+REAL_DATA = Path(os.environ.get("MOLRECON_REAL_DATA")
+                 or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real")
 
 
 @pytest.fixture
@@ -20,8 +24,16 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def real_data() -> Path:
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real scanner data not found at {REAL_DATA}")
+        pytest.skip(f"real scanner data not found at {REAL_DATA} (set MOLRECON_REAL_DATA)")
     return REAL_DATA
+
+
+def real_file(folder: Path, name: str) -> Path:
+    """``folder / name``, or skip the test saying which real scanner file is missing."""
+    path = folder / name
+    if not path.is_file():
+        pytest.skip(f"real scanner file {name} not found in {folder} (set MOLRECON_REAL_DATA)")
+    return path
 
 
 def have(program: str) -> bool:

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import have
+from conftest import have, real_file
 from molrecon.errors import GeometryWarning, InputDataError
 from molrecon.io.ismrmrd import (
     MAX_KSPACE_ELEMENTS,
@@ -427,7 +427,7 @@ def test_header_from_a_newer_schema_is_read_with_a_warning(
 
 
 def test_header_fields_of_the_real_siemens_file(real_data: Path) -> None:
-    with h5py.File(real_data / "siemens_gre_2coil_full.h5", "r") as f:
+    with h5py.File(real_file(real_data, "siemens_gre_2coil_full.h5"), "r") as f:
         hdr = parse_ismrmrd_header(f["dataset/xml"][0])
     assert not hdr.unknown_elements_ignored
     assert hdr.encoded_matrix == (320, 160, 1) and hdr.recon_matrix == (160, 160, 1)
@@ -437,7 +437,7 @@ def test_header_fields_of_the_real_siemens_file(real_data: Path) -> None:
 
 # --------------------------------------------------------------------------- real scanner data
 def test_real_siemens_gre(real_data: Path) -> None:
-    scan = read_ismrmrd(real_data / "siemens_gre_2coil_full.h5")
+    scan = read_ismrmrd(real_file(real_data, "siemens_gre_2coil_full.h5"))
     assert scan.shape == (1, 2, 1, 160, 160)
     assert scan.kind == "2d" and scan.mask.all()
     assert scan.info.vendor == "SIEMENS" and scan.info.model == "Skyra"
@@ -459,7 +459,7 @@ def test_real_siemens_gre(real_data: Path) -> None:
 
 def test_real_invivo_3d_poisson(real_data: Path) -> None:
     with pytest.warns(GeometryWarning, match="zero direction vectors"):
-        scan = read_ismrmrd(real_data / "invivo_brain_8coil_poisson_r8.h5")
+        scan = read_ismrmrd(real_file(real_data, "invivo_brain_8coil_poisson_r8.h5"))
     assert scan.kind == "3d" and scan.shape == (1, 8, 230, 180, 1)
     assert 7.0 < scan.acceleration < 9.0
     assert not scan.geometry.orientation_known

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import real_file
 from molrecon.config import MolConfig
 from molrecon.deq.mol import MolStep
 from molrecon.errors import GeometryWarning
@@ -40,8 +41,8 @@ def test_real_invivo_scan_mol_beats_cg_sense_against_bart(real_data: Path) -> No
     """8 coils, Poisson R ≈ 7.9, stored as 3D with one readout position; reference: BART's
     pics reconstruction shipped with the file (PSNR on the least-squares-fitted magnitude)."""
     with pytest.warns(GeometryWarning, match="zero direction vectors"):
-        scan = read_raw(real_data / "invivo_brain_8coil_poisson_r8.h5")
-    ref = np.load(real_data / "invivo_brain_bart_pics_reference.npy")       # (ky, kz, maps)
+        scan = read_raw(real_file(real_data, "invivo_brain_8coil_poisson_r8.h5"))
+    ref = np.load(real_file(real_data, "invivo_brain_bart_pics_reference.npy"))       # (ky, kz, maps)
     ref_mag = np.sqrt(np.sum(np.abs(ref) ** 2, axis=-1)).T[None, :, :, None]   # (1, D, Y, 1)
     sense = reconstruct(scan, ReconConfig(method="sense", device="cpu"))
     mol = reconstruct(scan, ReconConfig(method="mol", device="cpu"))

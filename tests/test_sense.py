@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import have
+from conftest import have, real_file
 from molrecon.errors import ConvergenceWarning, InputDataError
 from molrecon.physics.checks import (
     adjoint_error,
@@ -465,7 +465,7 @@ def test_real_3d_poisson_disc_scan_against_bart_reference(real_data: Path) -> No
     """
     from molrecon.coils import estimate_maps
 
-    with h5py.File(real_data / "invivo_brain_8coil_poisson_r8.h5", "r") as f:
+    with h5py.File(real_file(real_data, "invivo_brain_8coil_poisson_r8.h5"), "r") as f:
         acq = f["dataset/data"][:]
     head = acq["head"]
     k = np.zeros((1, 8, 230, 180, 1), dtype=np.complex64)            # (B, C, D=kz, Y=ky, X)
@@ -479,7 +479,7 @@ def test_real_3d_poisson_disc_scan_against_bart_reference(real_data: Path) -> No
     x = cg_sense(SenseOperator(maps, mask, "3d"), kt, lam=1e-2, max_iter=50).x
     ours = x[0, :, :, 0].abs().numpy().T                              # (Y, D) like BART's
     zf = torch.sqrt((ifftc(kt, (-3, -2, -1)).abs() ** 2).sum(1))[0, :, :, 0].numpy().T
-    ref = np.abs(np.load(real_data / "invivo_brain_bart_pics_reference.npy")[..., 0])
+    ref = np.abs(np.load(real_file(real_data, "invivo_brain_bart_pics_reference.npy"))[..., 0])
 
     def nrmse(img: np.ndarray) -> float:
         a = float((img * ref).sum() / (img * img).sum())
