@@ -42,19 +42,20 @@ stage0() {
 }
 
 stage1() {
-  local secs=$1 out=$RUNS/s1lr/s1lr.pt resume=() init=$RUNS/s0b/s0b.pt
+  # Deep-equilibrium training of the whole-image MOL, from the bundled model (stage 0b's
+  # step 3900 with λ = 60 and its last layer × 0.94, the operating point the λ tuning chose).
+  # λ stays fixed (--lam-lr 0): the readout-block variant with a learned λ lost 1.1 dB of
+  # validation PSNR in 100 steps as λ drifted down (campaign/2d_lr/experiments/); whole
+  # images at batch 1 and lr 5e-5 gained 0.25 dB in 50 steps from stage 0a's step 2400,
+  # then swung by ±0.5 dB: hence batch 4, lr 2e-5 and all 8 validation problems.
+  local secs=$1 out=$RUNS/s1lr/s1lr.pt resume=() init=${INIT1:-mol_2d_lr}
   mkdir -p "$RUNS/s1lr"
   [ -f "$RUNS/s1lr/s1lr.state.pt" ] && resume=(--resume)
-  # Whole images, λ fixed at the prior's, a light penalty: the readout-block variant with a
-  # learned λ and weight 1e-3 at T = 0.95 lost 1.1 dB of validation PSNR in 100 steps
-  # (campaign/2d_lr/experiments/); this one gained 0.25 dB in 50 steps from stage 0a's step
-  # 2400, then swung by ±0.5 dB (batch 1, lr 5e-5) while stage 0b kept rising: try a
-  # larger batch or a smaller lr before spending more on it.
   OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --init "$init" \
-    --constraint lr --cg-iters 10 --lr 5e-5 --lam-lr 0 --penalty-weight 1e-4 \
-    --penalty-every 2 --penalty-threshold 0.98 --max-steps 100000 --val-every 50 \
-    --val-samples 6 --checkpoint-every 25 --seed $SEED --time-budget "$secs" --quiet \
-    "${GRADIENT[@]}" "${resume[@]}"
+    --constraint lr --cg-iters 10 --lr 2e-5 --lam-lr 0 --penalty-weight 1e-4 \
+    --penalty-every 2 --penalty-threshold 0.98 --max-steps 100000 --batch-size 4 \
+    --val-every 20 --val-samples 8 --checkpoint-every 5 --seed $SEED --time-budget "$secs" \
+    --quiet "${GRADIENT[@]}" "${resume[@]}"
 }
 
 save() {

@@ -59,6 +59,9 @@ class ReconConfig:
     batch_size: int | None = None
     keep_baselines: bool = False
     seed: int = 0
+    coils: int | str | None = None
+    coil_compression: str = "auto"
+    maps: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +76,16 @@ class ReconConfig:
             raise ConfigError("--batch-size must be at least 1")
         if self.sense_lambda < 0:
             raise ConfigError("--sense-lambda must be >= 0")
+        if self.sense_iters < 1:
+            raise ConfigError("--sense-iters must be at least 1")
+        if self.cg_iters is not None and self.cg_iters < 1:
+            raise ConfigError("--cg-iters must be at least 1")
+        if self.coils is not None and self.coils != "auto" and (
+                isinstance(self.coils, bool) or not isinstance(self.coils, int) or self.coils < 1):
+            raise ConfigError(f"--coils must be a positive integer or 'auto', got {self.coils!r}")
+        if self.coil_compression not in ("auto", "scc", "gcc"):
+            raise ConfigError(f"--coil-compression must be auto, scc or gcc, got "
+                              f"{self.coil_compression!r}")
 
 
 @dataclass
@@ -108,8 +121,10 @@ class Prepared:
     op: Any          # physics.sense.SenseOperator with ESPIRiT maps and the sampling mask
 
 
-def prepare(kspace: Any, mask: Any, calib: Any, kind: str) -> Prepared:
+def prepare(kspace: Any, mask: Any, calib: Any, kind: str, *, maps: Any = None) -> Prepared:
     """Normalise the intensity (``physics.scaling``), estimate ESPIRiT maps, build A = M F S.
+
+    ``maps`` (b, C, D|1, Y, X), when given, are used instead of the ESPIRiT estimate.
 
     The one place where reconstruction, training-time checks and the guarantees
     commands turn acquired k-space into a MOL problem, so they always agree.
@@ -124,7 +139,8 @@ def prepare(kspace: Any, mask: Any, calib: Any, kind: str) -> Prepared:
     scale = torch.as_tensor(scale_factor(kspace, mask, kind), device=kspace.device,
                             dtype=kspace.real.dtype).reshape(-1)            # (b,)
     kn = kspace / scale.reshape(-1, 1, 1, 1, 1).to(kspace.dtype)
-    maps = estimate_maps(kn, calib, kind)                                  # (b, C, D|1, Y, X)
+    if maps is None:
+        maps = estimate_maps(kn, calib, kind)                              # (b, C, D|1, Y, X)
     return Prepared(kspace=kn, scale=scale, op=SenseOperator(maps, mask, kind))
 
 
@@ -134,15 +150,17 @@ def _chunks(n: int, size: int | None) -> list[slice]:
 
 
 def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *,
-                method: Method | None = None,
-                progress: ProgressFn | None = None) -> ReconResult:
+                method: Method | None = None, progress: ProgressFn | None = None,
+                engines: dict[Any, Any] | None = None) -> ReconResult:
     """Reconstruct a raw scan (or a raw file path) into an :class:`ImageVolume`.
 
     ``method`` is a shortcut that overrides ``config.method``. Errors about the
     data (no signal, no usable calibration region, ...) name the scan's file.
+    ``engines``: a dict that keeps the loaded MOL models between calls (a batch of
+    files loads each model once); pass the same dict with the same config.
     """
     try:
-        return _reconstruct(scan, config, method=method, progress=progress)
+        return _reconstruct(scan, config, method=method, progress=progress, engines=engines)
     except MolreconError as exc:
         if exc.path is None and isinstance(scan, RawScan) and scan.source:
             exc.path = scan.source
@@ -152,7 +170,8 @@ def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *
 
 
 def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
-                 method: Method | None, progress: ProgressFn | None) -> ReconResult:
+                 method: Method | None, progress: ProgressFn | None,
+                 engines: dict[Any, Any] | None = None) -> ReconResult:
     import torch
 
     from .device import peak_memory_bytes, resolve_device
@@ -164,6 +183,20 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
     progress = progress or _noop_progress
     if not isinstance(scan, RawScan):
         scan = read_raw(scan)
+    user_maps = None
+    if config.maps is not None:
+        from .io.maps import load_maps
+
+        user_maps = load_maps(config.maps, scan)                          # (B, C, D|1, Y, X)
+    compression = None
+    if config.coils is not None:
+        from .physics.compression import compress_maps, compress_scan
+
+        progress("compressing coils", 0, 1)
+        scan, compression = compress_scan(scan, config.coils,
+                                          method=config.coil_compression)  # type: ignore[arg-type]
+        if user_maps is not None:
+            user_maps = compress_maps(compression, user_maps)
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -173,7 +206,12 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
     if config.method == "mol":
         from .mol_recon import MolEngine
 
-        engine = MolEngine.load(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
+        key = (config, scan.kind, str(device), scan.shape[-1] == 1)
+        engine = None if engines is None else engines.get(key)
+        if engine is None:
+            engine = MolEngine.load(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
+            if engines is not None:
+                engines[key] = engine
 
     b_total = scan.shape[0]
     out = np.zeros((b_total,) + scan.shape[2:], dtype=np.complex64)       # (B, D, Y, X)
@@ -212,7 +250,9 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         from .physics.sense import cg_sense
 
         t0 = time.perf_counter()
-        prep = prepare(k, mask, calib, scan.kind)
+        maps = None if user_maps is None else torch.from_numpy(
+            np.ascontiguousarray(user_maps[sl])).to(device)
+        prep = prepare(k, mask, calib, scan.kind, maps=maps)
         timings["maps_s"] += time.perf_counter() - t0
         scale, kn, op = prep.scale, prep.kspace, prep.op
         t0 = time.perf_counter()
@@ -251,7 +291,10 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         "config": asdict(config),
         "batch_size": batch,
         "chunks": per_chunk,
+        "coil_maps": "user" if user_maps is not None else "espirit",
     }
+    if compression is not None:
+        report["coil_compression"] = compression.report()
     if engine is not None:
         report.update(engine.report_header())
         conv = all(c.get("converged", True) for c in per_chunk)

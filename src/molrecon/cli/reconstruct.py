@@ -1,142 +1,334 @@
-"""`molrecon reconstruct IN OUT.nii[.gz]`: raw multicoil k-space → NIfTI image."""
+"""`molrecon reconstruct IN OUT`: raw multicoil k-space → NIfTI image or DICOM series.
+
+IN is one raw file, a folder of them, or a glob pattern; with several inputs OUT
+is a folder that receives one image per scan and ``summary.json`` (see
+:mod:`molrecon.jobs`).
+"""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
-from ._common import DebugOpt, app, console, user_errors, warn
+from ._common import DebugOpt, app, console, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "
                 "sense: CG-SENSE; zf: zero-filled root-sum-of-squares.")
+_INPUT_HELP = ("Raw k-space: an ISMRMRD, fastMRI or Siemens twix file; or a folder of them, or "
+               "a quoted glob pattern such as 'scans/*.h5' (then OUTPUT is a folder).")
+_OUTPUT_HELP = ("Output image: .nii or .nii.gz, or a folder for a DICOM series (--format "
+                "dicom, or a name ending in .dcm). With several inputs: the output folder.")
 
 
 @app.command("reconstruct")
 def reconstruct_cmd(
-    input: Annotated[Path, typer.Argument(help="Raw k-space: ISMRMRD or fastMRI multicoil HDF5.")],
-    output: Annotated[Path, typer.Argument(help="Output image, .nii or .nii.gz.")],
+    input: Annotated[str, typer.Argument(help=_INPUT_HELP, metavar="INPUT")],
+    output: Annotated[Path, typer.Argument(help=_OUTPUT_HELP, metavar="OUTPUT")],
     method: Annotated[str, typer.Option("--method", "-m", help=_METHOD_HELP)] = "mol",
-    weights: Annotated[Optional[Path], typer.Option(
+    weights: Annotated[Path | None, typer.Option(
         "--weights", "-w", help="MOL checkpoint (.pt) or a bundled model's name (see `molrecon models`); default: the bundled model for the data kind.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="nifti | dicom (default: from OUTPUT's name; a batch writes .nii.gz).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
+    coils: Annotated[str | None, typer.Option(
+        "--coils", help="Compress the receive channels to N virtual coils first, or 'auto' (the fewest keeping 99.5 % of the calibration energy, at least 8).")] = None,
+    coil_compression: Annotated[str, typer.Option(
+        "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or per readout position (gcc; auto picks it for 3D).")] = "auto",
+    maps: Annotated[Path | None, typer.Option(
+        "--maps", help="Coil sensitivities to use instead of ESPIRiT: .npy or .h5 (B, C, D, Y, X), or BART .cfl.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="ISMRMRD group to read in a file that holds several (see `molrecon info`).")] = None,
     max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.")] = 100,
     tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL.")] = 1e-4,
-    alpha: Annotated[Optional[float], typer.Option(
+    alpha: Annotated[float | None, typer.Option(
         "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).")] = None,
+    cg_iters: Annotated[int | None, typer.Option(
+        "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).")] = None,
     solver: Annotated[str, typer.Option("--solver", help="anderson | plain")] = "anderson",
-    batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Slices per batch on the device (default: all).")] = None,
-    complex_out: Annotated[bool, typer.Option("--complex", help="Write complex64 instead of magnitude.")] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report here.")] = None,
-    preview: Annotated[Optional[Path], typer.Option("--preview", help="Write a PNG preview here.")] = None,
+    sense_lambda: Annotated[float, typer.Option(
+        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.")] = 1e-3,
+    sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.")] = 30,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Slices per batch on the device (default: as many as fit).")] = None,
+    complex_out: Annotated[bool, typer.Option("--complex", help="Write complex64 instead of magnitude (NIfTI only).")] = False,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Write a JSON report here (one file; a batch writes OUTPUT/summary.json).")] = None,
+    preview: Annotated[Path | None, typer.Option(
+        "--preview", help="Write a PNG preview here (a batch: a folder that receives one PNG per scan).")] = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also show zf and sense beside the result in the preview.")] = False,
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="Batch: leave scans whose output exists alone (resume a batch).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
     debug: bool = DebugOpt,
 ) -> None:
-    """Reconstruct raw multicoil Cartesian k-space into a NIfTI image with correct geometry."""
-    _check_usage(method=method, device=device, solver=solver, max_iter=max_iter, tol=tol,
-                 alpha=alpha, batch_size=batch_size)
+    """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
+    n_coils = _check_usage(method=method, device=device, solver=solver, max_iter=max_iter,
+                           tol=tol, alpha=alpha, batch_size=batch_size, cg_iters=cg_iters,
+                           sense_lambda=sense_lambda, sense_iters=sense_iters, coils=coils,
+                           coil_compression=coil_compression, fmt=fmt)
     if weights is not None and method != "mol":
         raise typer.BadParameter(f"--weights is used by --method mol only (this run is "
                                  f"--method {method})", param_hint="--weights")
     with user_errors(debug):
-        import warnings
+        from ..jobs import is_batch_input, output_format
+        from ..recon import ReconConfig
 
-        from ..errors import (ConfigError, ConvergenceWarning, GeometryWarning, InputDataError,
-                              InputDataWarning)
-        from ..io.atomic import check_output, write_text_atomic
+        batch = is_batch_input(input)
+        out_fmt = output_format(output, fmt) if not batch else (fmt or "nifti")  # type: ignore[assignment]
+        if batch and complex_out and out_fmt == "dicom":
+            output_format("x.dcm", "dicom")
+        if maps is not None and not (maps.exists() or maps.with_suffix(".cfl").exists()):
+            from ..errors import InputDataError
 
-        if not str(output).endswith((".nii", ".nii.gz")):
-            raise ConfigError(f"{output}: output must end in .nii or .nii.gz")
-        if not input.exists():
-            raise InputDataError("no such file", path=input)
-        # No output may replace the input or another output (a --report aimed at the raw
-        # file with --force would destroy the scan).
-        named = [("input", input), ("output", output), ("--report", report), ("--preview", preview)]
-        seen: dict[Path, str] = {}
-        for role, path in named:
-            if path is None:
-                continue
-            key = path.resolve()
-            if key in seen:
-                raise ConfigError(f"{path}: {role} is the same file as the {seen[key]}; use a different path")
-            seen[key] = role
-        # Fail before any work if an output cannot be written.
-        for out in (output, report, preview):
-            if out is not None:
-                check_output(out, force=force)
-
-        from ..io.detect import read_raw
-        from ..io.nifti import write_nifti
-        from ..recon import ReconConfig, reconstruct
-
+            raise InputDataError("no such file", path=maps)
+        _check_device(device)
         if weights is not None:
             # A wrong model is found before the (possibly long) read of the scan.
             from ..models.checkpoint import load_checkpoint
             from ..weights import resolve_weights
 
             load_checkpoint(resolve_weights(weights), map_location="cpu")
-
         config = ReconConfig(
             method=method, weights=None if weights is None else str(weights), device=device,  # type: ignore[arg-type]
             max_iter=max_iter, tol=tol, alpha=alpha, solver=solver,  # type: ignore[arg-type]
-            batch_size=batch_size, keep_baselines=compare,
+            batch_size=batch_size, keep_baselines=compare, cg_iters=cg_iters,
+            sense_lambda=sense_lambda, sense_iters=sense_iters, coils=n_coils,
+            coil_compression=coil_compression, maps=None if maps is None else str(maps),
         )
-        with warnings.catch_warnings(record=True) as caught:
-            for category in (GeometryWarning, ConvergenceWarning, InputDataWarning):
-                warnings.simplefilter("always", category)
-            scan = read_raw(input)
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        if batch:
+            if report is not None:
+                raise typer.BadParameter("a batch writes OUTPUT/summary.json; --report names "
+                                         "one file's report", param_hint="--report")
+            _run_batch(input, output, config, fmt=out_fmt, complex_out=complex_out,  # type: ignore[arg-type]
+                       force=force, skip_existing=skip_existing, preview_dir=preview,
+                       dataset=dataset)
+        else:
+            if skip_existing and output.exists():
+                console.print(f"skipped {input}: {output} exists (--skip-existing)")
+                return
+            _run_one(Path(input), output, config, fmt=out_fmt, complex_out=complex_out,  # type: ignore[arg-type]
+                     force=force, preview=preview, report=report, dataset=dataset)
 
-            with Progress(TextColumn("{task.description}"), BarColumn(),
-                          TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn(),
-                          console=console, transient=True,
-                          disable=not console.is_terminal) as bar:
-                task = bar.add_task(f"{method} {input.name}", total=None)
 
-                def on_progress(stage: str, done: int, total: int) -> None:
-                    bar.update(task, completed=done, total=total)
+def _check_device(device: str) -> None:
+    """A CUDA device that is not there is refused before any work."""
+    if device.startswith("cuda"):
+        from ..device import resolve_device
 
-                result = reconstruct(scan, config, progress=on_progress)
-        for w in caught:
-            if issubclass(w.category, (GeometryWarning, ConvergenceWarning, InputDataWarning)):
-                text = str(w.message)
-                warn(text if text.startswith(str(input)) else f"{input}: {text}")
-                result.report.setdefault("warnings", []).append(str(w.message))
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        resolve_device(device)
 
-        write_nifti(result.image, output, complex_output=complex_out, force=force)
-        if preview is not None:
-            from ..preview import middle_plane, write_preview
 
-            panels = [(name, middle_plane(vol.data)) for name, vol in result.baselines.items()]
-            panels.append((method, middle_plane(result.image.data)))
-            write_preview(preview, panels, force=force)
-        if report is not None:
-            result.report["output"] = str(output)
-            write_text_atomic(report, json.dumps(result.report, indent=2, default=str) + "\n",
-                              force=force)
-        rep = result.report
-        line = f"[green]wrote[/green] {output}  ({rep['kind']}, {method}, {rep['wall_time_s']:.2f} s on {rep['device']}"
-        if "iterations" in rep:
-            line += f", {rep['iterations']} MOL iterations"
-        console.print(line + ")")
+def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: bool,
+             force: bool, preview: Path | None, report: Path | None,
+             dataset: str | None) -> None:
+    from ..errors import ConfigError, InputDataError
+    from ..jobs import check_target, reconstruct_file
+
+    if not input.exists():
+        raise InputDataError("no such file", path=input)
+    # No output may replace the input or another output (a --report aimed at the raw
+    # file with --force would destroy the scan).
+    named = [("input", input), ("output", output), ("--report", report), ("--preview", preview),
+             ("--maps", Path(config.maps) if config.maps else None)]
+    seen: dict[Path, str] = {}
+    for role, path in named:
+        if path is None:
+            continue
+        key = path.resolve()
+        if key in seen:
+            raise ConfigError(f"{path}: {role} is the same file as the {seen[key]}; use a different path")
+        seen[key] = role
+    # Fail before any work if an output cannot be written.
+    check_target(output, fmt, force=force)  # type: ignore[arg-type]
+    from ..io.atomic import check_output
+
+    for out in (report, preview):
+        if out is not None:
+            check_output(out, force=force)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"{config.method} {input.name}", total=None)
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{config.method} {input.name}: {stage}",
+                       completed=done, total=total)
+
+        result, lines = reconstruct_file(input, output, config, fmt=fmt,  # type: ignore[arg-type]
+                                         complex_out=complex_out, force=force, preview=preview,
+                                         report=report, dataset=dataset, progress=on_progress)
+    for line in lines:
+        warn(line)
+    rep = result.report
+    line = (f"[green]wrote[/green] {output}  ({rep['kind']}, {config.method}, "
+            f"{rep['wall_time_s']:.2f} s on {rep['device']}")
+    if "iterations" in rep:
+        line += f", {rep['iterations']} MOL iterations"
+    if "coil_compression" in rep:
+        cc = rep["coil_compression"]
+        line += f", {cc['coils_in']}→{cc['coils_out']} coils"
+    console.print(line + ")")
+
+
+def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: bool,
+               force: bool, skip_existing: bool, preview_dir: Path | None,
+               dataset: str | None) -> None:
+    from dataclasses import asdict, replace
+
+    from ..errors import OutputError
+    from ..jobs import FileOutcome, collect_inputs, outputs_for, run_batch, write_summary
+
+    inputs = collect_inputs(spec)
+    outputs = outputs_for(inputs, out_dir, fmt)  # type: ignore[arg-type]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError("exists and is not a folder (several inputs need an output folder)",
+                          path=out_dir)
+    summary = out_dir / "summary.json"
+    if summary.exists() and not (force or skip_existing):
+        raise OutputError("holds a summary.json of an earlier batch (use --skip-existing to "
+                          "resume it, or --force to redo it)", path=out_dir)
+    rank, world = _dist_rank_world()
+    if world > 1:
+        config = replace(config, device=_rank_device(config.device))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if preview_dir is not None:
+        preview_dir.mkdir(parents=True, exist_ok=True)
+
+    total = len(inputs)
+    mine = len(range(rank, total, world))
+    who = f"\\[rank {rank}] " if world > 1 else ""        # escaped: not rich markup
+    interactive = console.is_terminal
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not interactive) as bar:
+        task = bar.add_task(f"{who}{config.method}", total=mine)
+        current = {"name": ""}
+
+        def on_start(i: int, src: Path) -> None:
+            current["name"] = src.name
+            bar.update(task, description=f"{who}{config.method} {src.name}")
+
+        def on_progress(stage: str, done: int, n: int) -> None:
+            bar.update(task, description=f"{who}{config.method} {current['name']}: {stage}")
+
+        def on_done(i: int, outcome: FileOutcome) -> None:
+            bar.advance(task)
+            for line in outcome.warnings:
+                warn(line)
+            detail = _outcome_text(outcome)
+            console.print(f"{who}[{i + 1}/{total}] {Path(outcome.input).name}: {detail}",
+                          soft_wrap=True, highlight=False)
+
+        outcomes = run_batch(inputs, outputs, config, fmt=fmt, complex_out=complex_out,  # type: ignore[arg-type]
+                             force=force, skip_existing=skip_existing, preview_dir=preview_dir,
+                             dataset=dataset, rank=rank, world=world, on_start=on_start,
+                             on_done=on_done, progress=on_progress)
+    outcomes = _gather(outcomes, inputs, world)
+    failed = sum(1 for o in outcomes if o.status == "failed")
+    if rank == 0:
+        options = {k: v for k, v in asdict(config).items() if k != "keep_baselines"}
+        options.update({"format": fmt, "input": spec, "ranks": world})
+        path = write_summary(out_dir, outcomes, options=options)
+        _print_table(outcomes)
+        ok = sum(1 for o in outcomes if o.status == "ok")
+        skipped = sum(1 for o in outcomes if o.status == "skipped")
+        colour = "red" if failed else "green"
+        console.print(f"[{colour}]{ok} reconstructed, {failed} failed, {skipped} skipped[/{colour}]"
+                      f"; summary: {path}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _outcome_text(outcome: Any) -> str:
+    if outcome.status == "failed":
+        return f"[red]failed[/red] {outcome.error}"
+    if outcome.status == "skipped":
+        return f"skipped ({outcome.error})"
+    rep = outcome.report or {}
+    text = f"[green]ok[/green] {outcome.output} ({outcome.seconds:.1f} s"
+    if rep.get("iterations") is not None:
+        text += f", {rep['iterations']} MOL iterations"
+    return text + ")"
+
+
+def _print_table(outcomes: list[Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="molrecon reconstruct", show_lines=False)
+    for col in ("input", "status", "kind", "iterations", "seconds", "output / error"):
+        table.add_column(col, overflow="fold")
+    for o in outcomes:
+        rep = o.report or {}
+        its = rep.get("iterations")
+        status = {"ok": "[green]ok[/green]", "failed": "[red]failed[/red]"}.get(o.status, o.status)
+        table.add_row(Path(o.input).name, status, str(rep.get("kind") or ""),
+                      "" if its is None else str(its), f"{o.seconds:.1f}",
+                      o.output if o.status == "ok" else str(o.error or ""))
+    stdout.print(table)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size under ``torchrun`` (0, 1 otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")     # only Python objects travel between ranks
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun each rank takes its own GPU (LOCAL_RANK) when the device is auto/cuda."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu" if device == "auto" else device
+    local = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    return f"cuda:{local}"
+
+
+def _gather(outcomes: list[Any], inputs: list[Path], world: int) -> list[Any]:
+    """Every rank's outcomes, in input order (a no-op without torchrun)."""
+    if world <= 1:
+        return outcomes
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, outcomes)
+    dist.barrier()
+    dist.destroy_process_group()
+    merged = [o for part in parts for o in (part or [])]
+    order = {str(p): i for i, p in enumerate(inputs)}
+    return sorted(merged, key=lambda o: order.get(o.input, len(order)))
 
 
 def _check_usage(*, method: str, device: str, solver: str, max_iter: int, tol: float,
-                 alpha: float | None, batch_size: int | None) -> None:
-    """Option values that can never work are usage errors (exit 2), checked before any work."""
+                 alpha: float | None, batch_size: int | None, cg_iters: int | None,
+                 sense_lambda: float, sense_iters: int, coils: str | None,
+                 coil_compression: str, fmt: str | None) -> int | str | None:
+    """Option values that can never work are usage errors (exit 2), checked before any work.
+    Returns ``--coils`` as an int, ``"auto"`` or None."""
     if method not in ("mol", "sense", "zf"):
         raise typer.BadParameter(f"{method!r} is not one of mol, sense, zf", param_hint="--method")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
     if solver not in ("anderson", "plain"):
         raise typer.BadParameter(f"{solver!r} is not one of anderson, plain", param_hint="--solver")
+    if fmt is not None and fmt not in ("nifti", "dicom"):
+        raise typer.BadParameter(f"{fmt!r} is not one of nifti, dicom", param_hint="--format")
     if max_iter < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--max-iter")
     if not 0.0 < tol < 1.0:
@@ -145,3 +337,22 @@ def _check_usage(*, method: str, device: str, solver: str, max_iter: int, tol: f
         raise typer.BadParameter("must lie in (0, 1]", param_hint="--alpha")
     if batch_size is not None and batch_size < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--batch-size")
+    if cg_iters is not None and cg_iters < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--cg-iters")
+    if sense_lambda < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--sense-lambda")
+    if sense_iters < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--sense-iters")
+    if coil_compression not in ("auto", "scc", "gcc"):
+        raise typer.BadParameter(f"{coil_compression!r} is not one of auto, scc, gcc",
+                                 param_hint="--coil-compression")
+    if coils is None or coils == "auto":
+        return coils
+    try:
+        n = int(coils)
+    except ValueError:
+        raise typer.BadParameter(f"{coils!r} is not a number of coils or 'auto'",
+                                 param_hint="--coils") from None
+    if n < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--coils")
+    return n
