@@ -118,7 +118,7 @@ def test_coil_compression_from_the_command_line(tmp_path: Path) -> None:
                               "--coils", "4", "--report", str(rep)])
     assert res.exit_code == 0, res.output
     cc = json.loads(rep.read_text())["coil_compression"]
-    assert (cc["method"], cc["coils_in"], cc["coils_out"]) == ("scc", 8, 4)
+    assert (cc["method"], cc["coils_in"], cc["coils_out"]) == ("gcc", 8, 4)
     assert "8→4 coils" in res.output
     for bad in ("0", "many"):
         res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "b.nii"), "--coils", bad])

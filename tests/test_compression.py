@@ -76,7 +76,7 @@ def test_sixteen_coils_to_eight_keeps_the_image(tmp_path: Path) -> None:
     scan, sim = _scan(tmp_path, coils=16)
     truth = np.abs(sim.truth.data)
     full = reconstruct(scan, ReconConfig(method="sense")).image.magnitude()
-    small, comp = compress_scan(scan, 8)
+    small, comp = compress_scan(scan, 8, method="scc")
     assert small.n_coils == 8 and comp.method == "scc"
     assert float(comp.retained.min()) > 0.98
     half = reconstruct(small, ReconConfig(method="sense")).image.magnitude()
@@ -106,7 +106,8 @@ def test_gcc_on_3d_is_smooth_and_keeps_more_than_scc(tmp_path: Path) -> None:
     # aligned: neighbouring readout positions' bases are close (no random rotations)
     step = np.linalg.norm(np.diff(gcc.matrices[0], axis=0), axis=(1, 2))
     assert float(np.median(step)) < 0.5
-    small, _ = compress_scan(scan, 6)             # auto method = gcc for 3D
+    small, comp = compress_scan(scan, 6)
+    assert comp.method == "gcc"                   # the auto method
     truth = np.abs(sim.truth.data)
     p_full = compare(reconstruct(scan, ReconConfig(method="sense")).image.magnitude(), truth).psnr
     p_small = compare(reconstruct(small, ReconConfig(method="sense")).image.magnitude(),

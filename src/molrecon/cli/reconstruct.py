@@ -36,7 +36,7 @@ def reconstruct_cmd(
     coils: Annotated[str | None, typer.Option(
         "--coils", help="Compress the receive channels to N virtual coils first, or 'auto' (the fewest keeping 99.5 % of the calibration energy, at least 8).")] = None,
     coil_compression: Annotated[str, typer.Option(
-        "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or per readout position (gcc; auto picks it for 3D).")] = "auto",
+        "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or one per readout position, aligned (gcc; what auto uses).")] = "auto",
     maps: Annotated[Path | None, typer.Option(
         "--maps", help="Coil sensitivities to use instead of ESPIRiT: .npy or .h5 (B, C, D, Y, X), or BART .cfl.")] = None,
     dataset: Annotated[str | None, typer.Option(
