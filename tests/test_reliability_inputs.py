@@ -344,7 +344,8 @@ def test_broken_file_is_one_line_exit_1_and_writes_nothing(
 def test_input_is_a_directory_or_missing(tmp_path: Path, out_dir: Path) -> None:
     folder = tmp_path / "scan.h5"
     folder.mkdir()
-    for bad, needle in ((folder, "is a directory"), (tmp_path / "absent.h5", "no such file")):
+    # a folder is a batch of scans: an empty one (or one named like a file) has none
+    for bad, needle in ((folder, "holds no raw scan"), (tmp_path / "absent.h5", "no such file")):
         result = invoke("reconstruct", bad, out_dir / "x.nii", "--method", "sense")
         assert_one_line_error(result, names=bad, needle=needle)
         result = invoke("info", bad)

@@ -86,7 +86,10 @@ def _vector(v: list[float]) -> str:
 
 @app.command("info")
 def info_cmd(
-    file: Annotated[Path, typer.Argument(help="Raw data: ISMRMRD or fastMRI HDF5.")],
+    file: Annotated[Path, typer.Argument(
+        help="Raw data: ISMRMRD or fastMRI HDF5, or Siemens twix (.dat).")],
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="ISMRMRD group to describe in a file that holds several.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     debug: bool = DebugOpt,
 ) -> None:
@@ -94,12 +97,16 @@ def info_cmd(
     with user_errors(debug):
         import warnings
 
-        from ..io.detect import read_raw
+        from ..io.detect import ismrmrd_groups, read_raw
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            scan = read_raw(file)
+            scan = read_raw(file, dataset=dataset)
+            groups = ismrmrd_groups(file) if scan.info.format == "ismrmrd" else []
         summary = scan_summary(scan)
+        if len(groups) > 1:
+            summary["datasets"] = groups
+            summary["dataset"] = dataset or groups[0]
         if as_json:
             typer.echo(json.dumps(summary))
         else:
@@ -137,6 +144,8 @@ def _table(s: dict[str, Any], title: str) -> Any:
         scanner += f", {s['field_strength_t']:.2f} T"
     rows = [
         ("format", s["format"]),
+        *([("datasets", ", ".join(f"[bold]{g}[/bold] (shown)" if g == s["dataset"] else g
+                                  for g in s["datasets"]))] if "datasets" in s else []),
         ("kind", f"{kind}, {extent}"),
         ("coils", str(s["coils"])),
         ("encoded matrix", _fmt(s["encoded_matrix"], 0)),

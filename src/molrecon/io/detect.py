@@ -1,27 +1,48 @@
-"""Open a raw-data file of either supported kind, recognised by its contents.
+"""Open a raw-data file of any supported kind, recognised by its contents.
 
+* Siemens twix (``.dat``, VB or VD/VE): recognised from its first bytes
+  (:func:`molrecon.io.twix.is_twix`), before the file is tried as HDF5;
 * ISMRMRD: an HDF5 group (normally ``/dataset``) holding ``xml`` and ``data``;
 * fastMRI: an HDF5 file with a root dataset ``kspace``.
 
-The file name and extension play no part in the decision.
+The file name and extension play no part in the decision. Anything else is
+reported as an HDF5 file of neither kind, or as not HDF5 at all.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import h5py
 
-from ..errors import InputDataError
+from ..errors import ConfigError, InputDataError, InputDataWarning
 from .fastmri import read_fastmri
 from .ismrmrd import hdf5_errors, open_hdf5, read_ismrmrd
+from .twix import is_twix, read_twix
 from .types import RawScan
 
 __all__ = ["detect_format", "read_raw"]
 
-RawFormat = Literal["ismrmrd", "fastmri"]
+RawFormat = Literal["ismrmrd", "fastmri", "twix"]
+
+
+def ismrmrd_groups(path: str | os.PathLike[str]) -> list[str]:
+    """Names of the groups of an HDF5 file that hold an ISMRMRD dataset (``xml`` and
+    ``data``), ``dataset`` first; empty for any other file (twix and unreadable ones too)."""
+    p = Path(path)
+    if is_twix(p):
+        return []
+    with open_hdf5(p) as f, hdf5_errors(p):
+        return _all_groups(f)
+
+
+def _all_groups(f: h5py.File) -> list[str]:
+    names = ["dataset"] + sorted(n for n in f if n != "dataset")
+    return [n for n in names if isinstance(f.get(n), h5py.Group)
+            and "xml" in f[n] and "data" in f[n]]
 
 
 def _ismrmrd_group(f: h5py.File) -> str | None:
@@ -44,8 +65,14 @@ def _ismrmrd_group(f: h5py.File) -> str | None:
 
 
 def detect_format(path: str | os.PathLike[str]) -> tuple[RawFormat, str | None]:
-    """``("ismrmrd", group)`` or ``("fastmri", None)``; :class:`InputDataError` otherwise."""
+    """``("ismrmrd", group)``, ``("fastmri", None)`` or ``("twix", None)``.
+
+    :class:`InputDataError` for anything else (missing path, a folder, neither
+    twix nor HDF5, HDF5 of neither kind).
+    """
     p = Path(path)
+    if is_twix(p):
+        return "twix", None
     with open_hdf5(p) as f, hdf5_errors(p):
         group = _ismrmrd_group(f)
         if group is not None:
@@ -58,14 +85,37 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[RawFormat, str | None]:
         f"fastMRI (a /kspace dataset); it holds: {found}", path=p)
 
 
-def read_raw(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawScan:
-    """Read an ISMRMRD or fastMRI file into a :class:`RawScan`.
+def read_raw(path: str | os.PathLike[str], *, prewhiten: bool = True,
+             dataset: str | None = None) -> RawScan:
+    """Read an ISMRMRD, fastMRI or Siemens twix file into a :class:`RawScan`.
 
-    ``prewhiten`` applies to ISMRMRD files with noise acquisitions (fastMRI files
-    have none). Any unusable input (missing path, a folder, not HDF5, HDF5 of
-    neither kind, malformed content) raises :class:`InputDataError` naming the file.
+    ``prewhiten`` applies to ISMRMRD and twix files with noise acquisitions
+    (fastMRI files have none). Any unusable input (missing path, a folder, not
+    HDF5 nor twix, HDF5 of neither kind, malformed or unsupported content)
+    raises :class:`InputDataError` naming the file.
+
+    ``dataset`` names the ISMRMRD group to read in a file that holds several; without
+    it the first (``dataset`` if present) is read and an :class:`InputDataWarning`
+    lists the others.
     """
     kind, group = detect_format(path)
+    if dataset is not None:
+        if kind != "ismrmrd":
+            raise ConfigError(f"--dataset is for ISMRMRD files; this is a {kind} file",
+                              path=path)
+        groups = ismrmrd_groups(path)
+        if dataset not in groups:
+            raise InputDataError(f"holds no ISMRMRD dataset {dataset!r} (it holds: "
+                                 f"{', '.join(groups) or 'none'})", path=path)
+        group = dataset
+    elif kind == "ismrmrd":
+        groups = ismrmrd_groups(path)
+        if len(groups) > 1:
+            warnings.warn(f"{path}: holds {len(groups)} ISMRMRD datasets ({', '.join(groups)}); "
+                          f"reading {group!r} (choose one with --dataset)", InputDataWarning,
+                          stacklevel=2)
     if kind == "fastmri":
         return read_fastmri(path)
+    if kind == "twix":
+        return read_twix(path, prewhiten=prewhiten)
     return read_ismrmrd(path, prewhiten=prewhiten, group=group or "dataset")

@@ -105,7 +105,7 @@ import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -130,6 +130,7 @@ __all__ = [
     "EncodingLimit",
     "HeaderFields",
     "find_calibration_region",
+    "noise_covariance",
     "open_hdf5",
     "parse_ismrmrd_header",
     "partial_fourier_fraction",
@@ -669,7 +670,8 @@ def read_ismrmrd(path: str | os.PathLike[str], *, prewhiten: bool = True,
                 notes.add("the noise acquisitions hold no samples; the data were not prewhitened")
             elif prewhiten:
                 whitener = _whitener(noise_cov, notes)
-        kspace = _assemble(ds, plan, whitener, p)
+        blocks = _iter_blocks(ds, plan.rows, plan.shape[1], plan.n_samples, p)
+        kspace = _assemble(blocks, plan, whitener, p)
         truth = _ground_truth(grp, plan)
 
     mask = (plan.counts > 0)[:, None, :, :, None]  # (B, 1, D, Y, 1)
@@ -987,8 +989,15 @@ def _place_readout(data: np.ndarray, pre: np.ndarray, post: np.ndarray, center: 
     return out
 
 
-def _assemble(ds: h5py.Dataset, plan: _Plan, whitener: np.ndarray | None,
-              path: Path) -> np.ndarray:
+def _assemble(blocks: Iterable[tuple[slice, np.ndarray]], plan: _Plan,
+              whitener: np.ndarray | None, path: Path) -> np.ndarray:
+    """The k-space of ``plan`` from the samples of its rows, block by block.
+
+    ``blocks`` yields ``(sl, data)``: the samples ``(n, C, Ns)`` complex64 of
+    ``plan.rows[sl]``, in order (:func:`_iter_blocks` for an ISMRMRD table; the
+    twix reader has its own). Lines are placed, stripped of readout
+    oversampling, whitened and averaged as the module docstring says.
+    """
     try:
         kspace = np.zeros(plan.shape, dtype=np.complex64)  # (B, C, D, Y, X)
     except MemoryError:
@@ -996,7 +1005,7 @@ def _assemble(ds: h5py.Dataset, plan: _Plan, whitener: np.ndarray | None,
                             path=path) from None
     averaged = bool((plan.counts > 1).any())
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, once
-        _fill(kspace, ds, plan, whitener, averaged, path)
+        _fill(kspace, blocks, plan, whitener, averaged, path)
     if averaged:
         kspace /= np.maximum(plan.counts, 1)[:, None, :, :, None].astype(np.float32)
     if not np.isfinite(kspace.view(np.float32)).all():
@@ -1006,11 +1015,11 @@ def _assemble(ds: h5py.Dataset, plan: _Plan, whitener: np.ndarray | None,
     return kspace
 
 
-def _fill(kspace: np.ndarray, ds: h5py.Dataset, plan: _Plan, whitener: np.ndarray | None,
-          averaged: bool, path: Path) -> None:
-    """Place every used line of the table into ``kspace`` (summed where ``averaged``)."""
-    c_n, x_n = plan.shape[1], plan.shape[4]
-    for sl, data in _iter_blocks(ds, plan.rows, c_n, plan.n_samples, path):
+def _fill(kspace: np.ndarray, blocks: Iterable[tuple[slice, np.ndarray]], plan: _Plan,
+          whitener: np.ndarray | None, averaged: bool, path: Path) -> None:
+    """Place every used line of ``blocks`` into ``kspace`` (summed where ``averaged``)."""
+    x_n = plan.shape[4]
+    for sl, data in blocks:
         if not np.isfinite(data.view(np.float32)).all():
             raise InputDataError("acquisition data contain NaN or infinite samples", path=path)
         lines = _place_readout(data, plan.discard_pre[sl], plan.discard_post[sl],
@@ -1053,16 +1062,27 @@ def _noise_covariance(ds: h5py.Dataset, heads: np.ndarray, rows: np.ndarray, pla
                                          "header", path=path)
                 samples.append(np.asarray(vec, dtype=np.float32).view(np.complex64)
                                .reshape(n_coils, n_s))
-    noise = np.concatenate(samples, axis=1).astype(np.complex128)  # (C, N)
-    if noise.shape[1] == 0:
-        return None
-    if not np.isfinite(noise).all():
-        raise InputDataError("noise acquisitions contain NaN or infinite samples", path=path)
-    cov = noise @ noise.conj().T / noise.shape[1]  # (C, C)
     dwell_noise = float(heads["sample_time_us"][rows].astype(np.float64).mean())
     dwell_data = (float(heads["sample_time_us"][plan.rows].astype(np.float64).mean())
                   if plan.rows.size else 0.0)
-    ratio = dwell_noise / dwell_data if dwell_noise > 0 and dwell_data > 0 else 1.0
+    return noise_covariance(np.concatenate(samples, axis=1), dwell_noise, dwell_data, path=path)
+
+
+def noise_covariance(noise: np.ndarray, dwell_noise_us: float, dwell_data_us: float, *,
+                     path: object | None = None) -> np.ndarray | None:
+    """``Ψ = (1/N) Σ n nᴴ`` (C×C, complex128) of noise samples ``(C, N)``, at the data's dwell.
+
+    Ψ is multiplied by ``dwell_noise_us / dwell_data_us`` when both are positive
+    (noise variance grows with the bandwidth). None when there is no sample;
+    samples that are NaN or infinite are an :class:`InputDataError` naming ``path``.
+    """
+    samples = np.asarray(noise).astype(np.complex128)  # (C, N)
+    if samples.ndim != 2 or samples.shape[1] == 0:
+        return None
+    if not np.isfinite(samples).all():
+        raise InputDataError("noise acquisitions contain NaN or infinite samples", path=path)
+    cov = samples @ samples.conj().T / samples.shape[1]  # (C, C)
+    ratio = dwell_noise_us / dwell_data_us if dwell_noise_us > 0 and dwell_data_us > 0 else 1.0
     if math.isfinite(ratio) and ratio > 0:
         cov *= ratio
     return cov

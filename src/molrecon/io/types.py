@@ -56,7 +56,7 @@ class Geometry:
 
     @staticmethod
     def default(matrix: tuple[int, int, int], fov_mm: tuple[float, float, float] | None = None,
-                n_batch: int = 1) -> "Geometry":
+                n_batch: int = 1) -> Geometry:
         """Identity orientation, 1 mm voxels unless ``fov_mm`` is given."""
         fov = fov_mm if fov_mm is not None else tuple(float(m) for m in matrix)
         return Geometry(
@@ -75,7 +75,7 @@ class Geometry:
 class ScanInfo:
     """Descriptive facts from the header, for `info` and reports."""
 
-    format: str                        # "ismrmrd" | "fastmri"
+    format: str                        # "ismrmrd" | "fastmri" | "twix"
     vendor: str | None = None
     model: str | None = None
     field_strength_t: float | None = None
@@ -138,7 +138,7 @@ class RawScan:
         """Nominal acceleration: phase-encoding positions / acquired positions."""
         return float(self.mask.size / max(int(self.mask.sum()), 1))
 
-    def replace(self, **changes: object) -> "RawScan":
+    def replace(self, **changes: object) -> RawScan:
         return replace(self, **changes)
 
 
