@@ -68,6 +68,21 @@ def test_folder_batch_reports_every_file_and_goes_on_after_a_failure(tmp_path: P
     assert (out / "a.nii.gz").stat().st_mtime_ns == before
 
 
+def test_python_api_batch(tmp_path: Path, folder: Path) -> None:
+    from molrecon.jobs import collect_inputs, outputs_for, run_batch, write_summary
+    from molrecon.recon import ReconConfig
+
+    files = collect_inputs(folder)
+    assert [p.name for p in files] == ["a.h5", "b.h5", "broken.h5"]
+    outs = outputs_for(files, tmp_path / "recon", "dicom")
+    results = run_batch(files, outs, ReconConfig(method="zf"), fmt="dicom")
+    assert [r.status for r in results] == ["ok", "ok", "failed"]
+    assert any((tmp_path / "recon" / "a").glob("*.dcm"))
+    assert not (tmp_path / "recon" / "broken").exists()
+    summary = write_summary(tmp_path / "recon", results, options={"method": "zf"})
+    assert json.loads(summary.read_text())["failed"] == 1
+
+
 def test_glob_with_same_names_in_two_folders(tmp_path: Path) -> None:
     for sub in ("s1", "s2"):
         (tmp_path / sub).mkdir()

@@ -234,6 +234,10 @@ def run_batch(inputs: list[Path], outputs: list[Path], config: Any, *, fmt: Outp
               progress: Callable[[str, int, int], None] | None = None) -> list[FileOutcome]:
     """Reconstruct this rank's share of ``inputs`` into ``outputs``; never raises for one
     file's failure (library errors and unexpected exceptions alike become its outcome)."""
+    if len(outputs) != len(inputs):
+        raise ConfigError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+    for folder in sorted({o.parent for o in outputs}):
+        folder.mkdir(parents=True, exist_ok=True)
     engines: dict[Any, Any] = {}
     outcomes: list[FileOutcome] = []
     for i in range(rank, len(inputs), world):
