@@ -4,6 +4,7 @@ programs the project did not write); nothing is committed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def real_file(folder: Path, name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"real scanner file {name} not found in {folder} (set MOLRECON_REAL_DATA)")
     return path
+
+
+_STAGE_LINE = re.compile(r"^\[\s*\d+\.\d s\] ")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The non-empty lines of a command's stderr, without its per-stage log lines
+    (``[  1.2 s] file: stage``, printed when stderr is not a terminal, as under the
+    test runner): what is left are the messages (errors, warnings, results)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not _STAGE_LINE.match(ln)]
 
 
 def have(program: str) -> bool:

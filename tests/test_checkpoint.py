@@ -103,7 +103,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="m.pt: cannot be written: disk full"):
         save_checkpoint(tmp_path / "m.pt", small_model(), MolConfig())
     assert list(tmp_path.iterdir()) == []
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import have
+from conftest import have, message_lines
 from molrecon.cli import app
 from molrecon.io.maps import read_cfl, write_cfl
 from molrecon.simulate import SimulationConfig, simulate_to_file
@@ -191,7 +191,7 @@ def test_bad_maps_are_refused_naming_the_file(tmp_path: Path) -> None:
                                   str(tmp_path / name), "-m", "sense"])
         assert res.exit_code == 1, (name, res.output)
         assert name in res.output and message in res.output, (name, res.output)
-        assert len(res.output.strip().splitlines()) == 1, res.output
+        assert len(message_lines(res.stderr)) == 1, res.output
         assert not out.exists()
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
+from conftest import message_lines
 from molrecon.cli import app
 from molrecon.simulate import SimulationConfig, simulate_to_file
 
@@ -92,7 +93,7 @@ def assert_one_line_error(result: Result, *, names: Path | None, needle: str,
                           code: int = 1) -> str:
     """Exit ``code``, one stderr line containing ``needle`` (and the file), no traceback."""
     assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
+    lines = message_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     line = lines[0]
     if names is not None:
@@ -577,8 +578,8 @@ def test_failure_while_writing_leaves_no_partial_file(scan_file: Path, out_dir: 
     out = out_dir / "image.nii.gz"
     result = invoke("reconstruct", scan_file, out, "--method", "sense")
     assert result.exit_code == 1
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "No space left on device" in result.stderr
+    assert len(message_lines(result.stderr)) == 1
+    assert "No space left on device" in result.stderr and str(out) in result.stderr
     assert listing(out_dir) == set()
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import message_lines
 from molrecon.cli import app
 from molrecon.deq import MolConfig
 from molrecon.errors import CheckpointError
@@ -136,7 +137,7 @@ def test_code_in_a_model_file_never_runs(name: str, make: Callable[..., Path],
 
 def assert_refused(result: Any, path: Path, needle: str = "") -> str:
     assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    lines = message_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert str(path) in lines[0] and needle in lines[0], lines[0]
     assert "Traceback" not in result.output and result.stdout == ""

@@ -32,6 +32,7 @@ import torch
 from typer.testing import CliRunner, Result
 
 from _builders import write_raw_table
+from conftest import message_lines
 from molrecon.cli import app
 from molrecon.deq import MolConfig
 from molrecon.errors import ConfigError, ResourceError
@@ -180,7 +181,7 @@ def test_too_little_calibration_is_refused(parts: tuple[str, np.ndarray], tmp_pa
     out = tmp_path / "thin.nii"
     result = runner.invoke(app, ["reconstruct", str(path), str(out), "--method", "sense"])
     assert result.exit_code == 1
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    lines = message_lines(result.stderr)
     assert len(lines) == 1
     assert re.search(r"calibration region \(1×\d+\) is smaller than the 6×6 ESPIRiT kernel",
                      lines[0]), lines[0]

@@ -3,7 +3,7 @@
 The Python API mirrors the command line::
 
     import molrecon
-    scan = molrecon.read_raw("raw.h5")                 # ISMRMRD or fastMRI HDF5
+    scan = molrecon.read_raw("raw.h5")                 # ISMRMRD, MRD v2, fastMRI, Siemens twix
     image = molrecon.reconstruct(scan, method="mol")   # ImageVolume
     molrecon.write_nifti(image, "out.nii.gz")
 

@@ -193,11 +193,10 @@ def reconstruct_file(input: Path, output: Path, config: Any, *, fmt: OutputForma
     _write_image(result, output, fmt, complex_out=complex_out, force=force)
     result.report["output"] = str(output)
     if preview is not None:
-        from .preview import middle_plane, write_preview
+        from .preview import write_preview
 
-        panels = [(name, middle_plane(vol.data)) for name, vol in result.baselines.items()]
-        panels.append((result.report["method"], middle_plane(result.image.data)))
-        write_preview(preview, panels, force=force)
+        shown = [*result.baselines.items(), (result.report["method"], result.image)]
+        write_preview(preview, shown, force=force)
     if report is not None:
         write_text_atomic(report, json.dumps(result.report, indent=2, default=str) + "\n",
                           force=force)

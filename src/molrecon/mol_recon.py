@@ -72,7 +72,8 @@ class MolEngine:
             rho = r if r < 1.0 else None
         return cls(loaded=loaded, step=step, config=config, device=device, contraction=rho)
 
-    def solve(self, op: Any, kspace: torch.Tensor, x0: torch.Tensor) -> FixedPointResult:
+    def solve(self, op: Any, kspace: torch.Tensor, x0: torch.Tensor, *,
+              on_iteration: Any = None) -> FixedPointResult:
         import torch
 
         from .deq.fixed_point import FixedPointConfig, solve_fixed_point
@@ -87,7 +88,8 @@ class MolEngine:
             aty = op.adjoint(kspace)                                      # (b, D, Y, X)
             step = mol.bind(normal=op.normal, aty=aty, support=support_of(op))
             return solve_fixed_point(step, x0, config=fp, contraction=self.contraction,
-                                     label="MOL fixed-point iteration")
+                                     label="MOL fixed-point iteration",
+                                     on_iteration=on_iteration)
 
     def describe(self, res: FixedPointResult) -> dict[str, Any]:
         """Per-chunk facts for the report (plain JSON types)."""

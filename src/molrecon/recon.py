@@ -209,6 +209,7 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         key = (config, scan.kind, str(device), scan.shape[-1] == 1)
         engine = None if engines is None else engines.get(key)
         if engine is None:
+            progress("loading the model", 0, 1)
             engine = MolEngine.load(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
             if engines is not None:
                 engines[key] = engine
@@ -229,8 +230,10 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         channels = engine.loaded.model.config.channels if engine is not None else 64
         batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
     chunks = _chunks(b_total, batch)
+    n_chunks = len(chunks)
     for ci, sl in enumerate(chunks):
-        progress("reconstructing", ci, len(chunks))
+        part = "" if n_chunks == 1 else f" (batch {ci + 1}/{n_chunks})"
+        progress("reconstructing" + part, ci, n_chunks)
         k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(device)   # (b, C, D, Y, X)
         mask = torch.from_numpy(np.array(scan.mask[sl], dtype=bool)).to(device)   # (b, 1, D, Y, 1)
         calib = torch.from_numpy(np.array(scan.calib[sl], dtype=bool)).to(device)
@@ -249,12 +252,14 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
 
         from .physics.sense import cg_sense
 
+        progress(("coil maps" if user_maps is None else "coil maps (yours)") + part, ci, n_chunks)
         t0 = time.perf_counter()
         maps = None if user_maps is None else torch.from_numpy(
             np.ascontiguousarray(user_maps[sl])).to(device)
         prep = prepare(k, mask, calib, scan.kind, maps=maps)
         timings["maps_s"] += time.perf_counter() - t0
         scale, kn, op = prep.scale, prep.kspace, prep.op
+        progress("CG-SENSE" + part, ci, n_chunks)
         t0 = time.perf_counter()
         sense = cg_sense(op, kn, lam=config.sense_lambda, max_iter=config.sense_iters)
         timings["sense_s"] += time.perf_counter() - t0
@@ -268,12 +273,16 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         if config.method == "mol":
             assert engine is not None
             t0 = time.perf_counter()
-            res = engine.solve(op, kn, x_sense)
+            def on_iteration(it: int, residual: float, part: str = part) -> None:
+                progress(f"MOL{part}: residual {residual:.1e} (tol {config.tol:g})", it,
+                         config.max_iter)
+
+            res = engine.solve(op, kn, x_sense, on_iteration=on_iteration)
             timings["mol_s"] += time.perf_counter() - t0
             out[sl] = (res.x * unscale).cpu().numpy()
             chunk_info.update(engine.describe(res))
         per_chunk.append(chunk_info)
-    progress("reconstructing", len(chunks), len(chunks))
+    progress("done", n_chunks, n_chunks)
 
     wall = time.perf_counter() - t_start
     report: dict[str, Any] = {

@@ -35,7 +35,8 @@ def demo_cmd(
         from ..io.nifti import read_nifti, write_nifti
         from ..io.atomic import write_text_atomic
         from ..metrics import compare
-        from ..preview import middle_plane, write_preview
+        from ..io.types import ImageVolume
+        from ..preview import write_preview
         from ..recon import ReconConfig, reconstruct
         import numpy as np
 
@@ -60,9 +61,9 @@ def demo_cmd(
             rows[name] = compare(vol.data, truth_img).as_dict()
         out_nii = outdir / f"{method}.nii.gz"
         write_nifti(result.image, out_nii, force=force)
-        panels = [(name, middle_plane(vol.data)) for name, vol in result.baselines.items()]
-        panels += [(method, middle_plane(result.image.data)), ("truth", middle_plane(truth_img))]
-        write_preview(outdir / "preview.png", panels, force=force)
+        truth_vol = ImageVolume(truth_img, result.image.kind, result.image.geometry, "truth")
+        shown = [*result.baselines.items(), (method, result.image), ("truth", truth_vol)]
+        write_preview(outdir / "preview.png", shown, force=force)
         report = dict(result.report)
         report["metrics_vs_truth"] = rows
         write_text_atomic(outdir / "report.json", json.dumps(report, indent=2, default=str) + "\n",

@@ -87,7 +87,7 @@ def _vector(v: list[float]) -> str:
 @app.command("info")
 def info_cmd(
     file: Annotated[Path, typer.Argument(
-        help="Raw data: ISMRMRD or fastMRI HDF5, or Siemens twix (.dat).")],
+        help="Raw data: ISMRMRD or fastMRI HDF5, MRD v2, or Siemens twix (.dat).")],
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="ISMRMRD group to describe in a file that holds several.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,

@@ -17,7 +17,7 @@ from ._common import DebugOpt, app, console, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "
                 "sense: CG-SENSE; zf: zero-filled root-sum-of-squares.")
-_INPUT_HELP = ("Raw k-space: an ISMRMRD, fastMRI or Siemens twix file; or a folder of them, or "
+_INPUT_HELP = ("Raw k-space: an ISMRMRD, MRD v2, fastMRI or Siemens twix file; or a folder of them, or "
                "a quoted glob pattern such as 'scans/*.h5' (then OUTPUT is a folder).")
 _OUTPUT_HELP = ("Output image: .nii or .nii.gz, or a folder for a DICOM series (--format "
                 "dicom, or a name ending in .dcm). With several inputs: the output folder.")
@@ -63,9 +63,12 @@ def reconstruct_cmd(
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="Batch: leave scans whose output exists alone (resume a batch).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No per-stage log lines when stderr is not a terminal.")] = False,
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
+    _QUIET["on"] = quiet
     n_coils = _check_usage(method=method, device=device, solver=solver, max_iter=max_iter,
                            tol=tol, alpha=alpha, batch_size=batch_size, cg_iters=cg_iters,
                            sense_lambda=sense_lambda, sense_iters=sense_iters, coils=coils,
@@ -156,10 +159,12 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(f"{config.method} {input.name}", total=None)
+        log_stage = _stage_log(input.name)
 
         def on_progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=f"{config.method} {input.name}: {stage}",
                        completed=done, total=total)
+            log_stage(stage)
 
         result, lines = reconstruct_file(input, output, config, fmt=fmt,  # type: ignore[arg-type]
                                          complex_out=complex_out, force=force, preview=preview,
@@ -212,6 +217,7 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
                   console=console, transient=True, disable=not interactive) as bar:
         task = bar.add_task(f"{who}{config.method}", total=mine)
         current = {"name": ""}
+        log_stage = _stage_log("")
 
         def on_start(i: int, src: Path) -> None:
             current["name"] = src.name
@@ -219,6 +225,7 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
 
         def on_progress(stage: str, done: int, n: int) -> None:
             bar.update(task, description=f"{who}{config.method} {current['name']}: {stage}")
+            log_stage(stage, f"{who}{current['name']}")
 
         def on_done(i: int, outcome: FileOutcome) -> None:
             bar.advance(task)
@@ -246,6 +253,32 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
                       f"; summary: {path}")
     if failed:
         raise typer.Exit(1)
+
+
+_QUIET = {"on": False}
+
+
+def _stage_log(name: str) -> Any:
+    """Without a terminal (a batch system, a pipe), one plain line per stage of the job
+    (``[elapsed] file: stage``, on stderr, from the stage after reading on) instead of
+    the live display; with a terminal, or with ``--quiet``, nothing."""
+    import time
+
+    t0 = time.perf_counter()
+    last: dict[str, str | None] = {"key": None}
+
+    def log(stage: str, who: str | None = None) -> None:
+        if console.is_terminal or _QUIET["on"]:
+            return
+        key = stage.split(":")[0]
+        label = who if who is not None else name
+        if (label, key) == last["key"] or key in ("done", "reading", "reconstructing"):
+            return                      # reading is quick, and most bad input ends there
+        last["key"] = (label, key)  # type: ignore[assignment]
+        console.print(f"[{time.perf_counter() - t0:7.1f} s] {label}: {key}", markup=False,
+                      highlight=False, soft_wrap=True)
+
+    return log
 
 
 def _outcome_text(outcome: Any) -> str:

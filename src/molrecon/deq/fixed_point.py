@@ -168,8 +168,13 @@ def solve_fixed_point(
     config: FixedPointConfig | None = None,
     contraction: float | None = None,
     label: str = "fixed-point iteration",
+    on_iteration: Callable[[int, float], None] | None = None,
 ) -> FixedPointResult:
     """Iterate x ← T(x) from ``x0`` (B, ...) until every item's relative residual ≤ tol.
+
+    ``on_iteration(n, r)``, if given, is called after iteration n with the largest
+    relative residual r of the items still iterating (a progress display; on a GPU
+    it costs one synchronisation per iteration).
 
     ``contraction``: a certified contraction factor ρ < 1 of ``step`` (enables
     ``distance_bound``). Emits :class:`~molrecon.errors.ConvergenceWarning`
@@ -208,6 +213,8 @@ def solve_fixed_point(
             last_diff = torch.where(active, diff, last_diff)
             last_norm = torch.where(active, torch.linalg.vector_norm(ff, dim=1), last_norm)
             # A non-finite step stops its item (flagged below); x = 0 only gives r = inf.
+            if on_iteration is not None:
+                on_iteration(n + 1, float(res[active].max()) if bool(active.any()) else 0.0)
             done = done | (res <= cfg.tol) | ~torch.isfinite(diff)
             if accel is not None:
                 nxt = accel.next(xf, g)

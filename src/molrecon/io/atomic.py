@@ -52,6 +52,12 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
         if not force and target.exists():
             raise OutputError("appeared while the job ran (use --force to overwrite)", path=target)
         os.replace(tmp_path, target)
+    except OSError as exc:
+        # A full disk, a quota, a folder turned read-only while the job ran: name the output
+        # (the library that wrote it only knew the temporary file, or nothing).
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise OutputError(f"cannot be written: {exc.strerror or exc}", path=target) from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

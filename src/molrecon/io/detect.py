@@ -2,6 +2,8 @@
 
 * Siemens twix (``.dat``, VB or VD/VE): recognised from its first bytes
   (:func:`molrecon.io.twix.is_twix`), before the file is tried as HDF5;
+* MRD v2 (the yardl stream of mrd-python, binary or NDJSON): recognised from its
+  first bytes (:func:`molrecon.io.mrd.is_mrd2`), before the file is tried as HDF5;
 * ISMRMRD: an HDF5 group (normally ``/dataset``) holding ``xml`` and ``data``;
 * fastMRI: an HDF5 file with a root dataset ``kspace``.
 
@@ -21,19 +23,21 @@ import h5py
 from ..errors import ConfigError, InputDataError, InputDataWarning
 from .fastmri import read_fastmri
 from .ismrmrd import hdf5_errors, open_hdf5, read_ismrmrd
+from .mrd import is_mrd2, read_mrd2
 from .twix import is_twix, read_twix
 from .types import RawScan
 
 __all__ = ["detect_format", "read_raw"]
 
-RawFormat = Literal["ismrmrd", "fastmri", "twix"]
+RawFormat = Literal["ismrmrd", "fastmri", "twix", "mrd2"]
 
 
 def ismrmrd_groups(path: str | os.PathLike[str]) -> list[str]:
     """Names of the groups of an HDF5 file that hold an ISMRMRD dataset (``xml`` and
-    ``data``), ``dataset`` first; empty for any other file (twix and unreadable ones too)."""
+    ``data``), ``dataset`` first; empty for any other file (twix, MRD v2 and unreadable
+    ones too)."""
     p = Path(path)
-    if is_twix(p):
+    if is_twix(p) or is_mrd2(p):
         return []
     with open_hdf5(p) as f, hdf5_errors(p):
         return _all_groups(f)
@@ -65,14 +69,16 @@ def _ismrmrd_group(f: h5py.File) -> str | None:
 
 
 def detect_format(path: str | os.PathLike[str]) -> tuple[RawFormat, str | None]:
-    """``("ismrmrd", group)``, ``("fastmri", None)`` or ``("twix", None)``.
+    """``("ismrmrd", group)``, ``("fastmri", None)``, ``("twix", None)`` or ``("mrd2", None)``.
 
     :class:`InputDataError` for anything else (missing path, a folder, neither
-    twix nor HDF5, HDF5 of neither kind).
+    twix, MRD v2 nor HDF5, HDF5 of neither kind).
     """
     p = Path(path)
     if is_twix(p):
         return "twix", None
+    if is_mrd2(p):
+        return "mrd2", None
     with open_hdf5(p) as f, hdf5_errors(p):
         group = _ismrmrd_group(f)
         if group is not None:
@@ -87,11 +93,11 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[RawFormat, str | None]:
 
 def read_raw(path: str | os.PathLike[str], *, prewhiten: bool = True,
              dataset: str | None = None) -> RawScan:
-    """Read an ISMRMRD, fastMRI or Siemens twix file into a :class:`RawScan`.
+    """Read an ISMRMRD, fastMRI, Siemens twix or MRD v2 file into a :class:`RawScan`.
 
-    ``prewhiten`` applies to ISMRMRD and twix files with noise acquisitions
+    ``prewhiten`` applies to ISMRMRD, twix and MRD v2 files with noise acquisitions
     (fastMRI files have none). Any unusable input (missing path, a folder, not
-    HDF5 nor twix, HDF5 of neither kind, malformed or unsupported content)
+    HDF5, twix nor MRD v2, HDF5 of neither kind, malformed or unsupported content)
     raises :class:`InputDataError` naming the file.
 
     ``dataset`` names the ISMRMRD group to read in a file that holds several; without
@@ -118,4 +124,6 @@ def read_raw(path: str | os.PathLike[str], *, prewhiten: bool = True,
         return read_fastmri(path)
     if kind == "twix":
         return read_twix(path, prewhiten=prewhiten)
+    if kind == "mrd2":
+        return read_mrd2(path, prewhiten=prewhiten)
     return read_ismrmrd(path, prewhiten=prewhiten, group=group or "dataset")

@@ -75,7 +75,7 @@ class Geometry:
 class ScanInfo:
     """Descriptive facts from the header, for `info` and reports."""
 
-    format: str                        # "ismrmrd" | "fastmri" | "twix"
+    format: str                        # "ismrmrd" | "fastmri" | "twix" | "mrd2"
     vendor: str | None = None
     model: str | None = None
     field_strength_t: float | None = None
