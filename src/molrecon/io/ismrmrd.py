@@ -674,6 +674,17 @@ def read_ismrmrd(path: str | os.PathLike[str], *, prewhiten: bool = True,
         kspace = _assemble(blocks, plan, whitener, p)
         truth = _ground_truth(grp, plan)
 
+    return assemble_scan(plan, hdr, kspace, notes, fmt="ismrmrd", path=p, noise_cov=noise_cov,
+                         whitened=whitener is not None, n_noise=int(noise_rows.size),
+                         truth=truth)
+
+
+def assemble_scan(plan: _Plan, hdr: HeaderFields, kspace: np.ndarray, notes: _Notes, *,
+                  fmt: str, path: Path, noise_cov: np.ndarray | None, whitened: bool,
+                  n_noise: int, truth: np.ndarray | None = None) -> RawScan:
+    """The :class:`RawScan` of a planned and assembled scan: sampling mask, calibration
+    region (flagged lines, or the largest fully sampled centre), geometry and the
+    header's facts. Shared by every reader that goes through :func:`_plan`."""
     mask = (plan.counts > 0)[:, None, :, :, None]  # (B, 1, D, Y, 1)
     if plan.any_calib_flag:
         calib = (plan.calib & (plan.counts > 0))[:, None, :, :, None]
@@ -683,7 +694,7 @@ def read_ismrmrd(path: str | os.PathLike[str], *, prewhiten: bool = True,
     sampled_y = np.asarray(mask.any(axis=(0, 1, 2, 4)))  # (Y,)
     sampled_z = np.asarray(mask.any(axis=(0, 1, 3, 4)) if plan.kind == "3d" else np.ones(1, bool))
     info = ScanInfo(
-        format="ismrmrd",
+        format=fmt,
         vendor=hdr.vendor,
         model=hdr.model,
         field_strength_t=hdr.field_strength_t,
@@ -696,21 +707,12 @@ def read_ismrmrd(path: str | os.PathLike[str], *, prewhiten: bool = True,
         partial_fourier=(partial_fourier_fraction(sampled_y), partial_fourier_fraction(sampled_z)),
         averages=int(plan.counts.max()),
         n_acquisitions=plan.n_used,
-        n_noise_acquisitions=int(noise_rows.size),
+        n_noise_acquisitions=n_noise,
         warnings=tuple(notes.messages),
     )
-    return RawScan(
-        kspace=kspace,
-        mask=mask,
-        calib=calib,
-        kind=plan.kind,
-        geometry=geometry,
-        info=info,
-        source=str(p),
-        noise_cov=noise_cov,
-        whitened=whitener is not None,
-        ground_truth=truth,
-    )
+    return RawScan(kspace=kspace, mask=mask, calib=calib, kind=plan.kind, geometry=geometry,
+                   info=info, source=str(path), noise_cov=noise_cov, whitened=whitened,
+                   ground_truth=truth)
 
 
 def _plan(heads: np.ndarray, hdr: HeaderFields, path: Path, notes: _Notes) -> _Plan:

@@ -138,17 +138,15 @@ from .ismrmrd import (
     _assemble,
     _bit,
     _first_line,
-    _geometry,
     _head_dtype,
     _Notes,
     _plan,
     _whitener,
+    assemble_scan,
     check_memory,
-    find_calibration_region,
     noise_covariance,
-    partial_fourier_fraction,
 )
-from .types import RawScan, ScanInfo
+from .types import RawScan
 
 __all__ = ["is_twix", "read_twix"]
 
@@ -719,42 +717,8 @@ def read_twix(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawSca
     kspace = _assemble(_blocks(image_mdbs, plan.rows, plan.shape[1], plan.n_samples, p), plan,
                        whitener, p)
 
-    mask = (plan.counts > 0)[:, None, :, :, None]  # (B, 1, D, Y, 1)
-    if plan.any_calib_flag:
-        calib = (plan.calib & (plan.counts > 0))[:, None, :, :, None]
-    else:
-        calib = find_calibration_region(mask, plan.kind)
-    geometry = _geometry(plan, fields, notes)
-    sampled_y = np.asarray(mask.any(axis=(0, 1, 2, 4)))  # (Y,)
-    sampled_z = np.asarray(mask.any(axis=(0, 1, 3, 4)) if plan.kind == "3d" else np.ones(1, bool))
-    info = ScanInfo(
-        format="twix",
-        vendor=fields.vendor,
-        model=fields.model,
-        field_strength_t=fields.field_strength_t,
-        protocol=fields.protocol,
-        tr_ms=fields.tr_ms,
-        te_ms=fields.te_ms,
-        encoded_matrix=fields.encoded_matrix,
-        encoded_fov_mm=fields.encoded_fov_mm,
-        readout_oversampling=plan.enc_x / plan.shape[4],
-        partial_fourier=(partial_fourier_fraction(sampled_y), partial_fourier_fraction(sampled_z)),
-        averages=int(plan.counts.max()),
-        n_acquisitions=plan.n_used,
-        n_noise_acquisitions=n_noise,
-        warnings=tuple(notes.messages),
-    )
-    return RawScan(
-        kspace=kspace,
-        mask=mask,
-        calib=calib,
-        kind=plan.kind,
-        geometry=geometry,
-        info=info,
-        source=str(p),
-        noise_cov=noise_cov,
-        whitened=whitener is not None,
-    )
+    return assemble_scan(plan, fields, kspace, notes, fmt="twix", path=p, noise_cov=noise_cov,
+                         whitened=whitener is not None, n_noise=n_noise)
 
 
 def _noise_scan(path: Path, layout: _Layout, image_mdbs: list[Any], noise_flag: np.ndarray,
