@@ -99,18 +99,21 @@ def test_output_or_dataset_but_not_both(tmp_path: Path) -> None:
     assert no_count.exit_code == 2 and "--count" in no_count.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--acceleration", "0.5"], "acceleration must be >= 1"),
-    (["--acceleration", "16", "--acs", "16"], "ACS"),
-    (["--anatomy", "unicorn"], "unknown anatomy"),
-    (["--coils", "0"], "coils"),
-    (["--slices", "3", "--kind", "3d", "--matrix", "32x32x8"], "several slices"),
+@pytest.mark.parametrize("args,option,message", [
+    (["--acceleration", "0.5"], "-R", "acceleration must be a number >= 1"),
+    (["--acceleration", "16", "--acs", "16"], "-R / --acs", "ACS"),
+    (["--anatomy", "unicorn"], "--anatomy", "not one of"),
+    (["--coils", "0"], "--coils", "[1, 64]"),
+    (["--slices", "3", "--kind", "3d", "--matrix", "32x32x8"], "--slices", "several slices"),
+    (["-R", "4,6"], "-R", "one R"),
 ])
-def test_domain_errors_are_one_line_exit_1(tmp_path: Path, args: list[str], message: str) -> None:
+def test_option_value_errors_are_usage_errors_naming_the_option(
+        tmp_path: Path, args: list[str], option: str, message: str) -> None:
+    """Exit 2 before any work (nothing written), naming the option, as `reconstruct` does."""
     result = runner.invoke(app, ["simulate", str(tmp_path / "e.h5"), *SMALL, *args])
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())   # the error panel's text
+    assert f"Invalid value for {option}:" in text and message in text, text
     assert "Traceback" not in result.output
     assert not (tmp_path / "e.h5").exists()
 

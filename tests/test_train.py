@@ -18,6 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from _builders import Crash, crash_at, records, tiny_config
+from conftest import message_lines
 from molrecon.cli import app
 from molrecon.errors import CheckpointError, ConfigError, InputDataError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
@@ -27,7 +28,9 @@ from molrecon.train_data import MaskSpec, list_raw_files, load_folder, split_dat
 
 runner = CliRunner()
 MATRIX = {"2d": (48, 48), "2dt": (32, 32), "3d": (32, 32, 8)}
-TINY = ["--layers", "3", "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu"]
+# --cg-iters 5: TrainConfig's default, which the API runs compared with use (the CLI's is 10).
+TINY = ["--layers", "3", "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu",
+        "--cg-iters", "5"]
 
 
 
@@ -123,7 +126,7 @@ def test_reconstruct_accepts_the_trained_weights(data: dict[str, Path], tmp_path
     bad = runner.invoke(app, ["reconstruct", str(list_raw_files(other)[0]),
                               str(tmp_path / "x.nii"), "--weights", str(model), "--device", "cpu"])
     assert bad.exit_code == 1
-    assert "model is for" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert "model is for" in bad.stderr and len(message_lines(bad.stderr)) == 1
 
 
 # ----------------------------------------------------------------------------- resume
@@ -161,12 +164,14 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
 def test_resume_keeps_the_model_of_the_state(data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     train(tiny(data["2d"], out, max_steps=1, spectral_grid=12, val_fraction=0.0))
-    with pytest.raises(CheckpointError, match="channels=8"):
+    with pytest.raises(CheckpointError, match="--channels 8 → 4"):
         train(tiny(data["2d"], out, max_steps=2, channels=4, resume=True))
-    with pytest.raises(CheckpointError, match="spectral_grid=12"):
+    with pytest.raises(CheckpointError, match="--spectral-grid 12 → 20"):
         train(tiny(data["2d"], out, max_steps=2, spectral_grid=20, resume=True))
+    with pytest.raises(ConfigError, match="--data .*2d → .*3d"):
+        train(tiny(data["3d"], out, max_steps=2, val_fraction=0.0, resume=True))
     with pytest.raises(CheckpointError, match="is for 2d data"):
-        train(tiny(data["3d"], out, max_steps=2, resume=True))
+        train(tiny(data["3d"], out, max_steps=2, val_fraction=0.0, resume=True, override=True))
     # Left unset, the SN frequency grid (which sets the effective weights) is the state's.
     train(tiny(data["2d"], out, max_steps=2, val_fraction=0.0, resume=True))
     assert load_checkpoint(out).metadata["config"]["spectral_grid"] == 12

@@ -47,7 +47,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path: Path) ->
     steps, seed = 3, 2
     common = ["--layers", "3", "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu",
               "--max-steps", str(steps), "--val-fraction", "0", "--checkpoint-every", "2",
-              "--seed", str(seed), "--constraint", "lr"]
+              "--seed", str(seed), "--constraint", "lr",
+              "--cg-iters", "5"]     # TrainConfig's default, as the reference run below
     out = tmp_path / "ddp" / "m.pt"
     out.parent.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}

@@ -33,7 +33,9 @@ from molrecon.train import TrainConfig, output_paths, train
 from molrecon.train_data import MaskSpec
 
 runner = CliRunner()
-TINY = ["--layers", "3", "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu"]
+# --cg-iters 5: TrainConfig's default, which the API runs compared with use (the CLI's is 10).
+TINY = ["--layers", "3", "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu",
+        "--cg-iters", "5"]
 
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+#: How a library message that advises overwriting reads from the Python API, and on the
+#: command line (``OutputError`` stores the API wording; the CLI prints :meth:`cli_text`).
+_FORCE_API = "pass force=True (--force on the command line) to"
+_FORCE_CLI = "use --force to"
+
 
 class MolreconError(Exception):
     """Base class of every error molrecon reports to a user.
@@ -18,6 +23,10 @@ class MolreconError(Exception):
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
+    def cli_text(self) -> str:
+        """The one line the command line prints (``str(self)`` in the CLI's wording)."""
+        return str(self)
+
 
 class InputDataError(MolreconError):
     """A raw-data or image file cannot be used (unreadable, malformed, unsupported)."""
@@ -32,7 +41,18 @@ class ConfigError(MolreconError):
 
 
 class OutputError(MolreconError):
-    """An output cannot be written (exists without --force, missing folder, unwritable)."""
+    """An output cannot be written (exists without --force, missing folder, unwritable).
+
+    Writers word the advice for the command line ("use --force to overwrite"); the
+    exception rewords it for the Python API ("pass force=True (--force on the command
+    line) to overwrite"), and :meth:`cli_text` gives the command line's wording back.
+    """
+
+    def __init__(self, message: str, *, path: object | None = None) -> None:
+        super().__init__(message.replace(_FORCE_CLI, _FORCE_API), path=path)
+
+    def cli_text(self) -> str:
+        return str(self).replace(_FORCE_API, _FORCE_CLI)
 
 
 class ResourceError(MolreconError):

@@ -52,8 +52,12 @@ from ``(seed, e)``. The resume state (``MODEL.state.pt``) holds the weights,
 λ, the optimiser (moments, step counts and the current, possibly halved,
 learning rates) and the step count, so a resumed run continues exactly where
 the state was saved: on the CPU, an interrupted and resumed run ends with
-weights bitwise equal to an uninterrupted one. ``--lr`` is ignored on resume
-(the saved learning rates continue). A run killed at any moment loses at most
+weights bitwise equal to an uninterrupted one. A resume must repeat the options
+that define the problem (data, masks, network, solver, loss, learning rates,
+batch, seed...; :func:`resume_changes`): a change is refused in one line naming
+each option with its saved and new value, unless ``override`` (``--override``),
+which is then logged and warned about; the saved learning rates continue unless
+``--lr``/``--lam-lr`` is overridden. A run killed at any moment loses at most
 the steps since its last checkpoint (every ``checkpoint_every`` steps): every
 file is written to a temporary file and renamed (``io.atomic``), so a kill
 mid-write leaves the previous file intact; a resume rewrites the log without
@@ -103,6 +107,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -161,7 +166,9 @@ class TrainConfig:
     batch_size        samples per step and process
     max_steps         steps in all (a resumed run continues up to it)
     time_budget_s     wall-clock seconds of this invocation (loading included); the run
-                      stops at the first step boundary after it and saves
+                      does not start a step it cannot finish in time (the slowest of the
+                      last 10 steps, plus the last validation's time if the step validates,
+                      plus the last save's time), then saves and stops
     readout_block     train on blocks of this many readout positions (exact
                       hybrid-space problems, :func:`make_problem`); validation uses whole scans
     val_*             validation split (fraction of files), cadence and problem count;
@@ -169,6 +176,13 @@ class TrainConfig:
                       of ``data`` trains and val_fraction is not used)
     checkpoint_every  steps between saves; max_skips consecutive skips stop the run
     grad_clip         global gradient-norm clip
+    resume            continue the run whose state is beside ``out``; the options that
+                      define the problem must be those the state was saved with
+                      (:func:`resume_changes`), else the run is refused, unless
+                      ``override`` (then the new values apply; a changed lr or lam_lr
+                      replaces the saved learning rates). The network's options
+                      (constraint, layers, channels, lipschitz_target, spectral_grid,
+                      stage) can never change on resume.
     """
 
     data: str
@@ -212,6 +226,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    override: bool = False
     init_weights: str | None = None
     force: bool = False
     unroll: int = 0
@@ -705,11 +720,15 @@ def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
 
 
 def _write(path: Path, what: str, steps: int, writer: Callable[[], Any]) -> None:
-    """Run ``writer`` (an atomic write of ``path``); an OSError becomes an OutputError."""
+    """Run ``writer`` (an atomic write of ``path``); a failed write becomes an OutputError
+    that says training stopped and the previous file is kept."""
     try:
         writer()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, OutputError) as exc:
+        # io.atomic turns an OSError of the write into an OutputError naming the target;
+        # its cause keeps the system's reason.
+        cause = exc.__cause__ if isinstance(exc, OutputError) else exc
+        reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause or exc)
         raise OutputError(f"cannot write the {what} after step {steps} ({reason}); training "
                           "stopped, the previous file is kept", path=path) from exc
 
@@ -752,12 +771,19 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
     paths = output_paths(config.out)
     if not paths["best"].name.endswith(".pt"):
         raise ConfigError(f"{config.out}: --out must end in .pt")
+    state: dict[str, Any] | None = None
+    changes: list[Change] = []
     if config.resume:
         if not paths["state"].is_file():
             raise OutputError(f"nothing to resume: {paths['state']} does not exist (start the "
                               "run without --resume)", path=config.out)
         for key in ("best", "last", "log"):
             check_output(paths[key], force=True)
+        # Before any data is read: a resume with other options is refused at once.
+        state = _load_state(paths["state"])
+        changes = _check_resume_options(state, config, paths["state"])
+        if changes:
+            warn("resuming with changed options (--override): " + "; ".join(map(str, changes)))
     elif dist_info.main:
         for key in ("best", "last", "state", "log"):
             check_output(paths[key], force=config.force)
@@ -788,9 +814,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
 
         scales = sample_scales(train_set.samples, kind, config.mask, config.seed)
 
-    state: dict[str, Any] | None = None
-    if config.resume:
-        state = _load_state(paths["state"])
+    if state is not None:
         config = _check_state(state, config, kind, paths["state"])
     torch.manual_seed(config.seed)
     step, cnn = _build(config, kind, device)
@@ -816,6 +840,10 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
         best = float(state["best"])
         skips = int(state.get("skips", 0))
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        # --override with a new learning rate: it replaces the saved (possibly halved) one.
+        for option, group in (("--lr", 0), ("--lam-lr", 1)):
+            if any(c.option == option for c in changes):
+                optim.param_groups[group]["lr"] = config.lr if group == 0 else config.lam_lr
     _broadcast_parameters(step, dist_info)
     bank: list[Any] = []
     if config.stage == "denoise" and config.patch.sense_fraction > 0:
@@ -874,15 +902,27 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
           "train_samples": n_train, "val_samples": len(val_set),
           "skipped_files": len(data.skipped), "device": str(device),
           "world_size": dist_info.world, "max_steps": config.max_steps, "stage": config.stage,
-          "threads": torch.get_num_threads(), "elapsed_s": elapsed()})
+          "threads": torch.get_num_threads(), "elapsed_s": elapsed(),
+          **({"resumed_elapsed_s": round(elapsed_before, 1),
+              "best_val_psnr": None if best == -math.inf else best,
+              "changed": [str(c) for c in changes]} if config.resume else {})})
+    # Seconds of the recent steps, of the last validation and of the last save: the time
+    # budget starts no step that these say cannot end (and be saved) within it.
+    recent_steps: deque[float] = deque(maxlen=10)
+    timing = {"val": 0.0, "save": 0.0}
+
     if val_problems and not config.resume:
+        t0 = time.perf_counter()
         vm = evaluate(step, val_problems, config, val_fixed_points if config.init_weights else None)
+        timing["val"] = time.perf_counter() - t0
         emit({"event": "validation", "step": 0, **vm})
         if config.init_weights and vm.get("val_psnr") is not None:
             # Started from trained weights: they are the model to beat, and the best model
             # until a step beats them (a fine-tuning run never ends worse than it began).
             best = float(vm["val_psnr"])
+            t0 = time.perf_counter()
             save_all(0, {"step": 0, **vm}, True)
+            timing["save"] = time.perf_counter() - t0
 
     s = start_step
     saved_at = start_step if config.resume else -1
@@ -891,8 +931,13 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
     try:
         step.train()
         while s < config.max_steps:
+            validates = bool(val_problems) and ((s + 1) % config.val_every == 0
+                                                or s + 1 == config.max_steps)
             over = (dist_info.main and config.time_budget_s is not None
-                    and time.perf_counter() - t_start > config.time_budget_s)
+                    and not next_step_fits(time.perf_counter() - t_start, config.time_budget_s,
+                                           list(recent_steps),
+                                           (timing["val"] if validates else 0.0)
+                                           + timing["save"]))
             if _agree(over, dist_info, device):
                 stopped = "time_budget"
                 break
@@ -925,6 +970,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
                 for group in optim.param_groups:
                     group["lr"] *= 0.5
                 s += 1
+                recent_steps.append(time.perf_counter() - t_step)
                 warn(f"step {s}: skipped: {reason}; learning rates halved "
                      f"(H: {optim.param_groups[0]['lr']:.3g})")
                 emit({"step": s, "skipped": reason, "lr": optim.param_groups[0]["lr"],
@@ -950,12 +996,15 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
                 "bwd_iterations": stats["bwd_iterations"],
                 "lambda": float(step.lam.detach()), "lr": optim.param_groups[0]["lr"],
                 "step_s": round(time.perf_counter() - t_step, 3), "elapsed_s": elapsed()}
+            recent_steps.append(time.perf_counter() - t_step)
             if outcome.lipschitz:
                 rec["lipschitz_local"] = float(np.max(outcome.lipschitz))
             is_best = False
             if val_problems and (s % config.val_every == 0 or s == config.max_steps):
                 val_fixed_points.clear()
+                t0 = time.perf_counter()
                 vm = evaluate(step, val_problems, config, val_fixed_points)
+                timing["val"] = time.perf_counter() - t0
                 rec.update(vm)
                 best_sense = vm.get("val_sense_psnr")
                 if vm["val_psnr"] is not None and vm["val_psnr"] > best:
@@ -964,7 +1013,9 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
             last_record = rec
             emit(rec)
             if s % config.checkpoint_every == 0 or is_best or s == config.max_steps:
+                t0 = time.perf_counter()
                 save_all(s, rec, is_best)
+                timing["save"] = time.perf_counter() - t0
                 saved_at = s
         if s != saved_at and (s > start_step or not paths["best"].exists()):
             save_all(s, last_record, False)
@@ -1198,21 +1249,161 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 def _check_state(state: dict[str, Any], config: TrainConfig, kind: str, path: Path
                  ) -> TrainConfig:
-    """Refuse a state written by a run with another data kind or model; return ``config``
-    with the saved spectral grid when this run leaves it unset (the SN rescaling, and so
-    the network, depends on it)."""
+    """Refuse a state written for another data kind; return ``config`` with the saved
+    spectral grid when this run leaves it unset (the SN rescaling, and so the network,
+    depends on it). The options were compared before (:func:`_check_resume_options`)."""
     saved = state["config"] if isinstance(state["config"], dict) else {}
     if state["kind"] != kind:
         raise CheckpointError(f"resume state is for {state['kind']} data, this folder holds "
                               f"{kind} data", path=path)
-    for name in ("constraint", "layers", "channels", "lipschitz_target", "stage"):
-        if name in saved and saved[name] != getattr(config, name):
-            raise CheckpointError(f"resume state was trained with {name}={saved[name]!r}, this run "
-                                  f"asks for {getattr(config, name)!r}", path=path)
     grid = saved.get("spectral_grid")
     if config.spectral_grid is None and isinstance(grid, int) and not isinstance(grid, bool):
         return replace(config, spectral_grid=grid)
-    if config.spectral_grid is not None and grid != config.spectral_grid:
-        raise CheckpointError(f"resume state was trained with spectral_grid={grid!r}, this run "
-                              f"asks for {config.spectral_grid!r}", path=path)
     return config
+
+
+# ------------------------------------------------------------------------------- resume checks
+#: The command-line option of each TrainConfig field (dotted for MaskSpec and PatchSpec);
+#: fields without one are named as they are.
+OPTION_NAMES: dict[str, str] = {
+    "data": "--data", "val_data": "--val-data", "kind": "--dims", "constraint": "--constraint",
+    "lipschitz_target": "--lipschitz-target", "spectral_grid": "--spectral-grid",
+    "layers": "--layers", "channels": "--channels", "mask.family": "--mask",
+    "mask.accelerations": "-R", "mask.acs": "--acs", "extra_noise": "--noise",
+    "loss": "--loss", "lr": "--lr", "lam_lr": "--lam-lr", "lam_init": "--lam",
+    "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
+    "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
+    "penalty_every": "--penalty-every", "batch_size": "--batch-size",
+    "max_steps": "--max-steps", "time_budget_s": "--time-budget",
+    "val_fraction": "--val-fraction", "readout_block": "--readout-block",
+    "val_every": "--val-every", "val_samples": "--val-samples",
+    "checkpoint_every": "--checkpoint-every", "max_skips": "--max-skips", "seed": "--seed",
+    "device": "--device", "resume": "--resume", "override": "--override",
+    "init_weights": "--init", "force": "--force", "stage": "--stage", "gradient": "--gradient",
+    "patch.size": "--patch", "patch.sigma": "--sigma", "patch.sense_fraction": "--sense-fraction",
+}
+#: Fields a resumed run may change: how long and how often it runs, where, and what only
+#: matters at a run's start (the state holds the weights, λ and the learning rates; the
+#: data's kind is checked against the state on its own).
+RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "checkpoint_every",
+                         "max_skips", "device", "resume", "force", "override", "init_weights",
+                         "lam_init", "kind"})
+#: Fields that make the network what it is: a resume never changes them.
+NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "lipschitz_target",
+                            "spectral_grid", "stage"})
+
+
+@dataclass(frozen=True)
+class Change:
+    """An option whose value differs from the one a resume state was saved with."""
+
+    name: str          # the TrainConfig field (dotted for the mask's and the patches')
+    old: Any
+    new: Any
+
+    @property
+    def option(self) -> str:
+        return OPTION_NAMES.get(self.name, self.name)
+
+    @property
+    def network(self) -> bool:
+        return self.name in NETWORK_FIELDS
+
+    def __str__(self) -> str:
+        return f"{self.option} {_shown(self.old)} → {_shown(self.new)}"
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(v) for v in value)
+    return str(value)
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved (or this run's, through :func:`_plain`) config as comparable fields: the mask's
+    accelerations as one list (-R), the patch noise range as one pair (--sigma)."""
+    out = {k: v for k, v in config.items() if k not in ("mask", "patch")}
+    mask = config.get("mask")
+    if isinstance(mask, dict):
+        out["mask.family"] = mask.get("family")
+        out["mask.accelerations"] = list(mask.get("accelerations") or [mask.get("acceleration")])
+        out["mask.acs"] = mask.get("acs")
+    patch = config.get("patch")
+    if isinstance(patch, dict):
+        for key, value in patch.items():
+            if key not in ("sigma_min", "sigma_max"):
+                out[f"patch.{key}"] = value
+        out["patch.sigma"] = [patch.get("sigma_min"), patch.get("sigma_max")]
+    return out
+
+
+def _same_folder(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    try:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    except OSError:
+        return False
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[Change]:
+    """The options of ``config`` that differ from ``saved`` (a resume state's config), in
+    the order of TrainConfig's fields, leaving out :data:`RESUME_FREE` and options that do
+    not matter to this run (the patch settings outside stage 0, --val-fraction with
+    --val-data, an unset --spectral-grid, which takes the state's). Fields the state does not
+    record (an older version's) are not compared."""
+    old, new = _flat(saved), _flat(_plain(asdict(config)))
+    changes = []
+    for name, value in new.items():
+        if name in RESUME_FREE or name not in old:
+            continue
+        if name.startswith("patch.") and config.stage != "denoise":
+            continue
+        if name == "val_fraction" and config.val_data is not None:
+            continue
+        if name == "spectral_grid" and value is None:
+            continue
+        if name in ("data", "val_data"):
+            if not _same_folder(old[name], value):
+                changes.append(Change(name, old[name], value))
+        elif old[name] != value:
+            changes.append(Change(name, old[name], value))
+    return changes
+
+
+def _check_resume_options(state: dict[str, Any], config: TrainConfig, path: Path
+                          ) -> list[Change]:
+    """Refuse a resume whose options differ from the state's (one line naming each change,
+    old → new), unless ``config.override`` and none of them is the network's. Returns the
+    changes that ``override`` lets through."""
+    saved = state["config"] if isinstance(state["config"], dict) else {}
+    changes = resume_changes(saved, config)
+    network = [c for c in changes if c.network]
+    if network:
+        raise CheckpointError(
+            "resume state was saved by a run with another network: "
+            + "; ".join(map(str, network)) + " (a resume cannot change it; start a new run, "
+            "with --init to start from this run's weights)", path=path)
+    if changes and not config.override:
+        raise ConfigError(
+            "resume state was saved with other options: " + "; ".join(map(str, changes))
+            + " (resume with the same options, or pass --override (override=True) to continue "
+            "with the new ones)", path=path)
+    return changes
+
+
+def next_step_fits(used_s: float, budget_s: float, recent_steps_s: list[float],
+                   extra_s: float = 0.0) -> bool:
+    """Whether one more step can end within the time budget: ``used_s`` seconds spent, plus
+    the slowest of the recent steps (none yet: nothing), plus ``extra_s`` (the validation
+    the step would run and the save that follows) must not exceed ``budget_s``."""
+    step_s = max(recent_steps_s) if recent_steps_s else 0.0
+    return used_s + step_s + extra_s <= budget_s

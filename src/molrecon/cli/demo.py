@@ -19,17 +19,20 @@ def example_paths() -> tuple[Path, Path]:
     return root / "brain_2d_r4.h5", root / "brain_2d_r4_truth.nii.gz"
 
 
+_MARKER = ".molrecon-demo"
+
+
 @app.command("demo")
 def demo_cmd(
     outdir: Annotated[Path, typer.Argument(help="Folder for the outputs (created if missing).")] = Path("molrecon-demo"),
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite earlier demo outputs.")] = True,
+    force: Annotated[bool, typer.Option(
+        "--force", "-f", help="Overwrite files of these names that an earlier demo did not write.")] = False,
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct the bundled example scan with MOL, zf and CG-SENSE and score them against its truth.
 
-    The example is a simulated 8-coil 2D brain slice (Colin 27 anatomy, a slab never
-    used for training) at R = 4. Writes mol.nii.gz, report.json and preview.png.
+    The example is a simulated 8-coil 2D brain slice (Colin 27 anatomy, a slab never used for training) at R = 4. Writes mol.nii.gz, report.json and preview.png into OUTDIR; a rerun replaces what an earlier demo wrote there (the folder carries a .molrecon-demo marker), and anything else only with --force.
     """
     with user_errors(debug):
         from ..io.nifti import read_nifti, write_nifti
@@ -40,8 +43,20 @@ def demo_cmd(
         from ..recon import ReconConfig, reconstruct
         import numpy as np
 
+        from ..device import resolve_device
+        from ..io.atomic import check_output
+
+        resolve_device(device)                    # a missing GPU is reported before any output
         raw, truth_path = example_paths()
+        marker = outdir / _MARKER
+        replace = force or marker.is_file()       # a rerun replaces the demo's own outputs
+        names = ("mol.nii.gz", "sense.nii.gz", "preview.png", "report.json")
+        if outdir.exists():
+            for name in names:
+                check_output(outdir / name, force=replace)
+        force = replace
         outdir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("written by `molrecon demo`; a rerun replaces the outputs here\n")
         method = "mol"
         try:
             from ..weights import bundled_checkpoint

@@ -23,7 +23,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ._common import DebugOpt, app, console, stdout, user_errors, warn
+from ._common import (
+    DebugOpt,
+    app,
+    bad_option,
+    check_option,
+    choice,
+    console,
+    stdout,
+    user_errors,
+    warn,
+)
 
 if TYPE_CHECKING:
     from ..guarantees import LipschitzReport, RobustnessReport
@@ -36,9 +46,9 @@ def _parse_size(text: str | None) -> tuple[int, ...] | None:
     try:
         size = tuple(int(p) for p in parts)
     except ValueError:
-        raise typer.BadParameter(f"expected YxX or DxYxX, got {text!r}") from None
+        raise bad_option(f"expected YxX or DxYxX, got {text!r}", "--size") from None
     if len(size) not in (2, 3) or any(s < 1 for s in size):
-        raise typer.BadParameter(f"expected YxX or DxYxX with positive sizes, got {text!r}")
+        raise bad_option(f"expected YxX or DxYxX with positive sizes, got {text!r}", "--size")
     return size
 
 
@@ -46,11 +56,18 @@ def _parse_eps(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise typer.BadParameter(f"expected a comma-separated list of numbers, got {text!r}") \
-            from None
+        raise bad_option(f"expected a comma-separated list of numbers, got {text!r}",
+                         "--eps") from None
     if not values or any(not (v > 0) or v == float("inf") for v in values):
-        raise typer.BadParameter("every eps must be a positive number")
+        raise bad_option("every eps must be a positive number", "--eps")
     return values
+
+
+_MODEL_HELP = "MOL checkpoint (.pt), or a bundled model's name (`molrecon models`)."
+_DATA_DEFAULT = ("repeatable; default: the bundled example scan, or for a 3D or 2D+time model a "
+                 "scan simulated from the validation anatomy")
+_DATA_HELP = f"Raw scan whose MOL fixed points are the test points ({_DATA_DEFAULT})."
+_DEVICES = ("auto", "cpu", "cuda")
 
 
 def _fmt(v: float | None, spec: str = ".4g") -> str:
@@ -60,12 +77,11 @@ def _fmt(v: float | None, spec: str = ".4g") -> str:
 # ------------------------------------------------------------------------------ check-lipschitz
 @app.command("check-lipschitz")
 def check_lipschitz_cmd(
-    model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt), or a bundled model's name (`molrecon models`).")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help=_MODEL_HELP)],
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", "-d", help="Raw scan(s) whose MOL fixed points are the test points "
-        "(repeatable; default: the bundled example scan, or for a 3D or 2D+time model a scan simulated from the validation anatomy).")] = None,
+        "--data", "-d", metavar="FILE", help=_DATA_HELP, show_default=False)] = None,
     size: Annotated[str | None, typer.Option(
-        "--size", help="Also measure every layer's norm on a YxX (3D: DxYxX) image, to show "
+        "--size", metavar="YxX", help="Also measure every layer's norm on a YxX (3D: DxYxX) image, to show "
                        "how tight the certificate is.")] = None,
     points: Annotated[int, typer.Option(
         "--points", help="Slices per file used as test points (spread over the scan).")] = 4,
@@ -99,8 +115,12 @@ def check_lipschitz_cmd(
     empirical without --strict); exit 1: violated, or empirical with --strict.
     """
     size_t = _parse_size(size)
-    if points < 1:
-        raise typer.BadParameter("--points must be at least 1")
+    check_option(points >= 1, "must be at least 1", "--points")
+    check_option(power_iters >= 1, "must be at least 1", "--power-iters")
+    check_option(ratio_steps >= 0, "must be >= 0", "--ratio-steps")
+    check_option(0.0 < tol < 1.0, "must lie in (0, 1)", "--tol")
+    check_option(max_iter >= 1, "must be at least 1", "--max-iter")
+    choice(device, _DEVICES, "--device")
     with user_errors(debug):
         from ..guarantees import CheckConfig, check_lipschitz
 
@@ -220,11 +240,15 @@ def _print_check(r: LipschitzReport) -> None:
 # ------------------------------------------------------------------------------ robustness
 @app.command("robustness")
 def robustness_cmd(
-    model: Annotated[Path, typer.Argument(help="MOL checkpoint (.pt), or a bundled model's name (`molrecon models`).")],
-    data: Annotated[Path | None, typer.Argument(
-        help="Raw scan (default: the bundled example scan, or a simulated one of a 3D or 2D+time model's kind).")] = None,
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help=_MODEL_HELP)],
+    data_arg: Annotated[Path | None, typer.Argument(
+        metavar="FILE", show_default=False, hidden=True,
+        help="The same as --data FILE (kept for older scripts).")] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", "-d", metavar="FILE", show_default=False,
+        help=f"Raw scan whose measurements are attacked ({_DATA_DEFAULT}).")] = None,
     eps: Annotated[str, typer.Option(
-        "--eps", help="Perturbation sizes ‖Δb‖/‖b‖, comma-separated.")] = "0.01,0.05",
+        "--eps", metavar="EPS[,EPS...]", help="Perturbation sizes ‖Δb‖/‖b‖, comma-separated.")] = "0.01,0.05",
     steps: Annotated[int, typer.Option(
         "--steps", help="Gradient-ascent steps per eps (one forward and backward solve each).")
     ] = 5,
@@ -243,19 +267,25 @@ def robustness_cmd(
     Projected gradient ascent on ‖Δx‖ over Δb on the sampled k-space locations
     with ‖Δb‖ ≤ eps·‖b‖ per slice; reports the amplification ‖Δx‖/‖Δb‖ beside
     the bounds (λ/m)‖A‖ and ½√(λ/m) of the monotone theory.
+
+    The scan is --data FILE, as in check-lipschitz; a FILE after MODEL is still
+    accepted.
     """
     eps_t = _parse_eps(eps)
-    if steps < 0 or unrolled_k < 0:
-        raise typer.BadParameter("--steps and --unrolled-k must be >= 0")
-    if points < 1:
-        raise typer.BadParameter("--points must be at least 1")
+    check_option(steps >= 0, "must be >= 0", "--steps")
+    check_option(unrolled_k >= 0, "must be >= 0", "--unrolled-k")
+    check_option(points >= 1, "must be at least 1", "--points")
+    choice(device, _DEVICES, "--device")
+    if data_arg is not None and data:
+        raise bad_option("give the scan once: --data FILE (or FILE after MODEL, not both)",
+                         "--data")
+    files = list(data or []) or ([data_arg] if data_arg is not None else None)
     with user_errors(debug):
         from ..guarantees import RobustnessConfig, robustness
 
         config = RobustnessConfig(eps=eps_t, steps=steps, unrolled_k=unrolled_k, seed=seed)
         with console.status("attacking the measurements…"):
-            loaded, problems = _model_and_problems(model, None if data is None else [data],
-                                                   device, points, double)
+            loaded, problems = _model_and_problems(model, files, device, points, double)
             report = robustness(loaded, problems, config)
         if as_json:
             stdout.print_json(json.dumps(report.as_dict()))

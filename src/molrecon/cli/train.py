@@ -2,43 +2,74 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ._common import DebugOpt, app, console, user_errors, warn
+from ._common import (
+    ACCEL_HELP,
+    DebugOpt,
+    app,
+    bad_option,
+    check_option,
+    choice,
+    console,
+    parse_accelerations,
+    user_errors,
+    warn,
+)
 
 
 def _accelerations(text: str) -> tuple[float, tuple[float, ...]]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"expected a number or a comma-separated list, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise typer.BadParameter("accelerations must be >= 1")
+    values = parse_accelerations(text, "-R")
     return values[0], (values if len(values) > 1 else ())
+
+
+def _masks(text: str) -> str:
+    families = [f.strip() for f in text.split(",") if f.strip()]
+    check_option(bool(families), "expected a family or a comma list like equispaced,random",
+                 "--mask")
+    for family in families:
+        choice(family, _MASKS, "--mask")
+    return ",".join(families)
 
 
 def _sigmas(text: str) -> tuple[float, float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected LOW,HIGH noise levels, got {text!r}") from None
+        raise bad_option(f"expected LOW,HIGH noise levels, got {text!r}", "--sigma") from None
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise typer.BadParameter(f"expected 0 < LOW <= HIGH, got {text!r}")
+        raise bad_option(f"expected 0 < LOW <= HIGH, got {text!r}", "--sigma")
     return values[0], values[1]
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds) // 60
+    if minutes < 60:
+        return f"{seconds:.0f} s" if seconds < 60 else f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _progress_line(rec: dict[str, Any], max_steps: int) -> str:
     """One console line for a log record (start, validation or step)."""
     if rec.get("event") == "start":
-        verb = "resuming at step" if rec["resumed"] else "training from step"
-        return (f"{verb} {rec['step']} of {rec['max_steps']}: {rec['kind']} data, "
+        if rec["resumed"]:
+            best = rec.get("best_val_psnr")
+            head = (f"resuming at step {rec['step']} of {rec['max_steps']} "
+                    f"({_duration(rec.get('resumed_elapsed_s') or 0.0)} trained so far"
+                    + (f", best validation PSNR {best:.2f} dB" if best is not None else "")
+                    + ")")
+        else:
+            head = f"training from step {rec['step']} of {rec['max_steps']}"
+        return (f"{head}: {rec['kind']} data, "
                 f"{rec['train_samples']} training samples from {rec['train_files']} file(s), "
                 f"{rec['val_samples']} validation samples from {rec['val_files']} file(s); "
                 f"{rec['model_dims']}D {rec['constraint'].upper()} network on {rec['device']}"
@@ -59,72 +90,110 @@ def _progress_line(rec: dict[str, Any], max_steps: int) -> str:
     return line + (f"  {val}" if val else "")
 
 
+_MASKS = ("equispaced", "random", "poisson", "interleaved")
+
+
+@contextlib.contextmanager
+def _option_errors() -> Iterator[None]:
+    """A ConfigError while the options become a TrainConfig is a usage error (exit 2) naming
+    the option: the message starts with the option (``--alpha must ...``) or the field
+    (``cg_iters must ...``, named through :data:`molrecon.train.OPTION_NAMES`)."""
+    from ..errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        from ..train import OPTION_NAMES
+
+        first, _, rest = exc.message.partition(" ")
+        option = first if first.startswith("-") else {
+            **OPTION_NAMES, "patch": "--patch", "sense_fraction": "--sense-fraction"}.get(first)
+        if option is None:
+            raise typer.BadParameter(exc.message) from None
+        raise bad_option(rest if rest.startswith("must") else exc.message, option) from None
+
+
 @app.command("train")
 def train_cmd(
-    data: Annotated[Path, typer.Option("--data", help="Folder of fully sampled raw scans (ISMRMRD / fastMRI).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model to write (.pt); .last.pt, .state.pt, .log.jsonl beside it.")],
-    dims: Annotated[str | None, typer.Option("--dims", help="2d | 3d | 2dt (default: from the data).")] = None,
+    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="Folder of fully sampled raw scans (ISMRMRD / fastMRI).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="MODEL.pt", help="Model to write (.pt); .last.pt, .state.pt, .log.jsonl beside it.")],
+    dims: Annotated[str | None, typer.Option("--dims", help="2d | 3d | 2dt (default: from the data).", show_default=False)] = None,
     constraint: Annotated[str, typer.Option("--constraint", help="sn (certified, spectral normalisation) | lr (Lipschitz penalty).")] = "lr",
-    mask: Annotated[str, typer.Option("--mask", help="equispaced | random | poisson | interleaved.")] = "equispaced",
-    acceleration: Annotated[str, typer.Option("--acceleration", "-R", help="R, or a list like 4,6 (one drawn per sample).")] = "4",
-    acs: Annotated[int, typer.Option("--acs", help="Fully sampled centre lines.")] = 16,
+    mask: Annotated[str, typer.Option("--mask", metavar="FAMILY[,FAMILY...]", help="Mask family, or a comma list like equispaced,random (one drawn per sample): equispaced | random | poisson (3d) | interleaved (2dt).")] = "equispaced",
+    acceleration: Annotated[str, typer.Option("--acceleration", "-R", metavar="R", help=ACCEL_HELP + " A comma list like 4,6 draws one per training sample.")] = "4",
+    acs: Annotated[int, typer.Option("--acs", help="Fully sampled centre (ACS) lines of every training mask: a fixed count, as the bundled models were trained (`simulate` defaults to about 8 % of the phase lines instead).")] = 16,
     noise: Annotated[float, typer.Option("--noise", help="Extra complex noise std added to the normalised k-space.")] = 0.0,
     loss: Annotated[str, typer.Option("--loss", help="mse (complex) | mse_mag | l1.")] = "mse",
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of H.")] = 1e-4,
     lam_lr: Annotated[float, typer.Option("--lam-lr", help="Adam learning rate of log λ (0 keeps λ fixed).")] = 1e-2,
-    lam_init: Annotated[float | None, typer.Option("--lam", help="Initial data-consistency weight λ (learned) [default: 100, or the --init checkpoint's λ].", show_default=False)] = None,
+    lam_init: Annotated[float | None, typer.Option("--lam", help="Initial data-consistency weight λ, then learned (default: 100, or the --init checkpoint's λ).", show_default=False)] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="MOL step size α.")] = 1.0,
-    cg_iters: Annotated[int, typer.Option("--cg-iters", help="CG iterations per MOL step.")] = 5,
-    layers: Annotated[int, typer.Option("--layers")] = 5,
-    channels: Annotated[int, typer.Option("--channels")] = 64,
+    cg_iters: Annotated[int, typer.Option("--cg-iters", help="CG iterations per MOL step (data consistency), in training and validation; the bundled models use 10.")] = 10,
+    layers: Annotated[int, typer.Option("--layers", help="Convolution layers of the CNN prior H.")] = 5,
+    channels: Annotated[int, typer.Option("--channels", help="Feature channels of H's hidden layers.")] = 64,
     lipschitz_target: Annotated[float, typer.Option("--lipschitz-target", help="SN: certified bound target L < 1.")] = 0.99,
-    spectral_grid: Annotated[int | None, typer.Option("--spectral-grid", help="SN: frequency grid per axis of the certified bound (coarser is faster and looser).")] = None,
+    spectral_grid: Annotated[int | None, typer.Option("--spectral-grid", help="SN: frequency grid per axis of the certified bound (coarser is faster and looser).", show_default=False)] = None,
     penalty_weight: Annotated[float, typer.Option("--penalty-weight", help="LR: weight of the log-barrier penalty.")] = 1e-6,
     penalty_threshold: Annotated[float, typer.Option("--penalty-threshold", help="LR: barrier threshold T.")] = 0.98,
     penalty_every: Annotated[int, typer.Option("--penalty-every", help="LR: apply the penalty every n-th step.")] = 1,
     val_samples: Annotated[int, typer.Option("--val-samples", help="Validation problems per evaluation.")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step (per process).")] = 1,
-    max_steps: Annotated[int, typer.Option("--max-steps")] = 1000,
-    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Wall-clock seconds for this invocation (loading included); stops at a step boundary and saves.")] = None,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimiser steps in all; a resumed run continues up to this count (raise it to train on).")] = 1000,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", metavar="SECONDS", help="Wall-clock seconds for this invocation (loading included): no step starts that would not end in time (the slowest of the last 10 steps, plus the last validation's time when the step validates, plus the last save's), then the state is saved (continue with --resume).", show_default=False)] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Files held out for validation.")] = 0.15,
-    readout_block: Annotated[int | None, typer.Option("--readout-block", help="Train on blocks of this many readout positions (exact, since the readout is fully sampled; much cheaper per step); validation uses whole scans.")] = None,
-    val_data: Annotated[Path | None, typer.Option("--val-data", help="Folder of validation scans kept apart from --data (then --val-fraction is not used).")] = None,
-    val_every: Annotated[int, typer.Option("--val-every")] = 50,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 25,
+    readout_block: Annotated[int | None, typer.Option("--readout-block", show_default=False, help="Train on blocks of this many readout positions (exact, since the readout is fully sampled; much cheaper per step); validation uses whole scans.")] = None,
+    val_data: Annotated[Path | None, typer.Option("--val-data", metavar="DIR", show_default=False, help="Folder of validation scans kept apart from --data (then --val-fraction is not used).")] = None,
+    val_every: Annotated[int, typer.Option("--val-every", help="Validate (full MOL reconstructions of the validation problems) every this many steps, and at the last; the best model by validation PSNR is MODEL.pt.")] = 50,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save MODEL.last.pt and the resume state every this many steps (a killed run loses at most the steps since).")] = 25,
     fwd_max_iter: Annotated[int, typer.Option("--fwd-max-iter", help="Forward fixed-point cap per step.")] = 40,
     max_skips: Annotated[int, typer.Option("--max-skips", help="Stop after this many consecutive failed (skipped) steps.")] = 10,
-    init_weights: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's weights (a file, or a bundled model's name).")] = None,
+    init_weights: Annotated[Path | None, typer.Option("--init", metavar="MODEL", show_default=False, help="Start from this checkpoint's weights and λ (a file, or a bundled model's name); ignored on --resume, whose state holds the weights.")] = None,
     gradient: Annotated[str, typer.Option("--gradient", help="deq: implicit (exact implicit gradient, one backward fixed-point solve per sample) | jfb (Jacobian-free: the gradient through one MOL step at the fixed point; cheaper, approximate).")] = "implicit",
     stage: Annotated[str, typer.Option("--stage", help="deq (deep-equilibrium steps) | denoise (stage 0: pretrain H alone as a denoiser of noisy image patches of the targets; 2d data; --batch-size counts patches). Validation is the full MOL reconstruction in both.")] = "deq",
     patch: Annotated[int, typer.Option("--patch", help="denoise: patch size in pixels.")] = 64,
     sense_fraction: Annotated[float, typer.Option("--sense-fraction", help="denoise: fraction of the patches cut from regularised SENSE images of the training scans under the run's masks (aliasing and g-factor noise) instead of the target plus white noise.")] = 0.0,
-    sigma: Annotated[str, typer.Option("--sigma", help="denoise: LOW,HIGH std of the complex noise, relative to the normalised intensity (bright tissue ≈ 1); drawn log-uniformly.")] = "0.01,0.12",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    sigma: Annotated[str, typer.Option("--sigma", metavar="LOW,HIGH", help="denoise: LOW,HIGH std of the complex noise, relative to the normalised intensity (bright tissue ≈ 1); drawn log-uniformly.")] = "0.01,0.12",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split, the sample order, the masks, the noise and the initial weights (same seed and options, same run).")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run whose state file is beside --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run whose state file is beside --out, with the options it was started with (a changed one is refused, naming it).")] = False,
+    override: Annotated[bool, typer.Option("--override", help="With --resume: continue with changed options (not the network's); a changed --lr or --lam-lr replaces the saved learning rate.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an earlier run's outputs.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-step lines.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-step lines (the start and end lines stay).")] = False,
     debug: bool = DebugOpt,
 ) -> None:
     """Train a MOL prior through the deep equilibrium with implicit gradients.
 
     Fully sampled scans are ground truth; each step undersamples one retrospectively with a fresh mask. Unusable files are skipped with a warning each.
 
-    A run stopped by --time-budget, Ctrl-C, SIGTERM or a crash continues exactly with --resume (the saved learning rates continue; --lr is ignored then).
+    A run stopped by --time-budget, Ctrl-C, SIGTERM or a crash continues exactly with --resume and the same options (it prints the step, the time trained and the best validation it resumes from; the saved learning rates continue). A changed option is refused, naming it with its saved and new values, unless --override; --max-steps, --time-budget, --val-every, --checkpoint-every, --max-skips, --device, --init and --lam may change freely.
+
+    Progress lines: step N/MAX, the loss (relative to the target's energy), DEQ it F/B = the forward / backward fixed-point iterations of the step (mean over its samples; absent in stage 0), λ the data-consistency weight, the step's seconds, L̂ the local Lipschitz constant of H found by the LR penalty's search (on the steps that apply it; below 1: monotone there), and on validation steps the mean PSNR / SSIM of MOL and of CG-SENSE. MODEL.log.jsonl holds every record.
 
     Runs unchanged under `torchrun --nproc-per-node N` (N processes of --batch-size samples each).
     """
+    # Usage errors (exit 2, naming the option) before any work.
     r, rs = _accelerations(acceleration)
+    families = _masks(mask)
     sigma_lo, sigma_hi = _sigmas(sigma)
-    with user_errors(debug):
-        from ..train import TrainConfig, train
+    if dims is not None:
+        choice(dims, ("2d", "3d", "2dt"), "--dims")
+    choice(constraint, ("sn", "lr"), "--constraint")
+    choice(loss, ("mse", "mse_mag", "l1"), "--loss")
+    choice(stage, ("deq", "denoise"), "--stage")
+    choice(gradient, ("implicit", "jfb"), "--gradient")
+    choice(device, ("auto", "cpu", "cuda"), "--device")
+    check_option(acs >= 0, f"must be >= 0, got {acs}", "--acs")
+    check_option(not override or resume, "belongs to --resume", "--override")
+    check_option(out.name.endswith(".pt") and len(out.name) > 3, "must end in .pt", "--out")
+    with user_errors(debug), _option_errors():
+        from ..train import TrainConfig
         from ..train_data import MaskSpec
         from ..train_patches import PatchSpec
 
         config = TrainConfig(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]
             lipschitz_target=lipschitz_target, spectral_grid=spectral_grid, layers=layers, channels=channels,
-            mask=MaskSpec(family=mask, acceleration=r, acs=acs, accelerations=rs),
+            mask=MaskSpec(family=families, acceleration=r, acs=acs, accelerations=rs),
             extra_noise=noise, loss=loss, lr=lr, lam_lr=lam_lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
             cg_iters=cg_iters, penalty_weight=penalty_weight, penalty_threshold=penalty_threshold,
             penalty_every=penalty_every, val_samples=val_samples,
@@ -133,15 +202,18 @@ def train_cmd(
             readout_block=readout_block,
             val_every=val_every, checkpoint_every=checkpoint_every,
             fwd_max_iter=fwd_max_iter, max_skips=max_skips, init_weights=None if init_weights is None else str(init_weights),
-            seed=seed, device=device, resume=resume, force=force, stage=stage,  # type: ignore[arg-type]
+            seed=seed, device=device, resume=resume, override=override, force=force,
+            stage=stage,  # type: ignore[arg-type]
             gradient=gradient,  # type: ignore[arg-type]
             patch=PatchSpec(size=patch, sigma_min=sigma_lo, sigma_max=sigma_hi,
                             sense_fraction=sense_fraction),
         )
+    with user_errors(debug):
+        from ..train import train
 
         def show(rec: dict[str, Any]) -> None:
-            if quiet or "skipped" in rec:       # skipped steps arrive as warnings
-                return
+            if "skipped" in rec or (quiet and rec.get("event") != "start"):
+                return                          # skipped steps arrive as warnings
             console.print(_progress_line(rec, max_steps), highlight=False, markup=False,
                           soft_wrap=True)
 
