@@ -109,7 +109,7 @@ def test_impossible_option_values_are_usage_errors(tmp_path: Path) -> None:
 def test_a_bad_model_is_refused_before_the_scan_is_read(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A model file that cannot be used ends the command before the raw file is read."""
-    import molrecon.io.detect as detect
+    from molrecon.io import detect
 
     def no_read(*_a: object, **_k: object) -> None:
         raise AssertionError("the scan was read before the model was checked")

@@ -10,8 +10,12 @@ import pytest
 from molrecon.errors import ConfigError
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
-from molrecon.physics.compression import (AUTO_MIN_COILS, compress_maps, compress_scan,
-                                          plan_compression)
+from molrecon.physics.compression import (
+    AUTO_MIN_COILS,
+    compress_maps,
+    compress_scan,
+    plan_compression,
+)
 from molrecon.recon import ReconConfig, reconstruct
 from molrecon.simulate import SimulationConfig, simulate_to_file
 

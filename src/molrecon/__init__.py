@@ -41,4 +41,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'molrecon' has no attribute {name!r}")
 
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [*sorted(_LAZY), "__version__"]  # noqa: PLE0604 - strings, from the lazy table

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str = "auto") -> "torch.device":
+def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when a GPU is usable, else the CPU; ``cuda`` without a GPU is an error."""
     import torch
 
@@ -29,7 +29,7 @@ def resolve_device(name: str = "auto") -> "torch.device":
     raise ConfigError(f"unknown device {name!r}: use one of {', '.join(DEVICES)}")
 
 
-def peak_memory_bytes(device: "torch.device") -> int:
+def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process so far: GPU allocations on CUDA, resident set size on the CPU."""
     import torch
 

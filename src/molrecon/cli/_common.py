@@ -144,7 +144,7 @@ def user_errors(debug: bool = False) -> Iterator[None]:
             _internal(exc)
         error_line(line)
         raise typer.Exit(1) from None
-    except Exception as exc:  # noqa: BLE001 - last line of defence, one line not a traceback
+    except Exception as exc:
         if debug:
             raise
         _internal(exc)

@@ -35,16 +35,15 @@ def demo_cmd(
     The example is a simulated 8-coil 2D brain slice (Colin 27 anatomy, a slab never used for training) at R = 4. Writes mol.nii.gz, report.json and preview.png into OUTDIR; a rerun replaces what an earlier demo wrote there (the folder carries a .molrecon-demo marker), and anything else only with --force.
     """
     with user_errors(debug):
-        from ..io.nifti import read_nifti, write_nifti
-        from ..io.atomic import write_text_atomic
-        from ..metrics import compare
-        from ..io.types import ImageVolume
-        from ..preview import write_preview
-        from ..recon import ReconConfig, reconstruct
         import numpy as np
 
         from ..device import resolve_device
-        from ..io.atomic import check_output
+        from ..io.atomic import check_output, write_text_atomic
+        from ..io.nifti import read_nifti, write_nifti
+        from ..io.types import ImageVolume
+        from ..metrics import compare
+        from ..preview import write_preview
+        from ..recon import ReconConfig, reconstruct
 
         resolve_device(device)                    # a missing GPU is reported before any output
         raw, truth_path = example_paths()
