@@ -131,6 +131,20 @@ def _truncated(scan: Path, dst: Path, xml: str, table: np.ndarray) -> Path:
     return dst
 
 
+def _nifti(scan: Path, dst: Path, xml: str, table: np.ndarray) -> Path:
+    import nibabel as nib
+
+    target = dst.with_name(dst.name + ".nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 1), np.float32), np.eye(4)), str(target))
+    target.rename(dst)                       # the name does not matter, the content does
+    return dst
+
+
+def _dicom(scan: Path, dst: Path, xml: str, table: np.ndarray) -> Path:
+    dst.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + bytes(64))
+    return dst
+
+
 def _png(scan: Path, dst: Path, xml: str, table: np.ndarray) -> Path:
     dst.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     return dst
@@ -253,7 +267,9 @@ BROKEN: list[tuple[str, Maker, str]] = [
     ("empty", _empty, "not a readable HDF5"),
     ("text", _text, "not a readable HDF5"),
     ("truncated", _truncated, "not a readable HDF5 file .*truncated"),
-    ("png bytes", _png, "not a readable HDF5"),
+    ("png bytes", _png, "is a PNG image, not raw k-space"),
+    ("a NIfTI image", _nifti, "is a NIfTI image, not raw k-space"),
+    ("a DICOM file", _dicom, "is a DICOM image, not raw k-space"),
     ("hdf5 of another kind", _other_hdf5, "neither ISMRMRD .* nor fastMRI"),
     ("no xml header", _no_xml, r"no XML header \(/dataset/xml is missing\)"),
     ("no acquisition table", _no_table, r"no acquisitions \(/dataset/data is missing\)"),
@@ -370,6 +386,24 @@ def test_header_from_a_newer_schema_is_tolerated_with_one_warning(
     assert len(warnings_) == 1 and "unknown to the installed ismrmrd schema" in warnings_[0]
     assert str(path) in warnings_[0]
     assert out.stat().st_size > 352  # a NIfTI header and data
+
+
+def test_zero_recon_matrix_falls_back_to_the_encoded_one_with_a_warning(
+        parts: tuple[str, np.ndarray], tmp_path: Path, out_dir: Path) -> None:
+    import re as re_
+
+    xml, table = parts
+    zero = re_.sub(r"(<reconSpace>\s*<matrixSize>\s*)<x>\d+</x>\s*<y>\d+</y>\s*<z>\d+</z>",
+                   r"\1<x>0</x><y>0</y><z>0</z>", xml)
+    assert zero != xml
+    path = write_raw(tmp_path / "zero.h5", zero, table)
+    out = out_dir / "zero.nii"
+    result = invoke("reconstruct", path, out, "--method", "zf")
+    assert result.exit_code == 0, result.output
+    warnings_ = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings_) == 1 and "reconSpace matrix is 0 × 0 × 0" in warnings_[0], warnings_
+    assert "encoded matrix" in warnings_[0]
+    assert out.stat().st_size > 352
 
 
 def test_warning_line_names_the_file_once(parts: tuple[str, np.ndarray], tmp_path: Path) -> None:

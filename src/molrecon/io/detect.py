@@ -68,6 +68,34 @@ def _ismrmrd_group(f: h5py.File) -> str | None:
     return None
 
 
+def image_kind(path: Path) -> str | None:
+    """``"NIfTI"``, ``"DICOM"``, ``"PNG"``, ``"JPEG"`` or ``"TIFF"`` when the file's first bytes
+    say it is an image of that kind (a gzipped NIfTI too); None otherwise or when unreadable."""
+    import gzip
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(352)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as gz:
+                head = gz.read(352)
+    except (OSError, EOFError):
+        return None
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00"):
+        return "NIfTI"
+    if head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return "NIfTI"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
 def detect_format(path: str | os.PathLike[str]) -> tuple[RawFormat, str | None]:
     """``("ismrmrd", group)``, ``("fastmri", None)``, ``("twix", None)`` or ``("mrd2", None)``.
 
@@ -79,6 +107,10 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[RawFormat, str | None]:
         return "twix", None
     if is_mrd2(p):
         return "mrd2", None
+    image = image_kind(p)
+    if image is not None:
+        raise InputDataError(f"is a {image} image, not raw k-space: molrecon reconstructs "
+                             "raw scanner data (ISMRMRD, MRD v2, fastMRI, Siemens twix)", path=p)
     with open_hdf5(p) as f, hdf5_errors(p):
         group = _ismrmrd_group(f)
         if group is not None:

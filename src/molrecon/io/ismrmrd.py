@@ -719,6 +719,10 @@ def _plan(heads: np.ndarray, hdr: HeaderFields, path: Path, notes: _Notes) -> _P
     n_total = heads.shape[0]
     if n_total == 0:
         raise InputDataError("contains no acquisitions", path=path)
+    if 0 in hdr.recon_matrix[:2]:
+        shown = " × ".join(str(v) for v in hdr.recon_matrix)
+        notes.add(f"the header's reconSpace matrix is {shown}: the image keeps the encoded "
+                  "matrix (readout oversampling removed from the FOVs' ratio when they are given)")
     flags = heads["flags"].astype(np.uint64)
     idx = heads["idx"]
 
