@@ -77,7 +77,7 @@ def test_robustness_takes_data_like_check_lipschitz(monkeypatch: pytest.MonkeyPa
 
     seen: list[Any] = []
 
-    def fake(model: Path, data: Any, *args: Any) -> Any:
+    def fake(model: Path, data: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(data)
         raise typer.Exit(0)
 

@@ -147,8 +147,9 @@ def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
         sim.simulated_example("2d", Path("."))
     asked: list[str] = []
 
-    def small(kind: str, folder: Path) -> Path:      # the real one is 128² × 16 (slow here)
+    def small(kind: str, folder: Path, quick: bool = False) -> Path:   # fast stand-in
         asked.append(kind)
+        assert quick                                  # without --full, the quick scan
         path = Path(folder) / "small.h5"
         simulate_to_file(SimulationConfig(kind="3d", matrix=(24, 24, 8), fov_mm=(240.0, 240.0, 40.0),
                                           coils=4, acceleration=2.0, acs=6, seed=1), path)
@@ -158,6 +159,7 @@ def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
     r = runner.invoke(app, ["check-lipschitz", str(files["3d"]), "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     assert asked == ["3d"] and json.loads(r.stdout)["data"] == ["small.h5"]
+    assert "64×64×12 (quick; --full for 128×128×16)" in r.stderr
 
 
 def test_default_data_is_the_example(files: dict[str, Path],

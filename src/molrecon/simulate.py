@@ -1092,10 +1092,30 @@ __all__ = [
 ]
 
 
-def simulated_example(kind: str, folder: str | os.PathLike[str]) -> Path:
+#: The matrices of :func:`simulated_example` (x, y[, z]; 2D+time: x, y and frames).
+EXAMPLE_MATRIX = {("3d", False): (128, 128, 16), ("3d", True): (64, 64, 12),
+                  ("2dt", False): (128, 128, 12), ("2dt", True): (64, 64, 8)}
+
+
+def simulated_example(kind: str, folder: str | os.PathLike[str], *, quick: bool = False) -> Path:
     """A scan of ``kind`` to test a model on when the bundled (2D) example does not fit:
     simulated from the *validation* slab of the bundled anatomy, 8 coils, R = 4 with the
-    kind's default mask, written as ISMRMRD into ``folder``."""
+    kind's default mask, written as ISMRMRD into ``folder``. ``quick``: a coarser grid
+    over the same field of view (:data:`EXAMPLE_MATRIX`), for checks that must take
+    seconds on a CPU rather than minutes."""
+    if quick and kind in ("3d", "2dt"):
+        x, y, z = EXAMPLE_MATRIX[(kind, True)]
+        if kind == "3d":
+            cfg = SimulationConfig(kind="3d", matrix=(x, y, z), fov_mm=(240.0, 240.0, 20.0),
+                                   coils=8, acceleration=4.0, acs=8, mask="poisson", noise=0.01,
+                                   seed=4242, slice_position=0.60)
+        else:
+            cfg = SimulationConfig(kind="2dt", matrix=(x, y), frames=z, coils=8,
+                                   acceleration=4.0, acs=8, mask="interleaved", noise=0.01,
+                                   seed=4243, slice_position=0.60)
+        path = Path(folder) / f"example_{kind}_quick.h5"
+        simulate_to_file(cfg, path, force=True)
+        return path
     if kind == "3d":
         cfg = SimulationConfig(kind="3d", matrix=(128, 128, 16), fov_mm=(240.0, 240.0, 20.0),
                                coils=8, acceleration=4.0, acs=12, mask="poisson", noise=0.01,

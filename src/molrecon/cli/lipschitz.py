@@ -102,6 +102,9 @@ def check_lipschitz_cmd(
     strict: Annotated[bool, typer.Option(
         "--strict", help="Exit 1 unless the bound is certified (an empirical verdict fails).")
     ] = False,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Without --data, test a 3D or 2D+time model on the full-size simulated "
+                       "scan (minutes on a CPU) instead of the quick coarse one.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     debug: bool = DebugOpt,
 ) -> None:
@@ -126,8 +129,8 @@ def check_lipschitz_cmd(
 
         config = CheckConfig(power_iters=power_iters, ratio_steps=ratio_steps, tol=tol,
                              max_iter=max_iter, uniqueness=uniqueness, size=size_t, seed=seed)
-        with console.status("measuring the prior at MOL fixed points…"):
-            loaded, problems = _model_and_problems(model, data, device, points, double)
+        loaded, problems = _model_and_problems(model, data, device, points, double, full=full)
+        with console.status(f"measuring the prior at {len(problems)} MOL fixed point(s)…"):
             report = check_lipschitz(loaded, problems, config)
         if as_json:
             stdout.print_json(json.dumps(report.as_dict()))
@@ -137,11 +140,12 @@ def check_lipschitz_cmd(
 
 
 def _model_and_problems(model: Path, data: list[Path] | None, device: str, points: int,
-                        double: bool) -> tuple[Any, list[Any]]:
+                        double: bool, *, full: bool = True) -> tuple[Any, list[Any]]:
     """The checkpoint (loaded without running code) and the MOL problems of the data.
 
     Without data: the bundled example for a model of 2D data, else a scan of the model's
-    kind simulated from the validation slab (:func:`~molrecon.simulate.simulated_example`).
+    kind simulated from the validation slab (:func:`~molrecon.simulate.simulated_example`;
+    its coarse quick version unless ``full``), named on stderr.
     """
     import tempfile
 
@@ -159,7 +163,15 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
         elif "2d" in loaded.kinds:
             paths = [example_scan()]
         else:
-            paths = [simulated_example(loaded.kinds[0], tmp)]
+            from ..simulate import EXAMPLE_MATRIX
+
+            kind = loaded.kinds[0]
+            shown = "×".join(map(str, EXAMPLE_MATRIX[(kind, not full)]))
+            other = "×".join(map(str, EXAMPLE_MATRIX[(kind, full)]))
+            console.print(f"test data: a {kind} scan simulated from the validation anatomy, "
+                          f"{shown}" + ("" if full else f" (quick; --full for {other})"),
+                          highlight=False, soft_wrap=True)
+            paths = [simulated_example(kind, tmp, quick=not full)]
         return loaded, load_problems(paths, kinds=loaded.kinds, points=points, device=dev,
                                      double=double)
 
@@ -247,11 +259,18 @@ def robustness_cmd(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", "-d", metavar="FILE", show_default=False,
         help=f"Raw scan whose measurements are attacked ({_DATA_DEFAULT}).")] = None,
-    eps: Annotated[str, typer.Option(
-        "--eps", metavar="EPS[,EPS...]", help="Perturbation sizes ‖Δb‖/‖b‖, comma-separated.")] = "0.01,0.05",
-    steps: Annotated[int, typer.Option(
-        "--steps", help="Gradient-ascent steps per eps (one forward and backward solve each).")
-    ] = 5,
+    eps: Annotated[str | None, typer.Option(
+        "--eps", metavar="EPS[,EPS...]", show_default=False,
+        help="Perturbation sizes ‖Δb‖/‖b‖, comma-separated (default 0.05; with --full 0.01,0.05).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", show_default=False,
+        help="Gradient-ascent steps per eps, one forward and backward solve each (default 3; "
+             "with --full 5).")] = None,
+    full: Annotated[bool, typer.Option(
+        "--full", help="The thorough attack (two sizes, 5 steps; the full-size simulated scan "
+                       "for a 3D or 2D+time model): minutes to a quarter of an hour on a CPU.")
+    ] = False,
     unrolled_k: Annotated[int, typer.Option(
         "--unrolled-k", help="Steps K of the unrolled comparison network (0: none).")] = 10,
     points: Annotated[int, typer.Option(
@@ -271,7 +290,8 @@ def robustness_cmd(
     The scan is --data FILE, as in check-lipschitz; a FILE after MODEL is still
     accepted.
     """
-    eps_t = _parse_eps(eps)
+    eps_t = _parse_eps(eps if eps is not None else ("0.01,0.05" if full else "0.05"))
+    steps = steps if steps is not None else (5 if full else 3)
     check_option(steps >= 0, "must be >= 0", "--steps")
     check_option(unrolled_k >= 0, "must be >= 0", "--unrolled-k")
     check_option(points >= 1, "must be at least 1", "--points")
@@ -284,8 +304,9 @@ def robustness_cmd(
         from ..guarantees import RobustnessConfig, robustness
 
         config = RobustnessConfig(eps=eps_t, steps=steps, unrolled_k=unrolled_k, seed=seed)
-        with console.status("attacking the measurements…"):
-            loaded, problems = _model_and_problems(model, files, device, points, double)
+        loaded, problems = _model_and_problems(model, files, device, points, double, full=full)
+        with console.status(f"attacking the measurements: {len(eps_t)} size(s) × {steps} "
+                            "ascent steps…"):
             report = robustness(loaded, problems, config)
         if as_json:
             stdout.print_json(json.dumps(report.as_dict()))
