@@ -244,3 +244,15 @@ def test_torchrun_shards_a_batch_and_merges_the_summary(tmp_path: Path, folder: 
     assert summary["ok"] == 3 and summary["options"]["ranks"] == 2
     assert "[rank 0]" in done.stderr and "[rank 1]" in done.stderr
     assert done.stdout.count("molrecon reconstruct") == 1      # one merged table, from rank 0
+
+
+def test_stage_lines_without_a_terminal_and_quiet(tmp_path: Path) -> None:
+    raw = _sim(tmp_path / "s.h5")
+    res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "a.nii"), "-m", "sense"])
+    assert res.exit_code == 0, res.output
+    stages = [ln.split(": ", 1)[1] for ln in res.stderr.splitlines() if ln.startswith("[")]
+    assert stages == ["coil maps", "CG-SENSE"], res.stderr        # under the runner: no terminal
+    assert "wrote " in res.stderr
+    res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "b.nii"), "-m", "sense",
+                              "--quiet"])
+    assert res.exit_code == 0 and not [ln for ln in res.stderr.splitlines() if ln.startswith("[")]
