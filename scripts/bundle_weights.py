@@ -53,6 +53,12 @@ def main() -> None:
                          "order (repeat for a staged campaign; see learning_curve.py): the card's "
                          "learning curve and its PNG")
     ap.add_argument("--out-dir", type=Path, help="where to write (default: the package's weights folder)")
+    ap.add_argument("--val-data", type=Path,
+                    help="folder of validation scans: the certificate's local estimates are "
+                         "measured again at the MOL fixed points of its first --val-files files "
+                         "with these very weights (the training run's were measured on the "
+                         "weights as they were then, e.g. before an output scaling)")
+    ap.add_argument("--val-files", type=int, default=4)
     args = ap.parse_args()
 
     loaded = load_checkpoint(args.checkpoint)
@@ -67,6 +73,16 @@ def main() -> None:
         report = check_lipschitz(loaded, problems, CheckConfig(power_iters=20, ratio_steps=10))
     rep = report.as_dict()
     cert = dict(loaded.certificate)
+    if args.val_data is not None:
+        files = sorted(args.val_data.glob("*.h5"))[: args.val_files]
+        val_problems = load_problems(files, kinds=loaded.kinds, points=1)
+        val = check_lipschitz(loaded, val_problems,
+                              CheckConfig(power_iters=20, ratio_steps=10)).as_dict()
+        cert.update({"data": [f.name for f in files],
+                     "local_power": val["local"]["power"]["values"],
+                     "local_ratio": val["local"]["ratio"]["values"],
+                     "local_max": val["local"]["max"], "points": len(files),
+                     "verdict": val["verdict"], "measured_by": "scripts/bundle_weights.py"})
     cert["at_bundled_example"] = {"data": where, "verdict": rep["verdict"],
                                   "local": rep["local"], "margin_local": rep["margin_local"]}
     out_dir = args.out_dir or weights_dir()
@@ -106,6 +122,11 @@ def main() -> None:
                         "from exactly the 2D prior applied plane by plane)"
                         if loaded.model.config.dims == 3 else "") + ".\n")
     cb, loc = rep["certified"], rep["local"]
+    val_line = ""
+    if cert.get("local_max") is not None:
+        val_line = (f"* local estimates at the fixed points of {cert.get('points')} validation "
+                    f"files ({', '.join(cert.get('data', []))}): max {cert['local_max']:.4f} "
+                    f"(power iteration), verdict there: **{cert.get('verdict')}**\n")
     tuning = meta.get("lambda_tuning")
     lam_text = (f"λ = {loaded.mol_config.lam:.4g} (chosen on validation problems by "
                 f"`scripts/tune_lambda.py`"
@@ -148,7 +169,7 @@ Command:
 * certified global bound (product of the per-layer spectral bounds; holds for every image size): {cb['bound']:.4g} — {'below 1: certified contraction' if cb.get('certified') else 'not below 1: no certificate (the LR penalty acts at training points only)'}
 * per-layer bounds: {', '.join(f'{v:.4g}' for v in cb['layer_bounds'])}
 * local Lipschitz estimates at the fixed point of {where}: power iteration {loc['power']['max']:.4f}, secant ratio {loc['ratio']['max']:.4f}
-
+{val_line}
 ```json
 {json.dumps(rep, indent=1, default=str)[:3000]}
 ```
