@@ -256,3 +256,24 @@ def test_stage_lines_without_a_terminal_and_quiet(tmp_path: Path) -> None:
     res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "b.nii"), "-m", "sense",
                               "--quiet"])
     assert res.exit_code == 0 and not [ln for ln in res.stderr.splitlines() if ln.startswith("[")]
+
+
+def test_a_batch_loads_the_model_once(tmp_path: Path, folder: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from molrecon.jobs import collect_inputs, outputs_for, run_batch
+    from molrecon.mol_recon import MolEngine
+    from molrecon.recon import ReconConfig
+
+    (folder / "broken.h5").unlink()
+    loads: list[str] = []
+    real = MolEngine.load.__func__                                # type: ignore[attr-defined]
+
+    def counting(cls: type, *args: object, **kwargs: object) -> MolEngine:
+        loads.append("load")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(MolEngine, "load", classmethod(counting))
+    files = collect_inputs(folder)
+    results = run_batch(files, outputs_for(files, tmp_path / "o", "nifti"),
+                        ReconConfig(method="mol", max_iter=3), fmt="nifti")
+    assert [r.status for r in results] == ["ok", "ok"] and loads == ["load"]
