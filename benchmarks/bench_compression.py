@@ -6,7 +6,8 @@ written as ISMRMRD and read back with prewhitening), and a 3D slab with 32 coils
 (128 × 128 × 16, Poisson R = 4): each reconstructed with all channels, and
 compressed (``--coils``) to 12, 8 and ``auto`` virtual coils, ``scc`` and
 ``gcc``. Time is the whole `reconstruct` job after the read (compression, maps,
-CG-SENSE, MOL), on this machine, with the given torch threads; PSNR/SSIM as
+CG-SENSE, MOL), after one warm-up run per method, on this machine, with the given
+torch threads; PSNR/SSIM as
 ``molrecon.metrics`` against the simulation's truth. Every row of a case comes
 from the same file in the same run.
 
@@ -51,6 +52,9 @@ def run_case(case: dict[str, Any], folder: Path, methods: list[str], repeats: in
     truth = np.abs(sim.truth.data)
     scan = read_raw(path)
     rows = []
+    # warm-up (torch start-up, FFT plans, the model load) so the first row is not charged
+    for method in methods:
+        reconstruct(scan, ReconConfig(method=method, device="cpu", coils=4))  # type: ignore[arg-type]
     for method in methods:
         for label, coils, how in SETTINGS:
             config = ReconConfig(method=method, device="cpu", coils=coils,  # type: ignore[arg-type]

@@ -4,6 +4,7 @@
 #   scripts/campaign_2d.sh data          # simulate the training and validation folders (≈ 1 min)
 #   scripts/campaign_2d.sh stage0 SECS   # denoiser pretraining (stage 0b) for SECS seconds (resumes)
 #   scripts/campaign_2d.sh stage1 SECS   # deep-equilibrium training for SECS seconds (resumes)
+#   scripts/campaign_2d.sh stage1b SECS  # stage 1 continued under a stronger Lipschitz penalty
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -58,9 +59,25 @@ stage1() {
     --quiet "${GRADIENT[@]}" "${resume[@]}"
 }
 
+stage1b() {
+  # Stage 1 raised validation PSNR from 31.69 to 33.07 dB (8 problems) in 140 steps, but the
+  # prior's local Lipschitz estimate at validation fixed points grew to 1.06 (the penalty,
+  # weight 1e-4 above 0.98, was too weak): scaled back to <= 0.99 (last layer x 0.93) it lost
+  # the gain (12 problems: 34.40 dB against the bundled model's 34.49). So: continue from
+  # stage 1's best with a penalty ten times stronger, every step, above 0.95.
+  local secs=$1 out=$RUNS/s1b/s1b.pt resume=() init=${INIT1B:-$RUNS/s1lr/s1lr.pt}
+  mkdir -p "$RUNS/s1b"
+  [ -f "$RUNS/s1b/s1b.state.pt" ] && resume=(--resume)
+  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --init "$init" \
+    --constraint lr --cg-iters 10 --lr 2e-5 --lam-lr 0 --penalty-weight 1e-3 \
+    --penalty-every 1 --penalty-threshold 0.95 --max-steps 100000 --batch-size 4 \
+    --val-every 20 --val-samples 8 --checkpoint-every 5 --seed $SEED --time-budget "$secs" \
+    --quiet "${GRADIENT[@]}" "${resume[@]}"
+}
+
 save() {
   mkdir -p "$KEEP"
-  for stage in s0lr s0b s1lr; do
+  for stage in s0lr s0b s1lr s1b; do
     for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
              "$RUNS/$stage/$stage.pt"; do
       [ -f "$f" ] && cp "$f" "$KEEP/"
@@ -70,7 +87,7 @@ save() {
 }
 
 restore() {
-  for stage in s0lr s0b s1lr; do
+  for stage in s0lr s0b s1lr s1b; do
     mkdir -p "$RUNS/$stage"
     for f in "$KEEP/$stage".*; do
       [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
@@ -86,7 +103,8 @@ case "${1:-}" in
     "$PY" scripts/make_training_data.py --kind 2d --out "$RUNS/data2d" --train 96 --val 8 ;;
   stage0) stage0 "${2:?seconds}" ;;
   stage1) stage1 "${2:?seconds}" ;;
+  stage1b) stage1b "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
