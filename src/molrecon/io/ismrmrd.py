@@ -521,6 +521,22 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def raw_file_size(p: Path) -> int:
+    """The size of a raw-data file that a stream reader (twix, MRD v2) is about to open;
+    :class:`InputDataError` for a missing path, a folder, an unreadable or empty file."""
+    if not p.exists():
+        raise InputDataError("file does not exist", path=p)
+    if p.is_dir():
+        raise InputDataError("is a directory, not a raw-data file", path=p)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise InputDataError(f"cannot be read ({_first_line(exc)})", path=p) from None
+    if size == 0:
+        raise InputDataError("is empty (0 bytes)", path=p)
+    return size
+
+
 @contextlib.contextmanager
 def hdf5_errors(path: Path) -> Iterator[None]:
     """Report a failure of the HDF5 library while reading ``path`` as :class:`InputDataError`.

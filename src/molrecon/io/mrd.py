@@ -109,6 +109,7 @@ from .ismrmrd import (
     assemble_scan,
     check_memory,
     noise_covariance,
+    raw_file_size,
 )
 from .types import RawScan
 
@@ -486,16 +487,7 @@ def read_mrd2(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawSca
     Unusable files raise :class:`InputDataError` naming the file, in one line.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputDataError("file does not exist", path=p)
-    if p.is_dir():
-        raise InputDataError("is a directory, not a raw-data file", path=p)
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise InputDataError(f"cannot be read ({_first_line(exc)})", path=p) from None
-    if size == 0:
-        raise InputDataError("is empty (0 bytes)", path=p)
+    size = raw_file_size(p)
     encoding = _sniff(p)
     if encoding is None:
         raise InputDataError("is not an MRD v2 stream (neither the yardl binary magic nor an "

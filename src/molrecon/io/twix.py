@@ -145,6 +145,7 @@ from .ismrmrd import (
     assemble_scan,
     check_memory,
     noise_covariance,
+    raw_file_size,
 )
 from .types import RawScan
 
@@ -674,16 +675,7 @@ def read_twix(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawSca
     files raise :class:`InputDataError` naming the file, with one line saying why.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputDataError("file does not exist", path=p)
-    if p.is_dir():
-        raise InputDataError("is a directory, not a raw-data file", path=p)
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise InputDataError(f"cannot be read ({_first_line(exc)})", path=p) from None
-    if size == 0:
-        raise InputDataError("is empty (0 bytes)", path=p)
+    size = raw_file_size(p)
     if not is_twix(p):
         raise InputDataError("is not a Siemens twix file (neither a VD/VE multi-raid header "
                              "nor a VB protocol header at its start)", path=p)
