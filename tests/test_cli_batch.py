@@ -277,3 +277,25 @@ def test_a_batch_loads_the_model_once(tmp_path: Path, folder: Path,
     results = run_batch(files, outputs_for(files, tmp_path / "o", "nifti"),
                         ReconConfig(method="mol", max_iter=3), fmt="nifti")
     assert [r.status for r in results] == ["ok", "ok"] and loads == ["load"]
+
+
+def test_complex_dicom_is_refused_before_any_work(tmp_path: Path, folder: Path) -> None:
+    raw = folder / "a.h5"
+    for args in ([str(raw), str(tmp_path / "one.dcm")], [str(folder), str(tmp_path / "many"),
+                                                          "--format", "dicom"]):
+        res = runner.invoke(app, ["reconstruct", *args, "-m", "zf", "--complex"])
+        assert res.exit_code == 1 and "--complex is for NIfTI output" in res.stderr, res.output
+        assert len(message_lines(res.stderr)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scans"]
+
+
+def test_zero_filling_without_torch_equals_the_torch_path(tmp_path: Path) -> None:
+    import torch
+
+    from molrecon.io.detect import read_raw
+    from molrecon.recon import ReconConfig, reconstruct, zero_filled_rss
+
+    scan = read_raw(_sim(tmp_path / "s.h5"))
+    numpy_zf = reconstruct(scan, ReconConfig(method="zf")).image.data
+    torch_zf = zero_filled_rss(torch.from_numpy(scan.kspace), scan.kind).numpy()
+    np.testing.assert_allclose(np.abs(numpy_zf), torch_zf, rtol=0, atol=1e-5 * torch_zf.max())

@@ -68,7 +68,6 @@ def reconstruct_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
-    _QUIET["on"] = quiet
     n_coils = _check_usage(method=method, device=device, solver=solver, max_iter=max_iter,
                            tol=tol, alpha=alpha, batch_size=batch_size, cg_iters=cg_iters,
                            sense_lambda=sense_lambda, sense_iters=sense_iters, coils=coils,
@@ -82,8 +81,10 @@ def reconstruct_cmd(
 
         batch = is_batch_input(input)
         out_fmt = output_format(output, fmt) if not batch else (fmt or "nifti")  # type: ignore[assignment]
-        if batch and complex_out and out_fmt == "dicom":
-            output_format("x.dcm", "dicom")
+        if complex_out and out_fmt == "dicom":
+            from ..errors import ConfigError
+
+            raise ConfigError("--complex is for NIfTI output (a DICOM series stores magnitude)")
         if maps is not None and not (maps.exists() or maps.with_suffix(".cfl").exists()):
             from ..errors import InputDataError
 
@@ -108,13 +109,13 @@ def reconstruct_cmd(
                                          "one file's report", param_hint="--report")
             _run_batch(input, output, config, fmt=out_fmt, complex_out=complex_out,  # type: ignore[arg-type]
                        force=force, skip_existing=skip_existing, preview_dir=preview,
-                       dataset=dataset)
+                       dataset=dataset, quiet=quiet)
         else:
             if skip_existing and output.exists():
                 console.print(f"skipped {input}: {output} exists (--skip-existing)")
                 return
             _run_one(Path(input), output, config, fmt=out_fmt, complex_out=complex_out,  # type: ignore[arg-type]
-                     force=force, preview=preview, report=report, dataset=dataset)
+                     force=force, preview=preview, report=report, dataset=dataset, quiet=quiet)
 
 
 def _check_device(device: str) -> None:
@@ -127,7 +128,7 @@ def _check_device(device: str) -> None:
 
 def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: bool,
              force: bool, preview: Path | None, report: Path | None,
-             dataset: str | None) -> None:
+             dataset: str | None, quiet: bool) -> None:
     from ..errors import ConfigError, InputDataError
     from ..jobs import check_target, reconstruct_file
 
@@ -159,7 +160,7 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(f"{config.method} {input.name}", total=None)
-        log_stage = _stage_log(input.name)
+        log_stage = _stage_log(input.name, quiet)
 
         def on_progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=f"{config.method} {input.name}: {stage}",
@@ -184,7 +185,7 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
 
 def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: bool,
                force: bool, skip_existing: bool, preview_dir: Path | None,
-               dataset: str | None) -> None:
+               dataset: str | None, quiet: bool) -> None:
     from dataclasses import asdict, replace
 
     from ..errors import OutputError
@@ -217,7 +218,7 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
                   console=console, transient=True, disable=not interactive) as bar:
         task = bar.add_task(f"{who}{config.method}", total=mine)
         current = {"name": ""}
-        log_stage = _stage_log("")
+        log_stage = _stage_log("", quiet)
 
         def on_start(i: int, src: Path) -> None:
             current["name"] = src.name
@@ -255,10 +256,7 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
         raise typer.Exit(1)
 
 
-_QUIET = {"on": False}
-
-
-def _stage_log(name: str) -> Any:
+def _stage_log(name: str, quiet: bool) -> Any:
     """Without a terminal (a batch system, a pipe), one plain line per stage of the job
     (``[elapsed] file: stage``, on stderr, from the stage after reading on) instead of
     the live display; with a terminal, or with ``--quiet``, nothing."""
@@ -268,7 +266,7 @@ def _stage_log(name: str) -> Any:
     last: dict[str, str | None] = {"key": None}
 
     def log(stage: str, who: str | None = None) -> None:
-        if console.is_terminal or _QUIET["on"]:
+        if console.is_terminal or quiet:
             return
         key = stage.split(":")[0]
         label = who if who is not None else name

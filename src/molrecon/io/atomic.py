@@ -22,12 +22,17 @@ def check_output(path: str | os.PathLike[str], *, force: bool = False) -> Path:
         raise OutputError("is a directory, not a file", path=p)
     if p.exists() and not force:
         raise OutputError("already exists (use --force to overwrite)", path=p)
+    check_parent(p)
+    return p
+
+
+def check_parent(p: Path) -> None:
+    """The folder that will hold output ``p`` exists and is writable."""
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"folder {parent} does not exist", path=p)
     if not os.access(parent, os.W_OK):
         raise OutputError(f"folder {parent} is not writable", path=p)
-    return p
 
 
 @contextlib.contextmanager

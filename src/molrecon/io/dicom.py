@@ -68,6 +68,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ConfigError, GeometryWarning, InputDataError, OutputError
+from .atomic import check_parent
 from .nifti import LPS_TO_RAS
 from .types import KINDS, ImageVolume
 
@@ -103,11 +104,7 @@ def check_dicom_output(path: str | os.PathLike[str], *, force: bool = False) -> 
             raise OutputError("folder already exists and is not empty (use --force to replace "
                               "it)", path=p)
         _check_replaceable(p)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"folder {parent} does not exist", path=p)
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"folder {parent} is not writable", path=p)
+    check_parent(p)
     return p
 
 
