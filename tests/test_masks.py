@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from molrecon.errors import ConfigError
@@ -121,15 +121,23 @@ def test_interleaved_frames_fill_kspace_and_keep_the_rate() -> None:
 @settings(max_examples=60, deadline=None)
 @given(ny=st.integers(16, 300), r=st.sampled_from([1.5, 2.0, 3.0, 4.0, 5.0, 8.0]),
        acs=st.integers(0, 24), seed=st.integers(0, 2**16))
+@example(ny=80, r=5.0, acs=15, seed=0)         # a lattice period of 65 frames
 def test_interleaved_union_covers_for_any_size(ny: int, r: float, acs: int, seed: int) -> None:
     if acs > round(ny / r):
         with pytest.raises(ConfigError):
             M.time_interleaved(ny, 4, r, acs)
         return
-    t = M.time_interleaved(ny, 64, r, acs, rng=seed)
     if acs == round(ny / r):          # the ACS block alone is the whole budget
+        t = M.time_interleaved(ny, 64, r, acs, rng=seed)
         assert t.sum(axis=1).tolist() == [acs] * 64
         return
+    # The documented promise: any P consecutive frames (P the lattice period) fill k-space.
+    # P can exceed 64 (ny = 80, R = 5, 15 ACS lines: one lattice line per frame, P = 65).
+    outside = M._outside(ny, acs)
+    period = M._lattice_period(outside.size, round(ny / r) - acs)
+    nt = max(64, period)
+    t = M.time_interleaved(ny, nt, r, acs, rng=seed)
+    assert t[:period].any(axis=0).all()
     assert t.any(axis=0).all()
     assert all(frame.sum() == round(ny / r) for frame in t)
     assert M.equispaced(ny, r, acs).sum() == round(ny / r)
