@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sense import read_cfl, write_cfl
 
-from molrecon.coils import EspiritConfig, estimate_maps
+from molrecon.physics.espirit import EspiritConfig, estimate_maps
 from molrecon.io.detect import read_raw
 from molrecon.io.ismrmrd import find_calibration_region
 from molrecon.metrics import compare

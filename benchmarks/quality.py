@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sense import read_cfl, write_cfl
 
-from molrecon.coils import estimate_maps
+from molrecon.physics.espirit import estimate_maps
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
 from molrecon.physics.masks import make_mask

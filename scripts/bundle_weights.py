@@ -30,7 +30,7 @@ from molrecon.guarantees import (
 )
 from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
 from molrecon.simulate import simulated_example
-from molrecon.weights import weights_dir
+from molrecon.models.bundled import weights_dir
 
 DATA_TEXT = {
     "2d": "fully sampled 2D slices, 4–16 coils, noise 0.005–0.02, 192² and 256² matrices",

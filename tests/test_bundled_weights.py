@@ -13,15 +13,15 @@ from typer.testing import CliRunner
 
 from molrecon.cli import app
 from molrecon.errors import ConfigError
-from molrecon.models.checkpoint import load_checkpoint, sha256
-from molrecon.recon import ReconConfig, reconstruct
-from molrecon.simulate import SimulationConfig, simulate_to_file
-from molrecon.weights import (
+from molrecon.models.bundled import (
     bundled_checkpoint,
     bundled_models,
     manifest,
     resolve_weights,
 )
+from molrecon.models.checkpoint import load_checkpoint, sha256
+from molrecon.recon import ReconConfig, reconstruct
+from molrecon.simulate import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 KINDS = ("2d", "3d", "2dt")

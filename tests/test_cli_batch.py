@@ -147,7 +147,7 @@ def _own_maps(raw: Path) -> np.ndarray:
     import torch
 
     from molrecon.io.detect import read_raw
-    from molrecon.recon import prepare
+    from molrecon.problem import prepare
 
     scan = read_raw(raw)
     prep = prepare(torch.from_numpy(scan.kspace), torch.from_numpy(scan.mask),
@@ -260,19 +260,19 @@ def test_stage_lines_without_a_terminal_and_quiet(tmp_path: Path) -> None:
 
 def test_a_batch_loads_the_model_once(tmp_path: Path, folder: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from molrecon.deq.inference import MolEngine
     from molrecon.jobs import collect_inputs, outputs_for, run_batch
-    from molrecon.mol_recon import MolEngine
     from molrecon.recon import ReconConfig
 
     (folder / "broken.h5").unlink()
     loads: list[str] = []
-    real = MolEngine.load.__func__                                # type: ignore[attr-defined]
+    real = MolEngine.from_loaded.__func__                                # type: ignore[attr-defined]
 
     def counting(cls: type, *args: object, **kwargs: object) -> MolEngine:
         loads.append("load")
         return real(cls, *args, **kwargs)
 
-    monkeypatch.setattr(MolEngine, "load", classmethod(counting))
+    monkeypatch.setattr(MolEngine, "from_loaded", classmethod(counting))
     files = collect_inputs(folder)
     results = run_batch(files, outputs_for(files, tmp_path / "o", "nifti"),
                         ReconConfig(method="mol", max_iter=3), fmt="nifti")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import have
-from molrecon.coils import EspiritConfig, estimate_maps, subspace_agreement
 from molrecon.errors import ConfigError, InputDataError
+from molrecon.physics.espirit import EspiritConfig, estimate_maps, subspace_agreement
 from molrecon.physics.fft import fftc
 from test_sense import generate, read_cfl, read_generator_file, write_cfl
 

@@ -14,7 +14,6 @@ from molrecon.deq import MolConfig
 from molrecon.errors import ConfigError
 from molrecon.guarantees import (
     CheckConfig,
-    Problem,
     RobustnessConfig,
     StepContraction,
     certificate_for,
@@ -26,12 +25,12 @@ from molrecon.guarantees import (
     load_problems,
     local_estimates,
     operator_norm,
-    problem_from_tensors,
     robustness,
     robustness_bounds,
 )
 from molrecon.models import CNNConfig, LoadedModel, MolCNN, load_checkpoint, save_checkpoint
 from molrecon.physics.sense import SenseOperator
+from molrecon.problem import Problem, with_sense_start
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -59,7 +58,7 @@ def tiny_problem(y: int = 16, x: int = 16, coils: int = 4, *, step: int = 2, acs
     img = img[None, None].expand(batch, 1, -1, -1).to(dtype)               # (B, 1, Y, X)
     noise = torch.randn((*op.kspace_shape, 2), generator=g, dtype=torch.float64) * 1e-3
     k = op.forward(img) + torch.view_as_complex(noise).to(dtype)
-    return problem_from_tensors(op, k)
+    return with_sense_start(op, k)
 
 
 def designed_model(weights: list[torch.Tensor], constraint: str = "lr") -> MolCNN:

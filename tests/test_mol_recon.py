@@ -12,14 +12,14 @@ import torch
 
 from conftest import real_file
 from molrecon.config import MolConfig
+from molrecon.deq.inference import plane_step
 from molrecon.deq.mol import MolStep
 from molrecon.errors import GeometryWarning
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
 from molrecon.models import CNNConfig, MolCNN
-from molrecon.mol_recon import plane_step
+from molrecon.models.bundled import bundled_checkpoint
 from molrecon.recon import ReconConfig, reconstruct
-from molrecon.weights import bundled_checkpoint
 
 
 def test_plane_step_applies_the_prior_to_the_partition_phase_plane() -> None:

@@ -375,7 +375,7 @@ def generate(tmp_path: Path, *args: str) -> Path:
 @pytest.mark.skipif(not have("ismrmrd_generate_cartesian_shepp_logan"),
                     reason="ismrmrd-tools not installed")
 def test_cg_sense_beats_zero_filled_rss_on_generator_r2(tmp_path: Path) -> None:
-    from molrecon.coils import estimate_maps
+    from molrecon.physics.espirit import estimate_maps
 
     data = read_generator_file(generate(tmp_path, "-m", "64", "-c", "8", "-a", "2", "-w", "24"))
     k = torch.from_numpy(data["kspace"])
@@ -415,7 +415,7 @@ def test_cg_sense_matches_bart_pics_l2(tmp_path: Path) -> None:
     BART's FFT is unitary and ``-w 1`` switches off its data scaling, so its
     ``-r`` is our absolute λ = lam · mean(diag(AᴴA)).
     """
-    from molrecon.coils import estimate_maps
+    from molrecon.physics.espirit import estimate_maps
     from test_espirit import lines_mask, simulate
 
     k, _, _ = simulate((1, 64, 64), 8, "2d", noise=1e-3)
@@ -463,7 +463,7 @@ def test_real_3d_poisson_disc_scan_against_bart_reference(real_data: Path) -> No
     BART's own ``pics`` reconstruction than the zero-filled RSS image does.
     Measured: NRMSE 0.164 (CG-SENSE) vs 0.232 (zero-filled); correlation 0.974 vs 0.959.
     """
-    from molrecon.coils import estimate_maps
+    from molrecon.physics.espirit import estimate_maps
 
     with h5py.File(real_file(real_data, "invivo_brain_8coil_poisson_r8.h5"), "r") as f:
         acq = f["dataset/data"][:]

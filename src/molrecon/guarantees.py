@@ -123,14 +123,11 @@ if TYPE_CHECKING:
     from .models.checkpoint import LoadedModel
     from .models.cnn import MolCNN
     from .physics.sense import SenseOperator
+    from .problem import Problem
 
 Verdict = Literal["certified", "empirical", "violated"]
 VERDICTS: tuple[str, ...] = ("certified", "empirical", "violated")
 START_NAMES: tuple[str, ...] = ("zero", "zero-filled", "cg-sense", "random")
-
-#: CG-SENSE settings of the MOL start (the defaults of ``molrecon reconstruct``).
-SENSE_LAMBDA = 1e-3
-SENSE_ITERS = 30
 
 
 def example_scan() -> Path:
@@ -566,62 +563,6 @@ class RobustnessConfig:
 
 
 # ===================================================================================== data
-@dataclass(frozen=True)
-class Problem:
-    """One normalised MOL problem (a batch of slices of one file).
-
-    op      SENSE operator A of the normalised data (maps from ESPIRiT)
-    kspace  (B, C, D, Y, X) normalised measurements b, zero off the sampling mask
-    start   (B, D, Y, X) CG-SENSE image, the MOL start
-    source  file name (for reports); items: slice indices in that file
-    """
-
-    op: SenseOperator
-    kspace: torch.Tensor
-    start: torch.Tensor
-    kind: str
-    source: str = ""
-    items: tuple[int, ...] = ()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.kspace.dtype
-
-    def aty(self) -> torch.Tensor:
-        """Aᴴb, (B, D, Y, X)."""
-        return self.op.adjoint(self.kspace)
-
-    def support(self) -> torch.Tensor:
-        """1 at sampled k-space locations, broadcastable to ``kspace``."""
-        m = self.op.mask                                                   # (B|1, 1, D|1, Y|1, X|1)
-        return (m != 0).to(self.kspace.real.dtype)
-
-    def to(self, *, dtype: torch.dtype | None = None) -> Problem:
-        """The same problem in another complex dtype (complex128 for double precision)."""
-        if dtype is None or dtype == self.kspace.dtype:
-            return self
-        return replace(self, op=self.op.to(dtype=dtype), kspace=self.kspace.to(dtype),
-                       start=self.start.to(dtype))
-
-
-def problem_from_tensors(op: SenseOperator, kspace: torch.Tensor, *, kind: str | None = None,
-                         source: str = "", items: Sequence[int] | None = None,
-                         sense_lambda: float = SENSE_LAMBDA,
-                         sense_iters: int = SENSE_ITERS) -> Problem:
-    """A :class:`Problem` from an operator and (already normalised) k-space ``(B, C, D, Y, X)``.
-
-    The start is CG-SENSE, ``(AᴴA + λ_s I)x = Aᴴb`` (``lam`` relative, see
-    :func:`molrecon.physics.sense.cg_sense`), as in ``molrecon reconstruct``.
-    """
-    from .physics.sense import cg_sense
-
-    k = kspace.to(op.dtype) * (op.mask != 0).to(op.dtype)                 # (B, C, D, Y, X)
-    start = cg_sense(op, k, lam=sense_lambda, max_iter=sense_iters).x     # (B, D, Y, X)
-    n = int(k.shape[0])
-    return Problem(op=op, kspace=k, start=start, kind=op.kind if kind is None else kind,
-                   source=source, items=tuple(range(n)) if items is None else tuple(items))
-
-
 def _pick_items(n: int, points: int | None) -> list[int]:
     """``points`` slice indices spread evenly over ``n`` slices (all when None or ≥ n)."""
     if points is None or points >= n:
@@ -643,11 +584,10 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
     another kind is refused with :class:`~molrecon.errors.ConfigError`).
     ``double`` builds everything in complex128.
     """
-    import numpy as np
     import torch
 
     from .io.detect import read_raw
-    from .recon import prepare
+    from .problem import from_scan, with_sense_start
 
     if points is not None and points < 1:
         raise ConfigError(f"points must be at least 1, got {points}")
@@ -662,15 +602,12 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
             raise ConfigError(f"the scan is {scan.kind} data, the model applies to "
                               f"{'/'.join(kinds)} data", path=p)
         idx = _pick_items(scan.shape[0], points)
-        k = torch.from_numpy(np.ascontiguousarray(scan.kspace[idx])).to(dev)    # (b, C, D, Y, X)
-        mask = torch.from_numpy(np.ascontiguousarray(scan.mask[idx])).to(dev)  # (b, 1, D, Y, 1)
-        calib = torch.from_numpy(np.ascontiguousarray(scan.calib[idx])).to(dev)
-        prep = prepare(k, mask, calib, scan.kind)
+        prep = from_scan(scan, idx, dev)
         op, kn = prep.op, prep.kspace
         if double:
             op = op.to(dtype=torch.complex128)
             kn = kn.to(torch.complex128)
-        out.append(problem_from_tensors(op, kn, kind=scan.kind, source=p.name, items=idx))
+        out.append(with_sense_start(op, kn, kind=scan.kind, source=p.name, items=idx))
     return out
 
 
@@ -842,7 +779,7 @@ def solve_mol(step: MolStep, problem: Problem, x0: torch.Tensor, *, tol: float,
 
     cfg = FixedPointConfig(method="anderson", tol=tol, max_iter=max_iter, warn=False)
     with torch.no_grad():
-        aty = problem.aty()                                                     # (B, D, Y, X)
+        aty = problem.aty                                                     # (B, D, Y, X)
         fn = step.bind(normal=problem.op.normal, aty=aty, support=support_of(problem.op))
         return solve_fixed_point(fn, x0, config=cfg,
                                  label="MOL fixed-point iteration")
@@ -896,7 +833,7 @@ def check_uniqueness(step: MolStep, problem: Problem, *, lipschitz: float, basis
 
     gen = _generator(seed)
     with torch.no_grad():
-        aty = problem.aty()                                                     # (B, D, Y, X)
+        aty = problem.aty                                                     # (B, D, Y, X)
         start = problem.start
         rms = _item_norm(start) / math.sqrt(start[0].numel())                  # (B,)
         noise = _complex_noise(start.shape, start.dtype, start.device, gen)
@@ -1094,7 +1031,7 @@ def attack(solve: Callable[[torch.Tensor], tuple[torch.Tensor, bool]], problem: 
     op, b = problem.op, problem.kspace
     support = problem.support()                                                # broadcastable
     with torch.no_grad():
-        x_ref, ok = solve(problem.aty())
+        x_ref, ok = solve(problem.aty)
         x_ref = x_ref.detach()                                                 # (B, D, Y, X)
     radius = eps * _item_norm(b)                                               # (B,)
     if direction is None:
@@ -1250,7 +1187,6 @@ __all__ = [
     "LipschitzReport",
     "LocalEstimates",
     "PointEstimate",
-    "Problem",
     "RobustnessBounds",
     "RobustnessConfig",
     "RobustnessReport",
@@ -1268,7 +1204,6 @@ __all__ = [
     "load_problems",
     "local_estimates",
     "operator_norm",
-    "problem_from_tensors",
     "robustness",
     "robustness_bounds",
     "solve_mol",

@@ -27,8 +27,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ConfigError, ConvergenceWarning, MolreconError
+from .config import SENSE_ITERS, SENSE_LAMBDA
+from .errors import CheckpointError, ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
+from .kinds import spatial_dims
 
 Method = Literal["mol", "sense", "zf"]
 METHODS: tuple[str, ...] = ("mol", "sense", "zf")
@@ -54,8 +56,8 @@ class ReconConfig:
     alpha: float | None = None
     solver: Literal["anderson", "plain"] = "anderson"
     cg_iters: int | None = None
-    sense_lambda: float = 1e-3
-    sense_iters: int = 30
+    sense_lambda: float = SENSE_LAMBDA
+    sense_iters: int = SENSE_ITERS
     batch_size: int | None = None
     keep_baselines: bool = False
     seed: int = 0
@@ -109,7 +111,7 @@ def _zero_filled_numpy(scan: RawScan, config: ReconConfig, compression: Any,
 
     t0 = time.perf_counter()
     progress("zero filling", 0, 1)
-    axes = (-3, -2, -1) if scan.kind == "3d" else (-2, -1)
+    axes = spatial_dims(scan.kind)
     k = np.fft.ifftshift(scan.kspace, axes=axes)
     coil = np.fft.fftshift(np.fft.ifftn(k, axes=axes, norm="ortho"), axes=axes)
     out = np.sqrt(np.sum(np.abs(coil) ** 2, axis=1)).astype(np.complex64)    # (B, D, Y, X)
@@ -134,42 +136,10 @@ def zero_filled_rss(kspace: Any, kind: str) -> Any:
     """Root-sum-of-squares of the coil images of zero-filled k-space: (B,C,D,Y,X) → (B,D,Y,X)."""
     import torch
 
-    from .physics.fft import ifftc, spatial_dims
+    from .physics.fft import ifftc
 
     coil_images = ifftc(kspace, spatial_dims(kind))          # (B, C, D, Y, X)
     return torch.sqrt(torch.sum(coil_images.abs() ** 2, dim=1))  # (B, D, Y, X)
-
-
-@dataclass
-class Prepared:
-    """A chunk of slices ready for SENSE or MOL: normalised k-space, its scale, the operator."""
-
-    kspace: Any      # complex (b, C, D, Y, X), divided by ``scale``
-    scale: Any       # real (b,)
-    op: Any          # physics.sense.SenseOperator with ESPIRiT maps and the sampling mask
-
-
-def prepare(kspace: Any, mask: Any, calib: Any, kind: str, *, maps: Any = None) -> Prepared:
-    """Normalise the intensity (``physics.scaling``), estimate ESPIRiT maps, build A = M F S.
-
-    ``maps`` (b, C, D|1, Y, X), when given, are used instead of the ESPIRiT estimate.
-
-    The one place where reconstruction, training-time checks and the guarantees
-    commands turn acquired k-space into a MOL problem, so they always agree.
-    Tensors in, on any device: ``kspace`` (b, C, D, Y, X), ``mask``/``calib`` (b, 1, D, Y, 1).
-    """
-    import torch
-
-    from .coils import estimate_maps
-    from .physics.scaling import scale_factor
-    from .physics.sense import SenseOperator
-
-    scale = torch.as_tensor(scale_factor(kspace, mask, kind), device=kspace.device,
-                            dtype=kspace.real.dtype).reshape(-1)            # (b,)
-    kn = kspace / scale.reshape(-1, 1, 1, 1, 1).to(kspace.dtype)
-    if maps is None:
-        maps = estimate_maps(kn, calib, kind)                              # (b, C, D|1, Y, X)
-    return Prepared(kspace=kn, scale=scale, op=SenseOperator(maps, mask, kind))
 
 
 def _chunks(n: int, size: int | None) -> list[slice]:
@@ -237,13 +207,11 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
 
     engine = None
     if config.method == "mol":
-        from .mol_recon import MolEngine
-
         key = (config, scan.kind, str(device), scan.shape[-1] == 1)
         engine = None if engines is None else engines.get(key)
         if engine is None:
             progress("loading the model", 0, 1)
-            engine = MolEngine.load(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
+            engine = load_engine(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
             if engines is not None:
                 engines[key] = engine
 
@@ -268,8 +236,6 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         part = "" if n_chunks == 1 else f" (batch {ci + 1}/{n_chunks})"
         progress("reconstructing" + part, ci, n_chunks)
         k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(device)   # (b, C, D, Y, X)
-        mask = torch.from_numpy(np.array(scan.mask[sl], dtype=bool)).to(device)   # (b, 1, D, Y, 1)
-        calib = torch.from_numpy(np.array(scan.calib[sl], dtype=bool)).to(device)
         chunk_info: dict[str, Any] = {"slices": [sl.start, sl.stop]}
 
         need_zf = config.method == "zf" or "zf" in baselines
@@ -284,14 +250,13 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
             continue
 
         from .physics.sense import cg_sense
+        from .problem import from_scan
 
         progress(("coil maps" if user_maps is None else "coil maps (yours)") + part, ci, n_chunks)
         t0 = time.perf_counter()
-        maps = None if user_maps is None else torch.from_numpy(
-            np.ascontiguousarray(user_maps[sl])).to(device)
-        prep = prepare(k, mask, calib, scan.kind, maps=maps)
+        prob = from_scan(scan, sl, device, maps=user_maps)
         timings["maps_s"] += time.perf_counter() - t0
-        scale, kn, op = prep.scale, prep.kspace, prep.op
+        scale, kn, op = prob.scale, prob.kspace, prob.op
         progress("CG-SENSE" + part, ci, n_chunks)
         t0 = time.perf_counter()
         sense = cg_sense(op, kn, lam=config.sense_lambda, max_iter=config.sense_iters)
@@ -354,3 +319,23 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
     base_vols = {name: ImageVolume(data=arr, kind=scan.kind, geometry=scan.geometry, method=name)
                  for name, arr in baselines.items()}
     return ReconResult(image=image, report=report, baselines=base_vols)
+
+
+def load_engine(config: ReconConfig, kind: str, device: Any, *, one_readout: bool = False) -> Any:
+    """The MOL engine of ``config`` for ``kind`` data (:class:`molrecon.deq.inference.MolEngine`):
+    its ``--weights`` or the bundled default (:func:`molrecon.models.bundled.checkpoint_for`),
+    refused when the model does not declare ``kind``."""
+    from .deq.fixed_point import FixedPointConfig
+    from .deq.inference import MolEngine
+    from .models.bundled import checkpoint_for
+    from .models.checkpoint import load_checkpoint
+
+    path = checkpoint_for(kind, config.weights, one_readout=one_readout)
+    loaded = load_checkpoint(path, map_location=device)
+    if kind not in loaded.kinds:
+        raise CheckpointError(f"model is for {'/'.join(loaded.kinds)} data, the scan is {kind} "
+                              "(pick a matching --weights)", path=path)
+    fixed_point = FixedPointConfig(method=config.solver, tol=config.tol,
+                                   max_iter=config.max_iter, warn=False)
+    return MolEngine.from_loaded(loaded, fixed_point, device, alpha=config.alpha,
+                                 cg_iters=config.cg_iters)

@@ -111,7 +111,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -127,6 +127,9 @@ from .train_data import (
     split_dataset,
 )
 from .train_patches import PatchSpec
+
+if TYPE_CHECKING:
+    from .problem import Problem
 
 Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
@@ -437,8 +440,8 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
             if last.bias is not None:
                 last.bias.zero_()
     else:
+        from .models.bundled import resolve_weights
         from .models.checkpoint import load_checkpoint
-        from .weights import resolve_weights
 
         loaded = load_checkpoint(resolve_weights(config.init_weights))
         source = loaded.model.config
@@ -528,58 +531,16 @@ def _penalty(lip: Any, threshold: float, delta: float = 1e-3) -> Any:
 
 
 # ------------------------------------------------------------------------------- one problem
-@dataclass
-class Problem:
-    """One normalised undersampled problem: operator, data y, Aᴴy, target, and the scale s."""
-
-    op: Any
-    y: Any
-    aty: Any
-    target: Any
-    scale: float
-
-
 def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generator,
                  extra_noise: float, device: Any, readout_block: int | None = None) -> Problem:
-    """Undersample ``sample`` with a fresh mask and normalise it as reconstruction would.
+    """Undersample ``sample`` with a fresh mask drawn from ``spec`` and normalise it as
+    reconstruction would (:func:`molrecon.problem.undersampled`; ``readout_block`` keeps an
+    exact hybrid-space block of readout positions)."""
+    from .problem import undersampled
 
-    ``readout_block``: keep only a block of that many readout positions. The
-    readout is fully sampled, so after an inverse transform along it every readout
-    position is a problem of its own and the block is exact (hybrid-space operator);
-    the block is drawn with probability proportional to the target's energy in it.
-    """
-    import torch
-
-    from .physics.scaling import scale_factor
-    from .physics.sense import SenseOperator
-
-    mask_np = draw_mask(sample, kind, spec, rng)
-    mask = torch.from_numpy(np.array(mask_np, dtype=bool)).to(device)     # (1, 1, D, Y, 1)
-    k = sample.kspace.to(device)                                           # (1, C, D, Y, X)
-    if extra_noise > 0:
-        seed = int(rng.integers(2**31 - 1))
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.complex(torch.randn(k.shape, generator=g), torch.randn(k.shape, generator=g))
-        k = k + (extra_noise / math.sqrt(2.0)) * noise.to(device=device, dtype=k.dtype)
-    y = k * mask                                                           # (1, C, D, Y, X)
-    s = float(scale_factor(y, mask, kind).reshape(-1)[0])
-    y = y / s
-    n_x = y.shape[-1]
-    if readout_block is None or readout_block >= n_x:
-        op = SenseOperator(sample.maps.to(device), mask, kind)
-        aty = op.adjoint(y)                                                # (1, D, Y, X)
-        return Problem(op=op, y=y, aty=aty, target=sample.target.to(device) / s, scale=s)
-    from .physics.fft import ifftc
-
-    energy = sample.target.abs().square().sum(dim=(0, 1, 2)).cpu().numpy()  # (X,)
-    windows = np.convolve(energy, np.ones(readout_block), mode="valid")     # (X − w + 1,)
-    x0 = int(rng.choice(windows.size, p=windows / windows.sum()))
-    cut = slice(x0, x0 + readout_block)
-    y = ifftc(y, dims=(-1,))[..., cut].contiguous()
-    op = SenseOperator(sample.maps[..., cut].contiguous().to(device), mask, kind,
-                       hybrid_readout=True)
-    aty = op.adjoint(y)
-    return Problem(op=op, y=y, aty=aty, target=sample.target[..., cut].to(device) / s, scale=s)
+    mask = draw_mask(sample, kind, spec, rng)                              # (1, 1, D, Y, 1)
+    return undersampled(sample.kspace, sample.maps, sample.target, mask, kind, rng,
+                        extra_noise, device, readout_block)
 
 
 def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[Problem]:
@@ -604,7 +565,7 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
     """Mean PSNR/SSIM of MOL and of CG-SENSE on fixed validation problems (magnitudes).
 
     CG-SENSE uses the settings of ``molrecon reconstruct --method sense``
-    (relative Tikhonov weight and iterations of :class:`~molrecon.recon.ReconConfig`).
+    (:data:`~molrecon.problem.SENSE_LAMBDA`, :data:`~molrecon.problem.SENSE_ITERS`).
     MOL solves the fixed point to ``fwd_tol`` (at most max(fwd_max_iter, 100)
     iterations). A problem whose MOL image is not finite counts in
     ``val_failed`` and makes ``val_psnr``/``val_ssim`` None. The fixed points are
@@ -616,11 +577,10 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
     from .deq.mol import regularised_sense
     from .metrics import compare
     from .physics.sense import cg_sense
-    from .recon import ReconConfig
+    from .problem import SENSE_ITERS, SENSE_LAMBDA
 
     if not problems:
         return {}
-    sense_cfg = ReconConfig(method="sense")
     psnr, ssim, s_psnr, s_ssim, iters = [], [], [], [], []
     failed = 0
     was_training = step.training
@@ -632,8 +592,7 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
                 x0 = regularised_sense(p.op.normal, p.aty, lam=step.lam, iters=config.init_iters)
                 res = solve_fixed_point(step.bind(normal=p.op.normal, aty=p.aty,
                                                   support=p.op.support()), x0, config=fp)
-                sense = cg_sense(p.op, p.y, lam=sense_cfg.sense_lambda,
-                                 max_iter=sense_cfg.sense_iters).x
+                sense = cg_sense(p.op, p.kspace, lam=SENSE_LAMBDA, max_iter=SENSE_ITERS).x
                 tgt = p.target.cpu().numpy()
                 ms = compare(sense.cpu().numpy(), tgt)
                 s_psnr.append(ms.psnr)

@@ -186,12 +186,15 @@ def load_folder(files: list[Path], kind: str | None, *, warn: WarnFn | None = No
 
 
 def _samples_of(scan: Any, source: str) -> tuple[list[Sample], int]:
-    """The usable samples of one fully sampled scan, and how many items were left out."""
+    """The usable samples of one fully sampled scan, and how many items were left out.
+
+    Each item is normalised and gets ESPIRiT maps as in reconstruction
+    (:func:`molrecon.problem.prepare`, the whole acquired centre calibrating); its
+    target is the coil combination Aᴴb of the normalised reference k-space.
+    """
     import torch
 
-    from .coils import estimate_maps
-    from .physics.scaling import scale_factor
-    from .physics.sense import SenseOperator
+    from .problem import prepare
 
     k_all = torch.from_numpy(np.ascontiguousarray(scan.kspace))           # (B, C, D, Y, X)
     mask_all = np.ascontiguousarray(scan.mask, dtype=bool)                # (B, 1, D, Y, 1)
@@ -202,13 +205,10 @@ def _samples_of(scan: Any, source: str) -> tuple[list[Sample], int]:
     dropped = k_all.shape[0] - len(keep)
     if not keep:
         return [], dropped
-    k = k_all[keep]                                                       # (B', C, D, Y, X)
     mask = torch.from_numpy(mask_all[keep])                               # (B', 1, D, Y, 1)
-    scale = scale_factor(k, mask, scan.kind).to(torch.float32)           # (B',)
-    k = k / scale.reshape(-1, 1, 1, 1, 1).to(k.dtype)
-    # The whole fully sampled centre calibrates (calib=None: the acquired lines).
-    maps = estimate_maps(k, None, scan.kind)                              # (B', C, D|1, Y, X)
-    target = SenseOperator(maps, mask, scan.kind).adjoint(k)            # (B', D, Y, X)
+    ref = prepare(k_all[keep], mask, None, scan.kind)
+    k, maps = ref.kspace, ref.op.maps                                     # (B', C, D, Y, X)
+    target = ref.aty                                                      # (B', D, Y, X)
     out: list[Sample] = []
     for i, b in enumerate(keep):
         energy = float(torch.sum(target[i].abs() ** 2))

@@ -58,7 +58,7 @@ def demo_cmd(
         marker.write_text("written by `molrecon demo`; a rerun replaces the outputs here\n")
         method = "mol"
         try:
-            from ..weights import bundled_checkpoint
+            from ..models.bundled import bundled_checkpoint
 
             bundled_checkpoint("2d")
         except Exception as exc:  # noqa: BLE001 - no bundled weights: say so, show CG-SENSE

@@ -151,9 +151,9 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
 
     from ..device import resolve_device
     from ..guarantees import example_scan, load_problems
+    from ..models.bundled import resolve_weights
     from ..models.checkpoint import load_checkpoint
     from ..simulate import simulated_example
-    from ..weights import resolve_weights
 
     dev = resolve_device(device)
     loaded = load_checkpoint(resolve_weights(model), map_location=dev)

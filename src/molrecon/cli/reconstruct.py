@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..config import SENSE_ITERS, SENSE_LAMBDA
 from ._common import DebugOpt, app, console, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "
@@ -49,8 +50,8 @@ def reconstruct_cmd(
         "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).")] = None,
     solver: Annotated[str, typer.Option("--solver", help="anderson | plain")] = "anderson",
     sense_lambda: Annotated[float, typer.Option(
-        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.")] = 1e-3,
-    sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.")] = 30,
+        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.")] = SENSE_LAMBDA,
+    sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.")] = SENSE_ITERS,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Slices per batch on the device (default: as many as fit).")] = None,
     complex_out: Annotated[bool, typer.Option("--complex", help="Write complex64 instead of magnitude (NIfTI only).")] = False,
@@ -92,8 +93,8 @@ def reconstruct_cmd(
         _check_device(device)
         if weights is not None:
             # A wrong model is found before the (possibly long) read of the scan.
+            from ..models.bundled import resolve_weights
             from ..models.checkpoint import load_checkpoint
-            from ..weights import resolve_weights
 
             load_checkpoint(resolve_weights(weights), map_location="cpu")
         config = ReconConfig(

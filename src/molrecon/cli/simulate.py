@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..kinds import KINDS
 from ._common import (
     ACCEL_HELP,
     DebugOpt,
@@ -20,7 +21,6 @@ from ._common import (
     user_errors,
 )
 
-_KINDS = ("2d", "3d", "2dt")
 _MASKS = ("equispaced", "random", "poisson", "interleaved")
 _SPLITS = ("train", "val", "test")
 _ORIENTATIONS = ("axial", "coronal", "sagittal")
@@ -226,7 +226,7 @@ def _checked_config(*, output: Path | None, kind: str, coils: int, acceleration:
     from ..physics.masks import FAMILIES_FOR_KIND, make_mask
     from ..simulate import SimulationConfig
 
-    choice(kind, _KINDS, "--kind")
+    choice(kind, KINDS, "--kind")
     choice(orientation, _ORIENTATIONS, "--orientation")
     choice(split, _SPLITS, "--split")
     if mask is not None:

@@ -44,12 +44,12 @@ import torch
 from ..config import MolConfig
 from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_path
+from ..kinds import KINDS_BY_PRIOR_DIMS
 from .cnn import CONSTRAINTS, CNNConfig, MolCNN
 from .spectral import layer_bounds
 
 FORMAT = "molrecon-checkpoint"
 FORMAT_VERSION = 1
-_KINDS_BY_DIMS: dict[int, tuple[str, ...]] = {2: ("2d", "2dt", "3d"), 3: ("3d", "2dt")}
 _KEYS = frozenset({
     "format", "format_version", "architecture", "constraint", "lipschitz_target",
     "spectral_grid", "kinds", "alpha", "lam", "cg_iters", "state_dict", "metadata",
@@ -135,7 +135,7 @@ def save_checkpoint(
                           "lists and str-keyed dicts")
     dims = model.config.dims
     kind_list = [("2d" if dims == 2 else "3d")] if kinds is None else [str(k) for k in kinds]
-    allowed = _KINDS_BY_DIMS[dims]
+    allowed = KINDS_BY_PRIOR_DIMS[dims]
     if not kind_list or any(k not in allowed for k in kind_list):
         raise ConfigError(f"a {dims}D model applies to kinds {allowed}, got {kind_list}")
     bounds = layer_bounds(model)
@@ -256,7 +256,7 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         raise CheckpointError(f"'lipschitz_target' must be positive, got {target}", path=p)
     grid = _integer(obj, "spectral_grid", p)
     kinds = obj["kinds"]
-    allowed = _KINDS_BY_DIMS[config.dims]
+    allowed = KINDS_BY_PRIOR_DIMS[config.dims]
     if (not isinstance(kinds, list) or not kinds
             or any(not isinstance(k, str) or k not in allowed for k in kinds)):
         raise CheckpointError(f"'kinds' must be a non-empty list from {allowed} for a "

@@ -43,11 +43,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import SENSE_ITERS, SENSE_LAMBDA
 from ..errors import ConvergenceWarning, InputDataError
+from ..kinds import KINDS
 from ..solvers.cg import CGResult, conjugate_gradient
 from .fft import ifftc, spatial_dims
-
-_KINDS = ("2d", "3d", "2dt")
 
 
 def _shape_str(shape: tuple[int, ...] | torch.Size) -> str:
@@ -80,8 +80,8 @@ class SenseOperator:
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor, kind: str, *,
                  hybrid_readout: bool = False) -> None:
-        if kind not in _KINDS:
-            raise InputDataError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if kind not in KINDS:
+            raise InputDataError(f"kind must be one of {KINDS}, got {kind!r}")
         if maps.ndim != 5 or not maps.is_complex():
             raise InputDataError(
                 f"coil maps must be a complex (B, C, D, Y, X) tensor, got {tuple(maps.shape)} "
@@ -320,7 +320,7 @@ def _centred_to_shifted_index(idx: torch.Tensor, n: int) -> torch.Tensor:
     return (idx - n // 2) % n
 
 
-def cg_sense(op: SenseOperator, kspace: torch.Tensor, *, lam: float = 1e-3, max_iter: int = 30,
+def cg_sense(op: SenseOperator, kspace: torch.Tensor, *, lam: float = SENSE_LAMBDA, max_iter: int = SENSE_ITERS,
              tol: float = 0.0, x0: torch.Tensor | None = None,
              decouple: bool | None = None, readout_chunk: int | None = None) -> CGResult:
     """CG-SENSE: solve ``(AᴴA + λ I) x = Aᴴ y`` with :func:`conjugate_gradient`.

@@ -69,10 +69,9 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from .errors import ConfigError, InputDataError
-from .physics.fft import ifftc
-
-_KINDS = ("2d", "3d", "2dt")
+from ..errors import ConfigError, InputDataError
+from ..kinds import KINDS
+from .fft import ifftc
 
 
 @dataclass(frozen=True)
@@ -148,8 +147,8 @@ def estimate_maps(kspace: torch.Tensor, calib: torch.Tensor | None, kind: str, *
     Maps ``(B, C, D, Y, X)`` (``(B, C, 1, Y, X)`` for ``"2dt"``), complex64 for
     complex64 input and complex128 for complex128 input, on ``kspace.device``.
     """
-    if kind not in _KINDS:
-        raise InputDataError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if kind not in KINDS:
+        raise InputDataError(f"kind must be one of {KINDS}, got {kind!r}")
     if kspace.ndim != 5 or not kspace.is_complex():
         raise InputDataError(f"k-space must be complex (B, C, D, Y, X), got "
                              f"{tuple(kspace.shape)} {kspace.dtype}")

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 
 def weights_dir() -> Path:
@@ -83,3 +83,23 @@ def bundled_models() -> list[dict[str, Any]]:
                     "default_for": sorted(k for k, n in defaults.items() if n == name),
                     "path": str(weights_dir() / entry["file"])})
     return out
+
+
+def checkpoint_for(kind: str, weights: str | Path | None = None, *,
+                   one_readout: bool = False) -> Path:
+    """The checkpoint that reconstructs a ``kind`` scan: ``weights`` (a file or a bundled
+    model's name) when given, else the bundled default for ``kind``.
+
+    The default rule: a 3D scan with one readout position (``one_readout``, e.g. a
+    partition × phase plane already transformed along the readout) gets the bundled 2D
+    default when that model declares 3D data, since its prior sees the plane as an image.
+    """
+    from .checkpoint import load_checkpoint
+
+    if weights is not None:
+        return resolve_weights(weights)
+    if kind == "3d" and one_readout:
+        planar = bundled_checkpoint("2d")
+        if "3d" in load_checkpoint(planar).kinds:
+            return planar
+    return bundled_checkpoint(kind)
