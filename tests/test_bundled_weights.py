@@ -15,7 +15,7 @@ from molrecon.cli import app
 from molrecon.errors import ConfigError
 from molrecon.models.checkpoint import load_checkpoint, sha256
 from molrecon.recon import ReconConfig, reconstruct
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.weights import (
     bundled_checkpoint,
     bundled_models,

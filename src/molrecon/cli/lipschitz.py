@@ -144,7 +144,7 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
     """The checkpoint (loaded without running code) and the MOL problems of the data.
 
     Without data: the bundled example for a model of 2D data, else a scan of the model's
-    kind simulated from the validation slab (:func:`~molrecon.simulate.simulated_example`;
+    kind simulated from the validation slab (:func:`~molrecon.sim.simulated_example`;
     its coarse quick version unless ``full``), named on stderr.
     """
     import tempfile
@@ -152,7 +152,7 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
     from ..device import resolve_device
     from ..guarantees import example_scan, load_problems
     from ..models.checkpoint import load_checkpoint
-    from ..simulate import simulated_example
+    from ..sim import simulated_example
     from ..weights import resolve_weights
 
     dev = resolve_device(device)
@@ -163,7 +163,7 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
         elif "2d" in loaded.kinds:
             paths = [example_scan()]
         else:
-            from ..simulate import EXAMPLE_MATRIX
+            from ..sim import EXAMPLE_MATRIX
 
             kind = loaded.kinds[0]
             shown = "×".join(map(str, EXAMPLE_MATRIX[(kind, not full)]))

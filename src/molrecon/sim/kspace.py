@@ -4,7 +4,7 @@ The pipeline runs the scanner backwards, and is built so that a reconstruction
 cannot succeed merely because the simulation used its own model ("no inverse
 crime"):
 
-1. **Object.** The magnitude anatomy (:mod:`molrecon.anatomy`, 1 mm or finer)
+1. **Object.** The magnitude anatomy (:mod:`molrecon.sim.anatomy`, 1 mm or finer)
    is resampled trilinearly on a *fine grid* ``grid_factor`` (default 2) times
    finer than the reconstruction grid, over the *encoded* field of view: the
    readout covers ``oversampling`` (default 2) times the reconstruction FOV, as
@@ -82,6 +82,10 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import ConfigError, OutputError
+from ..io.atomic import atomic_path, check_output, write_text_atomic
+from ..io.types import KINDS, Geometry, ImageVolume, Kind, RawScan, ScanInfo
+from ..physics.masks import FAMILIES_FOR_KIND, MASK_FAMILIES, calibration_region, make_mask
 from .anatomy import (
     SPLITS,
     AnatomySubject,
@@ -90,10 +94,6 @@ from .anatomy import (
     anatomy_subjects,
     load_anatomy,
 )
-from .errors import ConfigError, OutputError
-from .io.atomic import atomic_path, check_output, write_text_atomic
-from .io.types import KINDS, Geometry, ImageVolume, Kind, RawScan, ScanInfo
-from .physics.masks import FAMILIES_FOR_KIND, MASK_FAMILIES, calibration_region, make_mask
 
 Orientation = Literal["axial", "coronal", "sagittal"]
 Coords = tuple[np.ndarray, np.ndarray, np.ndarray]   # LPS x, y, z (mm) of a set of points
@@ -375,7 +375,7 @@ class SimulatedScan:
         Readout oversampling removed (orthonormal FFTs: image values and noise
         variance unchanged); ``ground_truth`` is the truth image.
         """
-        from .io.ismrmrd import remove_readout_oversampling
+        from ..io.ismrmrd import remove_readout_oversampling
 
         x = self.geometry.matrix[0]
         k = remove_readout_oversampling(self.kspace, x) * self.mask    # (B, C, D, Y, X)
@@ -940,14 +940,14 @@ def simulate_to_file(config: SimulationConfig, out_h5: str | os.PathLike[str],
 
 def _write_scan(scan: SimulatedScan, out: Path, truth_target: Path | None, *, force: bool,
                 complex_truth: bool) -> None:
-    from .io.ismrmrd import write_ismrmrd
+    from ..io.ismrmrd import write_ismrmrd
 
     with atomic_path(out, force=force) as tmp_h5:
         write_ismrmrd(tmp_h5, scan.kspace, scan.mask, kind=scan.kind, geometry=scan.geometry,
                       calib=scan.calib, noise=scan.noise, oversampling=scan.oversampling,
                       info=scan.info, force=True)
         if truth_target is not None:
-            from .io.nifti import write_nifti
+            from ..io.nifti import write_nifti
 
             with atomic_path(truth_target, force=force) as tmp_nii:
                 write_nifti(scan.truth, tmp_nii, complex_output=complex_truth, force=True)
