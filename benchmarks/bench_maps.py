@@ -51,7 +51,7 @@ from molrecon.physics.masks import make_mask
 from molrecon.physics.scaling import scale_factor
 from molrecon.physics.sense import SenseOperator, cg_sense
 from molrecon.recon import ReconConfig
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 

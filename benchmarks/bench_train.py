@@ -61,7 +61,7 @@ def _rss_mib() -> float:
 
 def make_data(case: str, root: Path, coils: int) -> Path:
     """One fully sampled simulated file for ``case`` in its own folder."""
-    from molrecon.simulate import SimulationConfig, simulate_to_file
+    from molrecon.sim import SimulationConfig, simulate_to_file
 
     spec = CASES[case]
     folder = root / case

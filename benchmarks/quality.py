@@ -1,6 +1,6 @@
 """Reconstruction quality of MOL against zero filling, CG-SENSE and BART, all in one run.
 
-Data (never used in training; see ``molrecon.anatomy`` for the split):
+Data (never used in training; see ``molrecon.sim.anatomy`` for the split):
 
 * held-out 2D brain slices: the *test* slab of Colin 27, simulated through the
   project's own raw-data model (8 coils, noise 0.01, 256², readout
@@ -58,7 +58,7 @@ from molrecon.metrics import compare
 from molrecon.physics.masks import make_mask
 from molrecon.physics.scaling import scale_factor
 from molrecon.recon import ReconConfig, reconstruct
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 

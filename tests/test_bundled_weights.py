@@ -21,7 +21,7 @@ from molrecon.models.bundled import (
 )
 from molrecon.models.checkpoint import load_checkpoint, sha256
 from molrecon.recon import ReconConfig, reconstruct
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 KINDS = ("2d", "3d", "2dt")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from conftest import have, message_lines
 from molrecon.cli import app
 from molrecon.io.maps import read_cfl, write_cfl
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 

@@ -23,7 +23,7 @@ from molrecon.cli import app
 from molrecon.cli._common import ACCEL_HELP, os_error_line
 from molrecon.errors import OutputError
 from molrecon.io.atomic import check_output
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import OPTION_NAMES, TrainConfig, next_step_fits, output_paths, resume_changes
 
 runner = CliRunner()
@@ -343,7 +343,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path: Path,
     """An OSError a user can act on that reaches the command line (no writer turned it into
     an OutputError) is one line naming the file — the target, not its temporary — and the
     cause, exit 1; other OSErrors stay internal errors."""
-    import molrecon.simulate as sim
+    from molrecon import sim
 
     out = tmp_path / "out.h5"
     raised: list[OSError] = []

@@ -31,7 +31,7 @@ def _designed(weights: list[torch.Tensor]) -> MolCNN:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from molrecon.simulate import SimulationConfig, simulate_to_file
+    from molrecon.sim import SimulationConfig, simulate_to_file
 
     d = tmp_path_factory.mktemp("lip")
     data = d / "scan.h5"
@@ -139,9 +139,9 @@ def test_usage_errors_exit_2(files: dict[str, Path]) -> None:
 
 def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
         files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import molrecon.simulate as sim
+    from molrecon import sim
     from molrecon.errors import ConfigError
-    from molrecon.simulate import SimulationConfig, simulate_to_file
+    from molrecon.sim import SimulationConfig, simulate_to_file
 
     with pytest.raises(ConfigError):                  # 2D models use the bundled example
         sim.simulated_example("2d", Path("."))

@@ -47,7 +47,7 @@ def test_kinds_and_complex_truth(tmp_path: Path) -> None:
 
 
 def test_options_reach_the_library_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import molrecon.simulate as sim
+    from molrecon import sim
 
     seen: dict[str, object] = {}
 

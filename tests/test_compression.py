@@ -17,7 +17,7 @@ from molrecon.physics.compression import (
     plan_compression,
 )
 from molrecon.recon import ReconConfig, reconstruct
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 
 def _scan(tmp_path: Path, kind: str = "2d", coils: int = 16, **kw: object):

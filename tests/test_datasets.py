@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from molrecon.cli import app
 from molrecon.errors import ConfigError, InputDataError, InputDataWarning
 from molrecon.io.detect import ismrmrd_groups, read_raw
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 

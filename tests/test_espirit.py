@@ -297,7 +297,7 @@ def test_narrow_calibration_region_still_gives_usable_maps() -> None:
     from molrecon.metrics import compare
     from molrecon.physics.sense import SenseOperator, cg_sense
     from molrecon.recon import zero_filled_rss
-    from molrecon.simulate import SimulationConfig, simulate
+    from molrecon.sim import SimulationConfig, simulate
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

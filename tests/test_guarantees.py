@@ -320,7 +320,7 @@ def test_configs_reject_bad_values() -> None:
 
 
 def test_load_problems_from_file(tmp_path: Path) -> None:
-    from molrecon.simulate import SimulationConfig, simulate_to_file
+    from molrecon.sim import SimulationConfig, simulate_to_file
 
     path = tmp_path / "s.h5"
     simulate_to_file(SimulationConfig(matrix=(32, 32), coils=4, slices=3, acceleration=2.0,

@@ -28,7 +28,7 @@ from molrecon.errors import ConfigError, InputDataError
 from molrecon.io.detect import detect_format, read_raw
 from molrecon.io.ismrmrd import parse_ismrmrd_header, read_ismrmrd
 from molrecon.io.mrd import _fields, _schema_end, is_mrd2, read_mrd2
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 mrd = pytest.importorskip("mrd")
 

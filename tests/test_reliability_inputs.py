@@ -25,7 +25,7 @@ from typer.testing import CliRunner, Result
 
 from conftest import message_lines
 from molrecon.cli import app
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 

@@ -26,7 +26,7 @@ from molrecon.deq import MolConfig
 from molrecon.errors import CheckpointError
 from molrecon.models import CNNConfig, MolCNN, load_checkpoint, save_checkpoint
 from molrecon.models.checkpoint import FORMAT_VERSION
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 

@@ -43,7 +43,7 @@ from molrecon.resources import (
     estimate_recon_memory,
     plan_batches,
 )
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 NOISE_BIT = np.uint64(1 << 18)

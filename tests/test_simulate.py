@@ -12,22 +12,20 @@ import numpy as np
 import pytest
 
 from conftest import have
-from molrecon.anatomy import (
-    SPLITS,
-    anatomy_available,
-    anatomy_extent,
-    anatomy_sources,
-    anatomy_subjects,
-    load_anatomy,
-)
 from molrecon.errors import ConfigError, InputDataError, OutputError
 from molrecon.io.detect import read_raw
 from molrecon.io.ismrmrd import read_ismrmrd
 from molrecon.io.nifti import nifti_affine
-from molrecon.simulate import (
+from molrecon.sim import (
+    SPLITS,
     AnatomyTransform,
     SimulationConfig,
+    anatomy_available,
+    anatomy_extent,
+    anatomy_sources,
+    anatomy_subjects,
     dataset_plan,
+    load_anatomy,
     simulate,
     simulate_dataset,
     simulate_to_file,

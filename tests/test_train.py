@@ -22,7 +22,7 @@ from conftest import message_lines
 from molrecon.cli import app
 from molrecon.errors import CheckpointError, ConfigError, InputDataError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import TrainConfig, output_paths, train
 from molrecon.train_data import MaskSpec, list_raw_files, load_folder, split_dataset
 

@@ -20,7 +20,7 @@ from _builders import Crash, crash_at, records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import ConfigError
 from molrecon.models.checkpoint import load_checkpoint
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import output_paths, train
 from molrecon.train_data import MaskSpec, list_raw_files, load_folder
 from molrecon.train_patches import PatchSpec, degraded_bank, draw_patch, sample_scales

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from molrecon.models.checkpoint import load_checkpoint
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import TrainConfig, output_paths, train
 from molrecon.train_data import MaskSpec
 

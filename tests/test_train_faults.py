@@ -28,7 +28,7 @@ from _builders import records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import InputDataError, MolreconError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import TrainConfig, output_paths, train
 from molrecon.train_data import MaskSpec
 

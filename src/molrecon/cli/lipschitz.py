@@ -144,7 +144,7 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
     """The checkpoint (loaded without running code) and the MOL problems of the data.
 
     Without data: the bundled example for a model of 2D data, else a scan of the model's
-    kind simulated from the validation slab (:func:`~molrecon.simulate.simulated_example`;
+    kind simulated from the validation slab (:func:`~molrecon.sim.simulated_example`;
     its coarse quick version unless ``full``), named on stderr.
     """
     import tempfile
@@ -153,7 +153,7 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
     from ..guarantees import example_scan, load_problems
     from ..models.bundled import resolve_weights
     from ..models.checkpoint import load_checkpoint
-    from ..simulate import simulated_example
+    from ..sim import simulated_example
 
     dev = resolve_device(device)
     loaded = load_checkpoint(resolve_weights(model), map_location=dev)
@@ -163,7 +163,7 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
         elif "2d" in loaded.kinds:
             paths = [example_scan()]
         else:
-            from ..simulate import EXAMPLE_MATRIX
+            from ..sim import EXAMPLE_MATRIX
 
             kind = loaded.kinds[0]
             shown = "×".join(map(str, EXAMPLE_MATRIX[(kind, not full)]))

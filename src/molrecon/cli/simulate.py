@@ -48,7 +48,7 @@ def _sizes(text: str, n_axes: int, option: str, *, integer: bool) -> tuple[float
 def _list_anatomy() -> None:
     from rich.table import Table
 
-    from ..anatomy import anatomy_available, anatomy_sources, anatomy_subjects
+    from ..sim import anatomy_available, anatomy_sources, anatomy_subjects
 
     splits: dict[str, list[str]] = {}
     for subject in anatomy_subjects():
@@ -157,10 +157,10 @@ def simulate_cmd(
     r = config.acceleration
 
     with user_errors(debug):
-        from ..simulate import simulate_dataset, simulate_to_file
+        from ..sim import simulate_dataset, simulate_to_file
 
         if dataset is not None:
-            from ..simulate import dataset_plan
+            from ..sim import dataset_plan
 
             dataset_plan(config, int(count or 0), split)   # refuse impossible requests up front
             from rich.progress import (
@@ -216,15 +216,14 @@ def _checked_config(*, output: Path | None, kind: str, coils: int, acceleration:
                     anatomy: str, truth: Path | None, seed: int, dataset: Path | None,
                     count: int | None, split: str, with_truth: bool) -> Any:
     """Every option value checked (usage errors, exit 2, naming the option) and the
-    :class:`~molrecon.simulate.SimulationConfig` they make, before any work."""
+    :class:`~molrecon.sim.SimulationConfig` they make, before any work."""
     import math
 
     import numpy as np
 
-    from ..anatomy import anatomy_sources
     from ..errors import ConfigError
     from ..physics.masks import FAMILIES_FOR_KIND, make_mask
-    from ..simulate import SimulationConfig
+    from ..sim import SimulationConfig, anatomy_sources
 
     choice(kind, KINDS, "--kind")
     choice(orientation, _ORIENTATIONS, "--orientation")

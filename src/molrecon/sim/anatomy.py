@@ -58,7 +58,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import ConfigError, InputDataError
+from ..errors import ConfigError, InputDataError
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
