@@ -28,8 +28,8 @@ from molrecon.guarantees import (
     example_scan,
     load_problems,
 )
-from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
 from molrecon.models.bundled import weights_dir
+from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
 from molrecon.sim import simulated_example
 
 DATA_TEXT = {
