@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from ..config import SENSE_ITERS, SENSE_LAMBDA
@@ -28,32 +29,41 @@ _OUTPUT_HELP = ("Output image: .nii or .nii.gz, or a folder for a DICOM series (
 def reconstruct_cmd(
     input: Annotated[str, typer.Argument(help=_INPUT_HELP, metavar="INPUT")],
     output: Annotated[Path, typer.Argument(help=_OUTPUT_HELP, metavar="OUTPUT")],
-    method: Annotated[str, typer.Option("--method", "-m", help=_METHOD_HELP)] = "mol",
+    method: Annotated[str, typer.Option("--method", "-m", help=_METHOD_HELP,
+                                        click_type=click.Choice(["mol", "sense", "zf"]))] = "mol",
     weights: Annotated[Path | None, typer.Option(
         "--weights", "-w", help="MOL checkpoint (.pt) or a bundled model's name (see `molrecon models`); default: the bundled model for the data kind.")] = None,
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="nifti | dicom (default: from OUTPUT's name; a batch writes .nii.gz).")] = None,
+        "--format", help="nifti | dicom (default: from OUTPUT's name; a batch writes .nii.gz).",
+        click_type=click.Choice(["nifti", "dicom"]))] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
     coils: Annotated[str | None, typer.Option(
         "--coils", help="Compress the receive channels to N virtual coils first, or 'auto' (the fewest keeping 99.5 % of the calibration energy, at least 8).")] = None,
     coil_compression: Annotated[str, typer.Option(
-        "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or one per readout position, aligned (gcc; what auto uses).")] = "auto",
+        "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or one per readout position, aligned (gcc; what auto uses).",
+        click_type=click.Choice(["auto", "scc", "gcc"]))] = "auto",
     maps: Annotated[Path | None, typer.Option(
         "--maps", help="Coil sensitivities to use instead of ESPIRiT: .npy or .h5 (B, C, D, Y, X), or BART .cfl.")] = None,
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="ISMRMRD group to read in a file that holds several (see `molrecon info`).")] = None,
-    max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.")] = 100,
-    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL.")] = 1e-4,
+    max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.",
+                                          min=1)] = 100,
+    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL.", min=0.0,
+                                      max=1.0, min_open=True, max_open=True)] = 1e-4,
     alpha: Annotated[float | None, typer.Option(
-        "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).")] = None,
+        "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).",
+        min=0.0, max=1.0, min_open=True)] = None,
     cg_iters: Annotated[int | None, typer.Option(
-        "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).")] = None,
-    solver: Annotated[str, typer.Option("--solver", help="anderson | plain")] = "anderson",
+        "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).", min=1)] = None,
+    solver: Annotated[str, typer.Option("--solver", help="anderson | plain",
+                                        click_type=click.Choice(["anderson", "plain"]))] = "anderson",
     sense_lambda: Annotated[float, typer.Option(
-        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.")] = SENSE_LAMBDA,
-    sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.")] = SENSE_ITERS,
+        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.", min=0.0)] = SENSE_LAMBDA,
+    sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.",
+                                             min=1)] = SENSE_ITERS,
     batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", help="Slices per batch on the device (default: as many as fit).")] = None,
+        "--batch-size", help="Slices per batch on the device (default: as many as fit).",
+        min=1)] = None,
     complex_out: Annotated[bool, typer.Option("--complex", help="Write complex64 instead of magnitude (NIfTI only).")] = False,
     report: Annotated[Path | None, typer.Option(
         "--report", help="Write a JSON report here (one file; a batch writes OUTPUT/summary.json).")] = None,
@@ -69,10 +79,7 @@ def reconstruct_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
-    n_coils = _check_usage(method=method, device=device, solver=solver, max_iter=max_iter,
-                           tol=tol, alpha=alpha, batch_size=batch_size, cg_iters=cg_iters,
-                           sense_lambda=sense_lambda, sense_iters=sense_iters, coils=coils,
-                           coil_compression=coil_compression, fmt=fmt)
+    n_coils = _check_usage(device=device, coils=coils)
     if weights is not None and method != "mol":
         raise typer.BadParameter(f"--weights is used by --method mol only (this run is "
                                  f"--method {method})", param_hint="--weights")
@@ -347,37 +354,11 @@ def _gather(outcomes: list[Any], inputs: list[Path], world: int) -> list[Any]:
     return sorted(merged, key=lambda o: order.get(o.input, len(order)))
 
 
-def _check_usage(*, method: str, device: str, solver: str, max_iter: int, tol: float,
-                 alpha: float | None, batch_size: int | None, cg_iters: int | None,
-                 sense_lambda: float, sense_iters: int, coils: str | None,
-                 coil_compression: str, fmt: str | None) -> int | str | None:
-    """Option values that can never work are usage errors (exit 2), checked before any work.
-    Returns ``--coils`` as an int, ``"auto"`` or None."""
-    if method not in ("mol", "sense", "zf"):
-        raise typer.BadParameter(f"{method!r} is not one of mol, sense, zf", param_hint="--method")
+def _check_usage(*, device: str, coils: str | None) -> int | str | None:
+    """The option values typer's ranges and choices cannot express are usage errors (exit 2),
+    checked before any work. Returns ``--coils`` as an int, ``"auto"`` or None."""
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
-    if solver not in ("anderson", "plain"):
-        raise typer.BadParameter(f"{solver!r} is not one of anderson, plain", param_hint="--solver")
-    if fmt is not None and fmt not in ("nifti", "dicom"):
-        raise typer.BadParameter(f"{fmt!r} is not one of nifti, dicom", param_hint="--format")
-    if max_iter < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--max-iter")
-    if not 0.0 < tol < 1.0:
-        raise typer.BadParameter("must lie in (0, 1)", param_hint="--tol")
-    if alpha is not None and not 0.0 < alpha <= 1.0:
-        raise typer.BadParameter("must lie in (0, 1]", param_hint="--alpha")
-    if batch_size is not None and batch_size < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--batch-size")
-    if cg_iters is not None and cg_iters < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--cg-iters")
-    if sense_lambda < 0:
-        raise typer.BadParameter("must be >= 0", param_hint="--sense-lambda")
-    if sense_iters < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--sense-iters")
-    if coil_compression not in ("auto", "scc", "gcc"):
-        raise typer.BadParameter(f"{coil_compression!r} is not one of auto, scc, gcc",
-                                 param_hint="--coil-compression")
     if coils is None or coils == "auto":
         return coils
     try:
