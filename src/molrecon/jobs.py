@@ -130,7 +130,7 @@ def outputs_for(inputs: list[Path], out_dir: Path, fmt: OutputFormat) -> list[Pa
 
 def check_target(output: Path, fmt: OutputFormat, *, force: bool) -> None:
     """Fail before any work if the image output cannot be written."""
-    from .io.atomic import check_output
+    from .atomic import check_output
 
     if fmt == "nifti":
         check_output(output, force=force)
@@ -171,7 +171,7 @@ def reconstruct_file(input: Path, output: Path, config: Any, *, fmt: OutputForma
 
     Library errors propagate (with the input's name) and leave no output behind.
     """
-    from .io.atomic import write_text_atomic
+    from .atomic import write_text_atomic
     from .io.detect import read_raw
     from .recon import reconstruct
 
@@ -288,7 +288,7 @@ def write_summary(out_dir: Path, outcomes: list[FileOutcome], *, options: dict[s
                   force: bool = True) -> Path:
     """``out_dir/summary.json``: totals, the options, one row per file (input order)."""
     from . import __version__
-    from .io.atomic import write_text_atomic
+    from .atomic import write_text_atomic
 
     rows = [o.row() for o in outcomes]
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}

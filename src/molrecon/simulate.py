@@ -90,8 +90,8 @@ from .anatomy import (
     anatomy_subjects,
     load_anatomy,
 )
+from .atomic import atomic_path, check_output, write_text_atomic
 from .errors import ConfigError, OutputError
-from .io.atomic import atomic_path, check_output, write_text_atomic
 from .io.types import KINDS, Geometry, ImageVolume, Kind, RawScan, ScanInfo
 from .physics.masks import FAMILIES_FOR_KIND, MASK_FAMILIES, calibration_region, make_mask
 

@@ -37,8 +37,8 @@ def demo_cmd(
     with user_errors(debug):
         import numpy as np
 
+        from ..atomic import check_output, write_text_atomic
         from ..device import resolve_device
-        from ..io.atomic import check_output, write_text_atomic
         from ..io.nifti import read_nifti, write_nifti
         from ..io.types import ImageVolume
         from ..metrics import compare
