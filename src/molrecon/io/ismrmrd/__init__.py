@@ -114,10 +114,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import GeometryWarning, InputDataError, InputDataWarning, ResourceError
-from ..memory import available_memory_bytes
-from .types import KINDS, Geometry, Kind, RawScan, ScanInfo
+from ...atomic import atomic_path
+from ...errors import GeometryWarning, InputDataError, InputDataWarning, ResourceError
+from ...memory import available_memory_bytes
+from ..types import KINDS, Geometry, Kind, RawScan, ScanInfo
 
 try:  # scipy's pocketfft runs single precision natively: ~5x numpy's speed on readouts
     from scipy import fft as _fft
