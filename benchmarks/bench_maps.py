@@ -44,7 +44,7 @@ from bench_sense import read_cfl, write_cfl
 
 from molrecon.physics.espirit import EspiritConfig, estimate_maps
 from molrecon.io.detect import read_raw
-from molrecon.io.ismrmrd import find_calibration_region
+from molrecon.io.kspace import find_calibration_region
 from molrecon.metrics import compare
 from molrecon.physics.fft import ifftc
 from molrecon.physics.masks import make_mask

@@ -208,7 +208,7 @@ def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
     path = REAL / "siemens_gre_2coil_full.h5"
     if not path.exists():
         return
-    from molrecon.io.ismrmrd import find_calibration_region
+    from molrecon.io.kspace import find_calibration_region
 
     full = read_raw(path)
     ref = reconstruct(full, ReconConfig(method="sense", device="cpu")).image.data

@@ -19,10 +19,10 @@ import typer
 from typer.testing import CliRunner, Result
 
 import molrecon.train as train_mod
+from molrecon.atomic import check_output
 from molrecon.cli import app
 from molrecon.cli._common import ACCEL_HELP, os_error_line
 from molrecon.errors import OutputError
-from molrecon.io.atomic import check_output
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import OPTION_NAMES, TrainConfig, next_step_fits, output_paths, resume_changes
 

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import molrecon.io.ismrmrd as ismrmrd_io
+import molrecon.io.ismrmrd.plan as ismrmrd_plan
 from _builders import write_raw_table
 from molrecon.errors import InputDataError
 from molrecon.io.detect import read_raw
@@ -91,7 +92,7 @@ def check_contract(scan: RawScan) -> None:
 def read_or_refuse(path: Path, *, fmt: str = "ismrmrd") -> RawScan | None:
     """Read ``path``; None when refused with an InputDataError naming it. Anything else fails."""
     start = time.perf_counter()
-    with warnings.catch_warnings(), mock.patch.object(ismrmrd_io, "MAX_KSPACE_ELEMENTS",
+    with warnings.catch_warnings(), mock.patch.object(ismrmrd_plan, "MAX_KSPACE_ELEMENTS",
                                                        SMALL_LIMIT):
         warnings.simplefilter("ignore")
         try:
@@ -293,7 +294,7 @@ def test_lowered_limit_refuses_before_allocating(base: tuple[Path, np.ndarray, P
     big = xml.replace(f"<x>{X * OS}</x>", "<x>60000</x>", 1)
     assert big != xml
     with pytest.raises(InputDataError, match="exceeds the limit"), \
-            mock.patch.object(ismrmrd_io, "MAX_KSPACE_ELEMENTS", SMALL_LIMIT):
+            mock.patch.object(ismrmrd_plan, "MAX_KSPACE_ELEMENTS", SMALL_LIMIT):
         read_ismrmrd(write_raw_table(folder / "big.h5", big, table))
 
 

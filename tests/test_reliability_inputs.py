@@ -696,9 +696,9 @@ def test_shutil_copy_of_valid_scan_still_reads(scan_file: Path, tmp_path: Path) 
 def test_scan_larger_than_free_memory_is_refused_before_reading(
         scan_file: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reader compares its k-space (and header table) with MemAvailable before allocating."""
-    import molrecon.io.ismrmrd as ismrmrd_io
+    import molrecon.io.kspace as kspace_io
 
-    monkeypatch.setattr(ismrmrd_io, "available_memory_bytes", lambda device="cpu": 1 << 12)
+    monkeypatch.setattr(kspace_io, "available_memory_bytes", lambda device="cpu": 1 << 12)
     result = invoke("reconstruct", scan_file, out_dir / "x.nii", "--method", "sense")
     line = assert_one_line_error(result, names=scan_file, needle="GiB of memory available")
     assert "acquisition headers" in line or "k-space" in line

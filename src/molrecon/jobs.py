@@ -130,7 +130,7 @@ def outputs_for(inputs: list[Path], out_dir: Path, fmt: OutputFormat) -> list[Pa
 
 def check_target(output: Path, fmt: OutputFormat, *, force: bool) -> None:
     """Fail before any work if the image output cannot be written."""
-    from .io.atomic import check_output
+    from .atomic import check_output
 
     if fmt == "nifti":
         check_output(output, force=force)
@@ -201,7 +201,7 @@ def write_outputs(result: Any, output: Path, *, fmt: OutputFormat = "nifti",
     """Write a reconstruction: the image (NIfTI or a DICOM series), and when asked its PNG
     preview (the baselines, the image, then ``panels``) and its JSON report (with
     ``report_extra`` added). Each file is written atomically."""
-    from .io.atomic import write_text_atomic
+    from .atomic import write_text_atomic
 
     _write_image(result, output, fmt, complex_out=complex_out, force=force)
     result.report["output"] = str(output)
@@ -300,7 +300,7 @@ def write_summary(out_dir: Path, outcomes: list[FileOutcome], *, options: dict[s
                   force: bool = True) -> Path:
     """``out_dir/summary.json``: totals, the options, one row per file (input order)."""
     from . import __version__
-    from .io.atomic import write_text_atomic
+    from .atomic import write_text_atomic
 
     rows = [o.row() for o in outcomes]
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}

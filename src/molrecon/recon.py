@@ -226,7 +226,7 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
     timings = {"maps_s": 0.0, "sense_s": 0.0, "mol_s": 0.0}
     batch = config.batch_size
     if batch is None:
-        from .resources import plan_batches
+        from .memory import plan_batches
 
         channels = engine.loaded.model.config.channels if engine is not None else 64
         batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)

@@ -634,7 +634,7 @@ class _RunLog:
 
     def _rewrite_upto(self, steps: int) -> None:
         """Keep the records of steps ≤ ``steps`` (those the resume state includes)."""
-        from .io.atomic import write_text_atomic
+        from .atomic import write_text_atomic
 
         kept: list[str] = []
         if self.path.is_file():
@@ -721,8 +721,8 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
            on_record: RecordFn, warn: WarnFn) -> TrainResult:
     import torch
 
+    from .atomic import check_output
     from .deq.fixed_point import FixedPointConfig
-    from .io.atomic import check_output
 
     if device.type == "cuda" and dist_info.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -1185,7 +1185,7 @@ def _centre_crop(x: Any, size: int) -> Any:
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    from .io.atomic import atomic_path
+    from .atomic import atomic_path
 
     with atomic_path(path, force=True) as tmp:
         torch.save(state, tmp)

@@ -90,7 +90,7 @@ _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device (free some space, or
                  errno.EROFS: "read-only file system (write elsewhere)",
                  errno.EACCES: "permission denied (check the file's and its folder's "
                                "permissions)"}
-# The temporary file of an atomic write (io.atomic): ".NAME.XXXXXXXX[SUFFIXES]" beside NAME.
+# The temporary file of an atomic write (molrecon.atomic): ".NAME.XXXXXXXX[SUFFIXES]" beside NAME.
 _ATOMIC_TMP = re.compile(r"^\.(?P<name>.+?)\.[A-Za-z0-9_]{8}(\.[^/]*)?$")
 
 

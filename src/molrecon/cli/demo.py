@@ -36,8 +36,8 @@ def demo_cmd(
     with user_errors(debug):
         import numpy as np
 
+        from ..atomic import check_output
         from ..device import resolve_device
-        from ..io.atomic import check_output
         from ..io.nifti import read_nifti
         from ..io.types import ImageVolume
         from ..jobs import write_outputs

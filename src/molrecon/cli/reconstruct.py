@@ -156,7 +156,7 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
         seen[key] = role
     # Fail before any work if an output cannot be written.
     check_target(output, fmt, force=force)  # type: ignore[arg-type]
-    from ..io.atomic import check_output
+    from ..atomic import check_output
 
     for out in (report, preview):
         if out is not None:

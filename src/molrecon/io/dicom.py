@@ -67,8 +67,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
+from ..atomic import check_parent
 from ..errors import ConfigError, GeometryWarning, InputDataError, OutputError
-from .atomic import check_parent
 from .nifti import LPS_TO_RAS
 from .types import KINDS, ImageVolume
 

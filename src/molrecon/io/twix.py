@@ -87,7 +87,7 @@ Protocol -> encoding (ISMRMRD ``encodedSpace`` / ``reconSpace``)
   (``ManufacturersModelName``, ``flMagneticFieldStrength``); protocol name:
   ``tProtocolName``.
 
-Noise and prewhitening: as for ISMRMRD (:func:`~molrecon.io.ismrmrd.noise_covariance`
+Noise and prewhitening: as for ISMRMRD (:func:`~molrecon.io.kspace.noise_covariance`
 over all noise samples, scaled by the noise measurement's dwell time over the
 image scan's; ``L⁻¹`` of its Cholesky factor applied to every line). Noise
 readouts with another channel count than the image scan are not used (warning).
@@ -127,24 +127,26 @@ import numpy as np
 
 from ..errors import InputDataError, ResourceError
 from .ismrmrd import (
-    _BLOCK_BYTES,
-    _SKIPPED_FLAGS,
     ACQ_IS_NOISE_MEASUREMENT,
     ACQ_IS_PARALLEL_CALIBRATION,
     ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING,
     ACQ_IS_REVERSE,
+    SKIPPED_FLAGS,
     EncodingLimit,
     HeaderFields,
-    _assemble,
-    _bit,
-    _first_line,
-    _head_dtype,
-    _Notes,
-    _plan,
-    _whitener,
+    assemble_kspace,
     assemble_scan,
+    flag_bit,
+    head_dtype,
+    plan_acquisitions,
+)
+from .kspace import (
+    BLOCK_BYTES,
+    Notes,
     check_memory,
+    first_line,
     noise_covariance,
+    noise_whitener,
     raw_file_size,
 )
 from .types import RawScan
@@ -293,7 +295,7 @@ def _twixtools_path(path: Path) -> Iterator[str]:
             os.symlink(name, link)
         except OSError as exc:
             raise InputDataError(f"a twix file without an extension cannot be handed to "
-                                 f"twixtools here ({_first_line(exc)}); rename it to .dat",
+                                 f"twixtools here ({first_line(exc)}); rename it to .dat",
                                  path=path) from None
         yield link
 
@@ -322,7 +324,7 @@ def _call_twixtools(path: Path, scans: list[int], *, data: bool) -> list[dict[st
         raise ResourceError("the twix file's headers do not fit into memory", path=path) from None
     except Exception as exc:  # noqa: BLE001 - any twixtools failure means "unreadable file"
         raise InputDataError(f"twixtools cannot read the file ({type(exc).__name__}: "
-                             f"{_first_line(exc)})", path=path) from None
+                             f"{first_line(exc)})", path=path) from None
     printed = out.getvalue()
     if "Mdb parsing encountered an error" in printed:
         where = re.search(r"position (\d+)", printed)
@@ -520,14 +522,14 @@ def _directions(quaternion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def _ismrmrd_heads(mdh: np.ndarray, dwell_us: float) -> np.ndarray:
     """ISMRMRD acquisition headers for the MDHs (see the module docstring's table)."""
-    heads = np.zeros(mdh.shape[0], dtype=_head_dtype())
+    heads = np.zeros(mdh.shape[0], dtype=head_dtype())
     heads["version"] = 1
     flags = np.zeros(mdh.shape[0], dtype=np.uint64)
     for name, flag in _FLAG_MAP.items():
-        flags[_flag_mask(mdh, name)] |= _bit(flag)
+        flags[_flag_mask(mdh, name)] |= flag_bit(flag)
     # PATREFANDIMASCAN is set together with PATREFSCAN: imaging and calibration, not ACS only.
     both = _flag_mask(mdh, "PATREFANDIMASCAN")
-    flags[both] &= ~_bit(ACQ_IS_PARALLEL_CALIBRATION)
+    flags[both] &= ~flag_bit(ACQ_IS_PARALLEL_CALIBRATION)
     heads["flags"] = flags
     heads["measurement_uid"] = mdh["MeasUID"].astype(np.uint32)
     heads["scan_counter"] = mdh["ScanCounter"]
@@ -627,7 +629,7 @@ def _refuse_readouts(mdh: np.ndarray, path: Path) -> None:
 def _blocks(mdbs: list[Any], rows: np.ndarray, n_coils: int, n_samples: int,
             path: Path) -> Iterator[tuple[slice, np.ndarray]]:
     """Samples of ``mdbs[rows]`` as ``(n, C, Ns)`` complex64 blocks of about 64 MiB."""
-    per_block = max(1, _BLOCK_BYTES // (8 * n_coils * n_samples))
+    per_block = max(1, BLOCK_BYTES // (8 * n_coils * n_samples))
     for start in range(0, rows.size, per_block):
         stop = min(start + per_block, rows.size)
         out = np.empty((stop - start, n_coils, n_samples), dtype=np.complex64)
@@ -642,7 +644,7 @@ def _samples(mdb: Any, n_coils: int, n_samples: int, path: Path) -> np.ndarray:
         data = mdb.data
     except Exception as exc:  # noqa: BLE001 - a short read or a vanished file
         raise InputDataError(f"the samples of a readout cannot be read ({type(exc).__name__}: "
-                             f"{_first_line(exc)}); the file is damaged or truncated",
+                             f"{first_line(exc)}); the file is damaged or truncated",
                              path=path) from None
     if not isinstance(data, np.ndarray) or data.shape != (n_coils, n_samples):
         shape = getattr(data, "shape", None)
@@ -683,7 +685,7 @@ def read_twix(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawSca
     count = len(layout.measurements)
     image = count - 1
     scans = [image - 1, image] if count > 1 else [image]
-    notes = _Notes(p)
+    notes = Notes(p)
 
     headers = _call_twixtools(p, scans, data=False)
     prot = _protocol(headers[-1].get("hdr"), p)
@@ -694,27 +696,27 @@ def read_twix(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawSca
     mdh = _mdh_table(image_mdbs, layout.version)
     _refuse_readouts(mdh, p)
     heads = _ismrmrd_heads(mdh, prot.dwell_us)
-    not_imaging = _bit(ACQ_IS_NOISE_MEASUREMENT)
-    for flag in _SKIPPED_FLAGS:
-        not_imaging |= _bit(flag)
+    not_imaging = flag_bit(ACQ_IS_NOISE_MEASUREMENT)
+    for flag in SKIPPED_FLAGS:
+        not_imaging |= flag_bit(flag)
     lines = np.flatnonzero((heads["flags"] & not_imaging) == 0)  # what the planner may place
     if lines.size == 0:  # the planner says what the measurement holds instead
         lines = np.arange(mdh.size)
     fields = _header_fields(prot, mdh, lines) if mdh.size else _empty_fields(prot)
-    plan = _plan(heads, fields, p, notes)
+    plan = plan_acquisitions(heads, fields, p, notes)
 
     noise_cov, n_noise = _noise_scan(p, layout, image_mdbs, _flag_mask(mdh, "NOISEADJSCAN"),
                                      headers, prot, plan.shape[1], notes)
-    whitener = _whitener(noise_cov, notes) if noise_cov is not None and prewhiten else None
-    kspace = _assemble(_blocks(image_mdbs, plan.rows, plan.shape[1], plan.n_samples, p), plan,
-                       whitener, p)
+    whitener = noise_whitener(noise_cov, notes) if noise_cov is not None and prewhiten else None
+    kspace = assemble_kspace(
+        _blocks(image_mdbs, plan.rows, plan.shape[1], plan.n_samples, p), plan, whitener, p)
 
     return assemble_scan(plan, fields, kspace, notes, fmt="twix", path=p, noise_cov=noise_cov,
                          whitened=whitener is not None, n_noise=n_noise)
 
 
 def _noise_scan(path: Path, layout: _Layout, image_mdbs: list[Any], noise_flag: np.ndarray,
-                headers: list[dict[str, Any]], prot: _Protocol, n_coils: int, notes: _Notes,
+                headers: list[dict[str, Any]], prot: _Protocol, n_coils: int, notes: Notes,
                 ) -> tuple[np.ndarray | None, int]:
     """Noise covariance (at the image scan's dwell time) and the number of noise readouts used.
 

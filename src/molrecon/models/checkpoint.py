@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_path
 from ..config import MolConfig
 from ..errors import CheckpointError, ConfigError
-from ..io.atomic import atomic_path
 from ..kinds import KINDS_BY_PRIOR_DIMS
 from .cnn import CONSTRAINTS, CNNConfig, MolCNN
 from .spectral import layer_bounds

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path, check_output, write_text_atomic
 from ..errors import ConfigError, OutputError
-from ..io.atomic import atomic_path, check_output, write_text_atomic
 from .anatomy import (
     SPLITS,
     AnatomySubject,

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import OutputError
+from .errors import OutputError
 
 
 def check_output(path: str | os.PathLike[str], *, force: bool = False) -> Path:
