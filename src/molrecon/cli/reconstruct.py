@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-import click
 import typer
 
 from ..config import SENSE_ITERS, SENSE_LAMBDA
@@ -29,41 +28,37 @@ _OUTPUT_HELP = ("Output image: .nii or .nii.gz, or a folder for a DICOM series (
 def reconstruct_cmd(
     input: Annotated[str, typer.Argument(help=_INPUT_HELP, metavar="INPUT")],
     output: Annotated[Path, typer.Argument(help=_OUTPUT_HELP, metavar="OUTPUT")],
-    method: Annotated[str, typer.Option("--method", "-m", help=_METHOD_HELP,
-                                        click_type=click.Choice(["mol", "sense", "zf"]))] = "mol",
+    method: Annotated[Literal["mol", "sense", "zf"], typer.Option(
+        "--method", "-m", help=_METHOD_HELP)] = "mol",
     weights: Annotated[Path | None, typer.Option(
         "--weights", "-w", help="MOL checkpoint (.pt) or a bundled model's name (see `molrecon models`); default: the bundled model for the data kind.")] = None,
-    fmt: Annotated[str | None, typer.Option(
-        "--format", help="nifti | dicom (default: from OUTPUT's name; a batch writes .nii.gz).",
-        click_type=click.Choice(["nifti", "dicom"]))] = None,
+    fmt: Annotated[Literal["nifti", "dicom"] | None, typer.Option(
+        "--format", help="nifti | dicom (default: from OUTPUT's name; a batch writes .nii.gz).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
     coils: Annotated[str | None, typer.Option(
         "--coils", help="Compress the receive channels to N virtual coils first, or 'auto' (the fewest keeping 99.5 % of the calibration energy, at least 8).")] = None,
-    coil_compression: Annotated[str, typer.Option(
-        "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or one per readout position, aligned (gcc; what auto uses).",
-        click_type=click.Choice(["auto", "scc", "gcc"]))] = "auto",
+    coil_compression: Annotated[Literal["auto", "scc", "gcc"], typer.Option(
+        "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or one per readout position, aligned (gcc; what auto uses).")] = "auto",
     maps: Annotated[Path | None, typer.Option(
         "--maps", help="Coil sensitivities to use instead of ESPIRiT: .npy or .h5 (B, C, D, Y, X), or BART .cfl.")] = None,
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="ISMRMRD group to read in a file that holds several (see `molrecon info`).")] = None,
     max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.",
-                                          min=1)] = 100,
-    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL.", min=0.0,
-                                      max=1.0, min_open=True, max_open=True)] = 1e-4,
+                                          min=1, metavar="N")] = 100,
+    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL, in (0, 1).")] = 1e-4,
     alpha: Annotated[float | None, typer.Option(
-        "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).",
-        min=0.0, max=1.0, min_open=True)] = None,
+        "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).")] = None,
     cg_iters: Annotated[int | None, typer.Option(
-        "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).", min=1)] = None,
-    solver: Annotated[str, typer.Option("--solver", help="anderson | plain",
-                                        click_type=click.Choice(["anderson", "plain"]))] = "anderson",
+        "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).", min=1, metavar="N")] = None,
+    solver: Annotated[Literal["anderson", "plain"], typer.Option(
+        "--solver", help="anderson | plain")] = "anderson",
     sense_lambda: Annotated[float, typer.Option(
-        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.", min=0.0)] = SENSE_LAMBDA,
+        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.", min=0.0, metavar="LAMBDA")] = SENSE_LAMBDA,
     sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.",
-                                             min=1)] = SENSE_ITERS,
+                                             min=1, metavar="N")] = SENSE_ITERS,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Slices per batch on the device (default: as many as fit).",
-        min=1)] = None,
+        min=1, metavar="N")] = None,
     complex_out: Annotated[bool, typer.Option("--complex", help="Write complex64 instead of magnitude (NIfTI only).")] = False,
     report: Annotated[Path | None, typer.Option(
         "--report", help="Write a JSON report here (one file; a batch writes OUTPUT/summary.json).")] = None,
@@ -79,7 +74,7 @@ def reconstruct_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
-    n_coils = _check_usage(device=device, coils=coils)
+    n_coils = _check_usage(device=device, coils=coils, tol=tol, alpha=alpha)
     if weights is not None and method != "mol":
         raise typer.BadParameter(f"--weights is used by --method mol only (this run is "
                                  f"--method {method})", param_hint="--weights")
@@ -354,9 +349,14 @@ def _gather(outcomes: list[Any], inputs: list[Path], world: int) -> list[Any]:
     return sorted(merged, key=lambda o: order.get(o.input, len(order)))
 
 
-def _check_usage(*, device: str, coils: str | None) -> int | str | None:
-    """The option values typer's ranges and choices cannot express are usage errors (exit 2),
-    checked before any work. Returns ``--coils`` as an int, ``"auto"`` or None."""
+def _check_usage(*, device: str, coils: str | None, tol: float,
+                 alpha: float | None) -> int | str | None:
+    """The option values that typer's choices and closed ranges cannot express are usage
+    errors (exit 2), checked before any work. Returns ``--coils`` as an int, ``"auto"`` or None."""
+    if not 0.0 < tol < 1.0:
+        raise typer.BadParameter("must lie in (0, 1)", param_hint="--tol")
+    if alpha is not None and not 0.0 < alpha <= 1.0:
+        raise typer.BadParameter("must lie in (0, 1]", param_hint="--alpha")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
     if coils is None or coils == "auto":
