@@ -114,16 +114,16 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import ConfigError, InputDataError
+from ..errors import ConfigError, InputDataError
 
 if TYPE_CHECKING:
     import torch
 
-    from .deq.mol import MolConfig, MolStep
-    from .models.checkpoint import LoadedModel
-    from .models.cnn import MolCNN
-    from .physics.sense import SenseOperator
-    from .problem import Problem
+    from ..deq.mol import MolConfig, MolStep
+    from ..models.checkpoint import LoadedModel
+    from ..models.cnn import MolCNN
+    from ..physics.sense import SenseOperator
+    from ..problem import Problem
 
 Verdict = Literal["certified", "empirical", "violated"]
 VERDICTS: tuple[str, ...] = ("certified", "empirical", "violated")
@@ -292,7 +292,7 @@ class StepContraction:
 
     @property
     def factor(self) -> float:
-        from .deq.mol import contraction_factor
+        from ..deq.mol import contraction_factor
 
         return contraction_factor(self.alpha, self.lipschitz)
 
@@ -586,8 +586,8 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
     """
     import torch
 
-    from .io.detect import read_raw
-    from .problem import from_scan, with_sense_start
+    from ..io.detect import read_raw
+    from ..problem import from_scan, with_sense_start
 
     if points is not None and points < 1:
         raise ConfigError(f"points must be at least 1, got {points}")
@@ -649,7 +649,7 @@ def _prior_for(model: MolCNN, dtype: torch.dtype) -> MolCNN:
 
 
 def _mol_step(model: MolCNN, mol_config: MolConfig, device: torch.device) -> MolStep:
-    from .deq.mol import MolStep
+    from ..deq.mol import MolStep
 
     return MolStep(model, replace(mol_config, learn_lam=False)).to(device).eval()
 
@@ -662,7 +662,7 @@ def _as_model(subject: LoadedModel | MolCNN) -> MolCNN:
 def global_bound(model: MolCNN, *, size: Sequence[int] | None = None, layer_iters: int = 50,
                  seed: int = 0) -> GlobalBound:
     """The certified bound of ``model`` (and its layers' measured norms at ``size``)."""
-    from .models.spectral import layer_bounds
+    from ..models.spectral import layer_bounds
 
     bounds = tuple(layer_bounds(model))
     measured = None
@@ -774,8 +774,8 @@ def solve_mol(step: MolStep, problem: Problem, x0: torch.Tensor, *, tol: float,
     """
     import torch
 
-    from .deq.fixed_point import FixedPointConfig, solve_fixed_point
-    from .deq.mol import support_of
+    from ..deq.fixed_point import FixedPointConfig, solve_fixed_point
+    from ..deq.mol import support_of
 
     cfg = FixedPointConfig(method="anderson", tol=tol, max_iter=max_iter, warn=False)
     with torch.no_grad():
@@ -796,7 +796,7 @@ def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
     """
     import torch
 
-    from .models.lipschitz import local_lipschitz_power, local_lipschitz_ratio
+    from ..models.lipschitz import local_lipschitz_power, local_lipschitz_ratio
 
     items = [p[i:i + 1].detach() for p in points for i in range(p.shape[0])]
     if not items:
@@ -829,7 +829,7 @@ def check_uniqueness(step: MolStep, problem: Problem, *, lipschitz: float, basis
     """
     import torch
 
-    from .deq.mol import support_of
+    from ..deq.mol import support_of
 
     gen = _generator(seed)
     with torch.no_grad():
@@ -1074,10 +1074,10 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
     """
     import torch
 
-    from .deq.fixed_point import FixedPointConfig
-    from .deq.implicit import deq_solve, unrolled
-    from .deq.mol import support_of
-    from .models.lipschitz import local_lipschitz_power
+    from ..deq.fixed_point import FixedPointConfig
+    from ..deq.implicit import deq_solve, unrolled
+    from ..deq.mol import support_of
+    from ..models.lipschitz import local_lipschitz_power
 
     cfg = RobustnessConfig() if config is None else config
     if not problems:
