@@ -73,7 +73,7 @@ def capture_train(monkeypatch: pytest.MonkeyPatch) -> list[TrainConfig]:
 # ----------------------------------------------------------------------------- 1. --data
 def test_robustness_takes_data_like_check_lipschitz(monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path: Path) -> None:
-    import molrecon.cli.lipschitz as lip
+    import molrecon.cli.guarantees as lip
 
     seen: list[Any] = []
 

@@ -81,8 +81,8 @@ def check_lipschitz_cmd(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", "-d", metavar="FILE", help=_DATA_HELP, show_default=False)] = None,
     size: Annotated[str | None, typer.Option(
-        "--size", metavar="YxX", help="Also measure every layer's norm on a YxX (3D: DxYxX) image, to show "
-                       "how tight the certificate is.")] = None,
+        "--size", metavar="YxX", help="Also measure every layer's norm on a YxX (3D: DxYxX) "
+                                      "image, to show how tight the certificate is.")] = None,
     points: Annotated[int, typer.Option(
         "--points", help="Slices per file used as test points (spread over the scan).")] = 4,
     uniqueness: Annotated[bool, typer.Option(
