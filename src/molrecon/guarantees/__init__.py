@@ -11,8 +11,11 @@ Modules
 * :mod:`.problems`: the MOL problems of raw scans (:func:`load_problems`,
   :func:`example_scan`), their fixed points (:func:`solve_mol`) and ‖A‖
   (:func:`operator_norm`);
-* :mod:`.certificate`: the certified bound, local estimates, uniqueness and
-  verdict, :func:`check_lipschitz` and the checkpoints' :func:`certificate_for`;
+* :mod:`molrecon.models.certificate`: what belongs to the network alone — the
+  certified bound, local estimates at given points, the verdict and the
+  checkpoints' :func:`certificate_for` (re-exported here);
+* :mod:`.certificate`: those measured at the fixed points of real
+  reconstructions, the uniqueness test, and :func:`check_lipschitz`;
 * :mod:`.robustness`: the adversarial attack and :func:`robustness`.
 
 Every public name is importable from ``molrecon.guarantees`` itself.
@@ -116,32 +119,31 @@ power iteration on KᴴK, whose fixed points are the maximisers' condition
 
 from __future__ import annotations
 
-from .certificate import (
+from ..models.certificate import (
+    VERDICTS,
+    GlobalBound,
+    LocalEstimates,
+    PointEstimate,
+    Summary,
+    Verdict,
     certificate_for,
-    check_lipschitz,
-    check_uniqueness,
     decide,
     global_bound,
     layer_norms_at_size,
     local_estimates,
 )
+from .certificate import check_lipschitz, check_uniqueness
 from .problems import example_scan, load_problems, operator_norm, solve_mol
 from .report import (
     START_NAMES,
-    VERDICTS,
     AttackResult,
     CheckConfig,
-    GlobalBound,
     LipschitzReport,
-    LocalEstimates,
-    PointEstimate,
     RobustnessBounds,
     RobustnessConfig,
     RobustnessReport,
     StepContraction,
-    Summary,
     UniquenessResult,
-    Verdict,
     robustness_bounds,
 )
 from .robustness import attack, robustness

@@ -12,7 +12,6 @@ shared by :mod:`.certificate` and :mod:`.robustness`.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,6 +25,7 @@ from ..deq.fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_po
 from ..deq.mol import MolStep, support_of
 from ..errors import ConfigError, InputDataError
 from ..io.detect import read_raw
+from ..models.certificate import seeded_generator
 from ..problem import Problem, from_scan, with_sense_start
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def solve_mol(step: MolStep, problem: Problem, x0: torch.Tensor, *, tol: float,
 def operator_norm(op: SenseOperator, *, iters: int = 30, seed: int = 0) -> float:
     """‖A‖ = √λ_max(AᴴA) by power iteration (largest over batch items; a lower estimate
     that converges from below)."""
-    gen = _generator(seed)
+    gen = seeded_generator(seed)
     with torch.no_grad():
         v = _complex_noise(op.image_shape, op.dtype, op.device, gen)           # (B, D, Y, X)
         v = v / _bcast(_item_norm(v), v)
@@ -130,17 +130,6 @@ def _complex_noise(shape: Sequence[int], dtype: torch.dtype, device: torch.devic
     real = torch.empty((), dtype=dtype).real.dtype
     n = torch.randn((*shape, 2), generator=generator, dtype=real) * (0.5 ** 0.5)
     return torch.view_as_complex(n).to(device)
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
-
-
-def _prior_for(model: MolCNN, dtype: torch.dtype) -> MolCNN:
-    """``model`` itself, or a float64 copy for complex128 problems."""
-    if dtype == torch.complex128 and model.raw_weights()[0].dtype != torch.float64:
-        return copy.deepcopy(model).double()
-    return model
 
 
 def _mol_step(model: MolCNN, mol_config: MolConfig, device: torch.device) -> MolStep:

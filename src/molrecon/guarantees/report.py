@@ -11,24 +11,14 @@ adversarial attack; the two reports that collect them (:class:`LipschitzReport`,
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..deq.mol import contraction_factor
 from ..errors import ConfigError
+from ..models.certificate import GlobalBound, LocalEstimates, Verdict, finite_or_none
 
-Verdict = Literal["certified", "empirical", "violated"]
-VERDICTS: tuple[str, ...] = ("certified", "empirical", "violated")
 START_NAMES: tuple[str, ...] = ("zero", "zero-filled", "cg-sense", "random")
-
-
-def _finite(v: float | None) -> float | None:
-    """JSON-safe float: None for missing or non-finite values."""
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def _json_safe(value: Any) -> Any:
@@ -38,131 +28,11 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if isinstance(value, float):
-        return _finite(value)
+        return finite_or_none(value)
     return value
 
 
 # ===================================================================================== results
-@dataclass(frozen=True)
-class Summary:
-    """Distribution of an estimate over data points."""
-
-    values: tuple[float, ...]
-
-    @property
-    def min(self) -> float:
-        return min(self.values)
-
-    @property
-    def median(self) -> float:
-        return float(statistics.median(self.values))
-
-    @property
-    def max(self) -> float:
-        return max(self.values)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"min": _finite(self.min), "median": _finite(self.median),
-                "max": _finite(self.max), "values": [_finite(v) for v in self.values]}
-
-
-@dataclass(frozen=True)
-class GlobalBound:
-    """Certified global Lipschitz bound of H: the product of certified layer bounds.
-
-    ``all_sizes`` is True: each layer bound is a supremum over continuous
-    frequencies (see the package docstring). ``size`` and ``measured_layer_norms``
-    are the power-iteration norms of the zero-padded layers on one image size
-    (lower estimates; only when a size was asked for).
-    """
-
-    bound: float
-    layer_bounds: tuple[float, ...]
-    spectral_grid: int
-    constraint: str
-    lipschitz_target: float
-    all_sizes: bool = True
-    size: tuple[int, ...] | None = None
-    measured_layer_norms: tuple[float, ...] | None = None
-
-    @property
-    def certified(self) -> bool:
-        return self.bound < 1.0
-
-    @property
-    def measured_product(self) -> float | None:
-        return None if self.measured_layer_norms is None else math.prod(self.measured_layer_norms)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "bound": _finite(self.bound),
-            "layer_bounds": [_finite(v) for v in self.layer_bounds],
-            "spectral_grid": self.spectral_grid,
-            "constraint": self.constraint,
-            "lipschitz_target": self.lipschitz_target,
-            "holds_for_all_image_sizes": self.all_sizes,
-            "certified": self.certified,
-            "size": None if self.size is None else list(self.size),
-            "measured_layer_norms": (None if self.measured_layer_norms is None
-                                     else [_finite(v) for v in self.measured_layer_norms]),
-            "measured_product": _finite(self.measured_product),
-        }
-
-
-@dataclass(frozen=True)
-class PointEstimate:
-    """Local Lipschitz estimates at one data point (one slice of one file).
-
-    ``point`` says what the point is: ``"fixed point"`` (the MOL solution),
-    or ``"cg-sense"`` when the MOL iteration produced non-finite values and the
-    CG-SENSE start was used instead.
-    """
-
-    source: str
-    item: int
-    point: str
-    power: float
-    ratio: float
-    residual: float | None = None
-    iterations: int | None = None
-    converged: bool | None = None
-
-    @property
-    def max(self) -> float:
-        """The larger estimate; a non-finite one (overflow) counts as infinite."""
-        vals = [v if math.isfinite(v) else math.inf for v in (self.power, self.ratio)]
-        return max(vals)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "item": self.item, "point": self.point,
-                "power": _finite(self.power), "ratio": _finite(self.ratio),
-                "fixed_point_residual": _finite(self.residual), "iterations": self.iterations,
-                "converged": self.converged}
-
-
-@dataclass(frozen=True)
-class LocalEstimates:
-    """Local estimates at every point, and their distributions."""
-
-    points: tuple[PointEstimate, ...]
-
-    @property
-    def power(self) -> Summary:
-        return Summary(tuple(p.power for p in self.points))
-
-    @property
-    def ratio(self) -> Summary:
-        return Summary(tuple(p.ratio for p in self.points))
-
-    @property
-    def max(self) -> float:
-        return max(p.max for p in self.points)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"max": _finite(self.max), "power": self.power.as_dict(),
-                "ratio": self.ratio.as_dict(), "points": [p.as_dict() for p in self.points]}
-
-
 @dataclass(frozen=True)
 class StepContraction:
     """Contraction facts of the MOL step for a Lipschitz constant L of H.
@@ -192,10 +62,10 @@ class StepContraction:
         return self.lipschitz < 1.0 and self.factor < 1.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "lipschitz": _finite(self.lipschitz),
-                "margin": _finite(self.margin), "factor": _finite(self.factor),
-                "alpha_range": [0.0, _finite(self.alpha_max)], "contracts": self.contracts,
-                "best_alpha": 1.0, "best_factor": _finite(self.lipschitz)}
+        return {"alpha": self.alpha, "lipschitz": finite_or_none(self.lipschitz),
+                "margin": finite_or_none(self.margin), "factor": finite_or_none(self.factor),
+                "alpha_range": [0.0, finite_or_none(self.alpha_max)], "contracts": self.contracts,
+                "best_alpha": 1.0, "best_factor": finite_or_none(self.lipschitz)}
 
 
 @dataclass(frozen=True)
@@ -228,9 +98,9 @@ class RobustnessBounds:
         return 0.5 * math.sqrt(self.lam / m) if m > 0 else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"lambda": self.lam, "lipschitz": _finite(self.lipschitz),
-                "margin": _finite(self.margin), "op_norm": _finite(self.op_norm),
-                "basis": self.basis, "paper": _finite(self.paper), "tight": _finite(self.tight)}
+        return {"lambda": self.lam, "lipschitz": finite_or_none(self.lipschitz),
+                "margin": finite_or_none(self.margin), "op_norm": finite_or_none(self.op_norm),
+                "basis": self.basis, "paper": finite_or_none(self.paper), "tight": finite_or_none(self.tight)}
 
 
 def robustness_bounds(*, lam: float, lipschitz: float, op_norm: float,
@@ -261,10 +131,10 @@ class UniquenessResult:
     iterations: tuple[int, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"starts": list(self.starts), "max_relative_distance": _finite(self.max_distance),
-                "bound": _finite(self.bound), "basis": self.basis,
+        return {"starts": list(self.starts), "max_relative_distance": finite_or_none(self.max_distance),
+                "bound": finite_or_none(self.bound), "basis": self.basis,
                 "consistent": self.consistent, "worst_pair": list(self.worst_pair),
-                "relative_residuals": [_finite(r) for r in self.residuals],
+                "relative_residuals": [finite_or_none(r) for r in self.residuals],
                 "converged": list(self.converged), "iterations": list(self.iterations)}
 
 
@@ -303,11 +173,11 @@ class LipschitzReport:
             "reasons": list(self.reasons),
             "certified": self.global_bound.as_dict(),
             "local": self.local.as_dict(),
-            "margin_certified": _finite(self.contraction_certified.margin),
-            "margin_local": _finite(self.contraction_local.margin),
+            "margin_certified": finite_or_none(self.contraction_certified.margin),
+            "margin_local": finite_or_none(self.contraction_local.margin),
             "contraction_certified": self.contraction_certified.as_dict(),
             "contraction_local": self.contraction_local.as_dict(),
-            "op_norm": _finite(self.op_norm),
+            "op_norm": finite_or_none(self.op_norm),
             "robustness_bounds": self.robustness.as_dict(),
             "uniqueness": None if self.uniqueness is None else self.uniqueness.as_dict(),
             "stored_certificate": _json_safe(self.stored_certificate),
@@ -336,11 +206,11 @@ class AttackResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"network": self.network, "eps": self.eps,
-                "amplification": _finite(self.amplification),
-                "per_item": [_finite(v) for v in self.per_item],
-                "relative_change": _finite(self.relative_change),
-                "paper_bound_at_found": _finite(self.paper_at_found),
-                "history": [_finite(v) for v in self.history], "converged": self.converged}
+                "amplification": finite_or_none(self.amplification),
+                "per_item": [finite_or_none(v) for v in self.per_item],
+                "relative_change": finite_or_none(self.relative_change),
+                "paper_bound_at_found": finite_or_none(self.paper_at_found),
+                "history": [finite_or_none(v) for v in self.history], "converged": self.converged}
 
 
 @dataclass(frozen=True)
@@ -360,7 +230,7 @@ class RobustnessReport:
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "data": list(self.data), "eps": list(self.eps),
                 "steps": self.steps, "unrolled_k": self.unrolled_k,
-                "certified_bound": _finite(self.certified_bound),
+                "certified_bound": finite_or_none(self.certified_bound),
                 "bounds": self.bounds.as_dict(),
                 "mol": [a.as_dict() for a in self.mol],
                 "unrolled": [a.as_dict() for a in self.unrolled]}

@@ -21,15 +21,13 @@ from ..deq.fixed_point import FixedPointConfig
 from ..deq.implicit import deq_solve, unrolled
 from ..deq.mol import support_of
 from ..errors import ConfigError
+from ..models.certificate import global_bound, prior_in_precision, seeded_generator
 from ..models.lipschitz import local_lipschitz_power
-from .certificate import global_bound
 from .problems import (
     _bcast,
     _complex_noise,
-    _generator,
     _item_norm,
     _mol_step,
-    _prior_for,
     operator_norm,
     solve_mol,
 )
@@ -74,7 +72,7 @@ def attack(solve: Solve, problem: Problem, *,
         x_ref = x_ref.detach()                                                 # (B, D, Y, X)
     radius = eps * _item_norm(b)                                               # (B,)
     if direction is None:
-        direction = _complex_noise(b.shape, b.dtype, b.device, _generator(seed))
+        direction = _complex_noise(b.shape, b.dtype, b.device, seeded_generator(seed))
     d = _bcast(radius, b).to(b.dtype) * _unit(direction * support)             # (B, C, D, Y, X)
     best = torch.full_like(radius, -1.0)
     best_d = d.clone()
@@ -118,7 +116,7 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
     mol_cfg = loaded.mol_config
     gb = global_bound(model)
     lam = float(mol_cfg.lam)
-    gen = _generator(cfg.seed)
+    gen = seeded_generator(cfg.seed)
 
     mol_res: dict[float, list[_Run]] = {e: [] for e in cfg.eps}
     unr_res: dict[float, list[_Run]] = {e: [] for e in cfg.eps}
@@ -159,7 +157,7 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
     the (ε, run) pairs of MOL and of the unrolled network. Each ε starts from
     the perturbation the previous ε found; the first from one draw of ``gen``.
     """
-    prior = _prior_for(model, prob.dtype)
+    prior = prior_in_precision(model, prob.dtype)
     step = _mol_step(prior, mol_cfg, prob.start.device)
     single = prob.dtype == torch.complex64
     tol = cfg.tol if cfg.tol is not None else (1e-5 if single else 1e-10)
