@@ -18,7 +18,7 @@ import torch
 import typer
 from typer.testing import CliRunner, Result
 
-import molrecon.train as train_mod
+import molrecon.train.loop as train_mod
 from molrecon.cli import app
 from molrecon.cli._common import ACCEL_HELP, os_error_line
 from molrecon.errors import OutputError

@@ -115,8 +115,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, InputDataError, MolreconError, OutputError
-from .train_data import (
+from ..errors import CheckpointError, ConfigError, InputDataError, MolreconError, OutputError
+from .data import (
     FolderDataset,
     MaskSpec,
     Sample,
@@ -126,10 +126,10 @@ from .train_data import (
     load_folder,
     split_dataset,
 )
-from .train_patches import PatchSpec
+from .patches import PatchSpec
 
 if TYPE_CHECKING:
-    from .problem import Problem
+    from ..problem import Problem
 
 Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
@@ -423,8 +423,8 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     """The MOL step (prior + learnable λ) on ``device``, and its prior."""
     import torch
 
-    from .deq.mol import MolConfig, MolStep
-    from .models.cnn import CNNConfig, MolCNN
+    from ..deq.mol import MolConfig, MolStep
+    from ..models.cnn import CNNConfig, MolCNN
 
     cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels),
                  constraint=config.constraint, lipschitz_target=config.lipschitz_target,
@@ -440,8 +440,8 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
             if last.bias is not None:
                 last.bias.zero_()
     else:
-        from .models.bundled import resolve_weights
-        from .models.checkpoint import load_checkpoint
+        from ..models.bundled import resolve_weights
+        from ..models.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(resolve_weights(config.init_weights))
         source = loaded.model.config
@@ -536,7 +536,7 @@ def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Gener
     """Undersample ``sample`` with a fresh mask drawn from ``spec`` and normalise it as
     reconstruction would (:func:`molrecon.problem.undersampled`; ``readout_block`` keeps an
     exact hybrid-space block of readout positions)."""
-    from .problem import undersampled
+    from ..problem import undersampled
 
     mask = draw_mask(sample, kind, spec, rng)                              # (1, 1, D, Y, 1)
     return undersampled(sample.kspace, sample.maps, sample.target, mask, kind, rng,
@@ -573,11 +573,11 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
     """
     import torch
 
-    from .deq.fixed_point import FixedPointConfig, solve_fixed_point
-    from .deq.mol import regularised_sense
-    from .metrics import compare
-    from .physics.sense import cg_sense
-    from .problem import SENSE_ITERS, SENSE_LAMBDA
+    from ..deq.fixed_point import FixedPointConfig, solve_fixed_point
+    from ..deq.mol import regularised_sense
+    from ..metrics import compare
+    from ..physics.sense import cg_sense
+    from ..problem import SENSE_ITERS, SENSE_LAMBDA
 
     if not problems:
         return {}
@@ -634,7 +634,7 @@ class _RunLog:
 
     def _rewrite_upto(self, steps: int) -> None:
         """Keep the records of steps ≤ ``steps`` (those the resume state includes)."""
-        from .io.atomic import write_text_atomic
+        from ..io.atomic import write_text_atomic
 
         kept: list[str] = []
         if self.path.is_file():
@@ -702,7 +702,7 @@ def train(config: TrainConfig, *, on_record: RecordFn | None = None,
     subclasses for everything a user can fix.
     """
     t_start = time.perf_counter()
-    from .device import resolve_device
+    from ..device import resolve_device
 
     device = resolve_device(config.device)
     dist_info, created = _init_distributed(device)
@@ -721,8 +721,8 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
            on_record: RecordFn, warn: WarnFn) -> TrainResult:
     import torch
 
-    from .deq.fixed_point import FixedPointConfig
-    from .io.atomic import check_output
+    from ..deq.fixed_point import FixedPointConfig
+    from ..io.atomic import check_output
 
     if device.type == "cuda" and dist_info.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -769,7 +769,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
         if kind != "2d":
             raise ConfigError(f"--stage denoise pretrains a 2D prior on 2d data; this folder "
                               f"holds {kind} data")
-        from .train_patches import sample_scales
+        from .patches import sample_scales
 
         scales = sample_scales(train_set.samples, kind, config.mask, config.seed)
 
@@ -806,7 +806,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
     _broadcast_parameters(step, dist_info)
     bank: list[Any] = []
     if config.stage == "denoise" and config.patch.sense_fraction > 0:
-        from .train_patches import degraded_bank
+        from .patches import degraded_bank
 
         bank = degraded_bank(train_set.samples, kind, config.mask, float(step.lam.detach()),
                              config.init_iters, config.patch.sense_masks, config.seed)
@@ -833,7 +833,7 @@ def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
         on_record(record)
 
     def save_all(steps_done: int, metrics: dict[str, Any], is_best: bool) -> None:
-        from .models.checkpoint import save_checkpoint
+        from ..models.checkpoint import save_checkpoint
 
         if not dist_info.main:
             return
@@ -1004,8 +1004,8 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
     """
     import torch
 
-    from .deq.implicit import deq_solve, unrolled
-    from .deq.mol import regularised_sense
+    from ..deq.implicit import deq_solve, unrolled
+    from ..deq.mol import regularised_sense
 
     out = _StepOutcome()
     n_train = len(train_set)
@@ -1064,7 +1064,7 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     ``bank``: the regularised SENSE images per sample (empty: noise patches only)."""
     import torch
 
-    from .train_patches import draw_patch
+    from .patches import draw_patch
 
     out = _StepOutcome()
     n_train = len(train_set)
@@ -1102,7 +1102,7 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
     in ``out``."""
     import torch
 
-    from .models.lipschitz import local_lipschitz_ratio
+    from ..models.lipschitz import local_lipschitz_ratio
 
     if not (config.constraint == "lr" and config.penalty_weight > 0
             and s % config.penalty_every == 0):
@@ -1158,7 +1158,7 @@ def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
                  data: list[str] | None = None) -> dict[str, Any]:
     """The checkpoint's certificate: the global bound and local estimates at validation fixed
     points, computed by the same code as ``molrecon check-lipschitz``."""
-    from .guarantees import certificate_for
+    from ..guarantees import certificate_for
 
     if not fixed_points:
         return {}
@@ -1185,7 +1185,7 @@ def _centre_crop(x: Any, size: int) -> Any:
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    from .io.atomic import atomic_path
+    from ..io.atomic import atomic_path
 
     with atomic_path(path, force=True) as tmp:
         torch.save(state, tmp)

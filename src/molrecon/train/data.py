@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputDataError, InputDataWarning, MolreconError
+from ..errors import ConfigError, InputDataError, InputDataWarning, MolreconError
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
 #: Smallest fraction of acquired phase-encoding positions that counts as fully sampled.
@@ -117,7 +117,7 @@ def list_raw_files(folder: str | Path) -> list[Path]:
 
 def _read(path: Path, warn: WarnFn) -> Any:
     """read_raw with its warnings routed: data notes to ``warn``, geometry notes dropped."""
-    from .io.detect import read_raw
+    from ..io.detect import read_raw
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -194,7 +194,7 @@ def _samples_of(scan: Any, source: str) -> tuple[list[Sample], int]:
     """
     import torch
 
-    from .problem import prepare
+    from ..problem import prepare
 
     k_all = torch.from_numpy(np.ascontiguousarray(scan.kspace))           # (B, C, D, Y, X)
     mask_all = np.ascontiguousarray(scan.mask, dtype=bool)                # (B, 1, D, Y, 1)
@@ -257,7 +257,7 @@ def draw_mask(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generato
     The random choices are made in a fixed order (R, family, pattern) from
     ``rng``, so a seeded generator reproduces the mask.
     """
-    from .physics.masks import make_mask
+    from ..physics.masks import make_mask
 
     _, _, d, y, _ = sample.kspace.shape
     accelerations = spec.all_accelerations()
@@ -279,7 +279,7 @@ def check_masks(data: FolderDataset, spec: MaskSpec) -> None:
     and turns the mask module's complaint into a :class:`ConfigError` that
     names the data shape.
     """
-    from .physics.masks import make_mask
+    from ..physics.masks import make_mask
 
     families = spec.families()
     if not families:
