@@ -242,7 +242,7 @@ def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
     # an explicit --lam overrides the checkpoint's
     four = tmp_path / "four.pt"
     cfg = tiny(data["2d"], four, constraint="lr", init_weights=str(two), lam_init=7.0)
-    from molrecon.train.loop import _build
+    from molrecon.train.step import _build
     step, _ = _build(cfg, "2d", torch.device("cpu"))
     assert float(step.lam.detach()) == pytest.approx(7.0)
     step, _ = _build(tiny(data["2d"], four, constraint="lr", init_weights=str(two)), "2d",

@@ -23,7 +23,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import molrecon.train.loop as train_module
+import molrecon.train.step as train_module
 from _builders import records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import InputDataError, MolreconError, OutputError

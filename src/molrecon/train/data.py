@@ -14,7 +14,8 @@ retrospectively with a fresh mask for every draw:
   those maps, x_gt = Aᴴ_full y (the SENSE combination; exact for a full mask);
 * a sample is ``(kspace_full, maps, x_gt)`` for one slice (2D), one volume (3D)
   or one slice's frame series (2D+time); :func:`draw_mask` gives it a mask
-  from the configured family.
+  from the configured family, and :func:`make_problem` the undersampled,
+  normalised problem a training step solves.
 
 "Fully sampled" means at least ``FULL_FRACTION`` (95 %) of the phase-encoding
 positions acquired (fastMRI files leave a few edge lines empty); the missing
@@ -36,11 +37,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError, InputDataError, InputDataWarning, MolreconError
+
+# torch (and what needs it) is imported where it is used: TrainConfig takes MaskSpec from
+# here, and the command line checks its options without importing torch.
+if TYPE_CHECKING:
+    from ..problem import Problem
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
 #: Smallest fraction of acquired phase-encoding positions that counts as fully sampled.
@@ -270,6 +276,18 @@ def draw_mask(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generato
     if sample.acquired is not None:
         m = m & sample.acquired                                           # (1, 1, D, Y, 1)
     return m
+
+
+def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generator,
+                 extra_noise: float, device: Any, readout_block: int | None = None) -> Problem:
+    """Undersample ``sample`` with a fresh mask drawn from ``spec`` and normalise it as
+    reconstruction would (:func:`molrecon.problem.undersampled`; ``readout_block`` keeps an
+    exact hybrid-space block of readout positions)."""
+    from ..problem import undersampled
+
+    mask = draw_mask(sample, kind, spec, rng)                              # (1, 1, D, Y, 1)
+    return undersampled(sample.kspace, sample.maps, sample.target, mask, kind, rng,
+                        extra_noise, device, readout_block)
 
 
 def check_masks(data: FolderDataset, spec: MaskSpec) -> None:

@@ -46,7 +46,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .data import MaskSpec, Sample, draw_mask
+from .data import MaskSpec, Sample, draw_mask, make_problem
+
+# torch is imported where it is used: TrainConfig takes PatchSpec from here, and the command
+# line checks its options without importing torch.
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,6 @@ def degraded_bank(samples: list[Sample], kind: str, mask: MaskSpec, lam: float, 
     import torch
 
     from ..deq.mol import regularised_sense
-    from .loop import make_problem
 
     bank = []
     with torch.no_grad():
