@@ -79,7 +79,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from molrecon.train import TrainConfig, train
-    from molrecon.train_data import MaskSpec
+    from molrecon.train.data import MaskSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from molrecon.train import TrainConfig
-from molrecon.train_data import MaskSpec
+from molrecon.train.data import MaskSpec
 
 
 def tiny_config(data: Path, out: Path, **changes: Any) -> TrainConfig:

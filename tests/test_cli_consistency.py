@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ import typer
 from typer.testing import CliRunner, Result
 
 import molrecon.train as train_mod
+import molrecon.train.loop as train_loop
 from molrecon.atomic import check_output
 from molrecon.cli import app
 from molrecon.cli._common import ACCEL_HELP, os_error_line
 from molrecon.errors import OutputError
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import OPTION_NAMES, TrainConfig, next_step_fits, output_paths, resume_changes
+from molrecon.train.config import _plain
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +247,7 @@ def test_resume_refuses_changed_options_unless_overridden(folder: Path, tmp_path
 def test_resume_changes_names_options_and_ignores_free_ones(folder: Path, tmp_path: Path
                                                             ) -> None:
     config = TrainConfig(data=str(folder), out=str(tmp_path / "m.pt"), time_budget_s=10.0)
-    saved = train_mod._plain(train_mod.asdict(config))
+    saved = _plain(asdict(config))
     same = TrainConfig(data=str(folder) + "/", out=str(tmp_path / "m.pt"), time_budget_s=99.0,
                        max_steps=5, val_every=3, checkpoint_every=7, device="cpu",
                        resume=True, init_weights="mol_2d_lr", lam_init=5.0)
@@ -292,7 +295,7 @@ def test_the_campaign_script_resumes_its_committed_state(monkeypatch: pytest.Mon
     (root / "runs" / "s1lr" / "s1lr.state.pt").write_bytes(b"")
     again = args("stage1", "900")
     assert "--resume" in again
-    assert resume_changes(train_mod._plain(train_mod.asdict(first)), config(again)) == []
+    assert resume_changes(_plain(asdict(first)), config(again)) == []
 
 
 # ----------------------------------------------------------------------------- 7. time budget
@@ -312,7 +315,7 @@ def test_time_budget_stops_before_a_step_that_cannot_finish(
         calls.append((len(recent), extra))
         return len(recent) < 2                  # the third step "cannot finish"
 
-    monkeypatch.setattr(train_mod, "next_step_fits", fits)
+    monkeypatch.setattr(train_loop, "next_step_fits", fits)
     cfg = TrainConfig(data=str(folder), out=str(tmp_path / "m.pt"), layers=3, channels=8,
                       mask=train_mod.MaskSpec(acceleration=3.0, acs=8), max_steps=10,
                       val_every=2, val_samples=1, val_fraction=0.34, checkpoint_every=10,

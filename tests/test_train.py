@@ -24,7 +24,7 @@ from molrecon.errors import CheckpointError, ConfigError, InputDataError, Output
 from molrecon.models.checkpoint import load_checkpoint
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import TrainConfig, output_paths, train
-from molrecon.train_data import MaskSpec, list_raw_files, load_folder, split_dataset
+from molrecon.train.data import MaskSpec, list_raw_files, load_folder, split_dataset
 
 runner = CliRunner()
 MATRIX = {"2d": (48, 48), "2dt": (32, 32), "3d": (32, 32, 8)}
@@ -242,7 +242,7 @@ def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
     # an explicit --lam overrides the checkpoint's
     four = tmp_path / "four.pt"
     cfg = tiny(data["2d"], four, constraint="lr", init_weights=str(two), lam_init=7.0)
-    from molrecon.train import _build
+    from molrecon.train.step import _build
     step, _ = _build(cfg, "2d", torch.device("cpu"))
     assert float(step.lam.detach()) == pytest.approx(7.0)
     step, _ = _build(tiny(data["2d"], four, constraint="lr", init_weights=str(two)), "2d",

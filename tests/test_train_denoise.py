@@ -22,8 +22,8 @@ from molrecon.errors import ConfigError
 from molrecon.models.checkpoint import load_checkpoint
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import output_paths, train
-from molrecon.train_data import MaskSpec, list_raw_files, load_folder
-from molrecon.train_patches import PatchSpec, degraded_bank, draw_patch, sample_scales
+from molrecon.train.data import MaskSpec, list_raw_files, load_folder
+from molrecon.train.patches import PatchSpec, degraded_bank, draw_patch, sample_scales
 
 runner = CliRunner()
 

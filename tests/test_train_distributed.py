@@ -22,7 +22,7 @@ import torch
 from molrecon.models.checkpoint import load_checkpoint
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import TrainConfig, output_paths, train
-from molrecon.train_data import MaskSpec
+from molrecon.train.data import MaskSpec
 
 pytest.importorskip("torch.distributed")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():

@@ -23,14 +23,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import molrecon.train as train_module
+import molrecon.train.step as train_module
 from _builders import records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import InputDataError, MolreconError, OutputError
 from molrecon.models.checkpoint import load_checkpoint
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import TrainConfig, output_paths, train
-from molrecon.train_data import MaskSpec
+from molrecon.train.data import MaskSpec
 
 runner = CliRunner()
 # --cg-iters 5: TrainConfig's default, which the API runs compared with use (the CLI's is 10).

@@ -151,7 +151,7 @@ def undersampled(kspace: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
     """A training problem from fully sampled reference data, normalised as reconstruction is.
 
     ``kspace`` (1, C, D, Y, X), ``maps`` (1, C, D|1, Y, X) and ``target`` (1, D, Y, X) are
-    the reference (already normalised once, see ``train_data``); ``mask`` (1, 1, D, Y, 1)
+    the reference (already normalised once, see :mod:`molrecon.train.data`); ``mask`` (1, 1, D, Y, 1)
     the retrospective sampling. ``extra_noise``: std of complex white noise added before
     undersampling (its seed drawn from ``rng``). ``readout_block``: keep only a block of
     that many readout positions. The readout is fully sampled, so after an inverse

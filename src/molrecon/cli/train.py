@@ -187,8 +187,8 @@ def train_cmd(
     check_option(out.name.endswith(".pt") and len(out.name) > 3, "must end in .pt", "--out")
     with user_errors(debug), _option_errors():
         from ..train import TrainConfig
-        from ..train_data import MaskSpec
-        from ..train_patches import PatchSpec
+        from ..train.data import MaskSpec
+        from ..train.patches import PatchSpec
 
         config = TrainConfig(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]

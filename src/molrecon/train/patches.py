@@ -45,8 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .train_data import MaskSpec, Sample, draw_mask
+from ..errors import ConfigError
+from .data import MaskSpec, Sample, draw_mask, make_problem
+
+# torch is imported where it is used: TrainConfig takes PatchSpec from here, and the command
+# line checks its options without importing torch.
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ def sample_scales(samples: list[Sample], kind: str, mask: MaskSpec, seed: int) -
     """Reconstruction's intensity scale of every sample under one seeded retrospective mask."""
     import torch
 
-    from .physics.scaling import scale_factor
+    from ..physics.scaling import scale_factor
 
     scales = []
     for i, sample in enumerate(samples):
@@ -105,8 +108,7 @@ def degraded_bank(samples: list[Sample], kind: str, mask: MaskSpec, lam: float, 
     normalised as reconstruction does, under seeded masks of ``mask``."""
     import torch
 
-    from .deq.mol import regularised_sense
-    from .train import make_problem
+    from ..deq.mol import regularised_sense
 
     bank = []
     with torch.no_grad():

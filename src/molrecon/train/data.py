@@ -14,7 +14,8 @@ retrospectively with a fresh mask for every draw:
   those maps, x_gt = Aᴴ_full y (the SENSE combination; exact for a full mask);
 * a sample is ``(kspace_full, maps, x_gt)`` for one slice (2D), one volume (3D)
   or one slice's frame series (2D+time); :func:`draw_mask` gives it a mask
-  from the configured family.
+  from the configured family, and :func:`make_problem` the undersampled,
+  normalised problem a training step solves.
 
 "Fully sampled" means at least ``FULL_FRACTION`` (95 %) of the phase-encoding
 positions acquired (fastMRI files leave a few edge lines empty); the missing
@@ -36,11 +37,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigError, InputDataError, InputDataWarning, MolreconError
+from ..errors import ConfigError, InputDataError, InputDataWarning, MolreconError
+
+# torch (and what needs it) is imported where it is used: TrainConfig takes MaskSpec from
+# here, and the command line checks its options without importing torch.
+if TYPE_CHECKING:
+    from ..problem import Problem
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
 #: Smallest fraction of acquired phase-encoding positions that counts as fully sampled.
@@ -117,7 +123,7 @@ def list_raw_files(folder: str | Path) -> list[Path]:
 
 def _read(path: Path, warn: WarnFn) -> Any:
     """read_raw with its warnings routed: data notes to ``warn``, geometry notes dropped."""
-    from .io.detect import read_raw
+    from ..io.detect import read_raw
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -194,7 +200,7 @@ def _samples_of(scan: Any, source: str) -> tuple[list[Sample], int]:
     """
     import torch
 
-    from .problem import prepare
+    from ..problem import prepare
 
     k_all = torch.from_numpy(np.ascontiguousarray(scan.kspace))           # (B, C, D, Y, X)
     mask_all = np.ascontiguousarray(scan.mask, dtype=bool)                # (B, 1, D, Y, 1)
@@ -257,7 +263,7 @@ def draw_mask(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generato
     The random choices are made in a fixed order (R, family, pattern) from
     ``rng``, so a seeded generator reproduces the mask.
     """
-    from .physics.masks import make_mask
+    from ..physics.masks import make_mask
 
     _, _, d, y, _ = sample.kspace.shape
     accelerations = spec.all_accelerations()
@@ -272,6 +278,18 @@ def draw_mask(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generato
     return m
 
 
+def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generator,
+                 extra_noise: float, device: Any, readout_block: int | None = None) -> Problem:
+    """Undersample ``sample`` with a fresh mask drawn from ``spec`` and normalise it as
+    reconstruction would (:func:`molrecon.problem.undersampled`; ``readout_block`` keeps an
+    exact hybrid-space block of readout positions)."""
+    from ..problem import undersampled
+
+    mask = draw_mask(sample, kind, spec, rng)                              # (1, 1, D, Y, 1)
+    return undersampled(sample.kspace, sample.maps, sample.target, mask, kind, rng,
+                        extra_noise, device, readout_block)
+
+
 def check_masks(data: FolderDataset, spec: MaskSpec) -> None:
     """Fail before training if a mask family/acceleration/ACS cannot be drawn for the data.
 
@@ -279,7 +297,7 @@ def check_masks(data: FolderDataset, spec: MaskSpec) -> None:
     and turns the mask module's complaint into a :class:`ConfigError` that
     names the data shape.
     """
-    from .physics.masks import make_mask
+    from ..physics.masks import make_mask
 
     families = spec.families()
     if not families:
