@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, OutputError
 from ..atomic import atomic_path, check_output, write_text_atomic
+from ..errors import CheckpointError, OutputError
 from .config import Change, TrainConfig, WarnFn, _check_resume_options, _plain
 from .distributed import Dist
 
