@@ -170,12 +170,49 @@ def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *
 def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
                  method: Method | None, progress: ProgressFn | None,
                  engines: dict[Any, Any] | None = None) -> ReconResult:
-    from .io.detect import read_raw
-
     config = config or ReconConfig()
     if method is not None:
         config = ReconConfig(**{**asdict(config), "method": method})
     progress = progress or _noop_progress
+    scan, user_maps, compression = _inputs(scan, config, progress)
+    if config.method == "zf" and not config.keep_baselines and config.device in ("auto", "cpu"):
+        # Zero filling is two FFTs and a sum: numpy does it without importing torch
+        # (about 2 s of a command's start-up), on the CPU whatever the machine has.
+        return _zero_filled_numpy(scan, config, compression, progress)
+    import torch
+
+    from .device import resolve_device
+
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+    engine = _engine(config, scan, device, engines, progress) if config.method == "mol" else None
+    run = _Run(scan=scan, config=config, device=device, engine=engine, user_maps=user_maps,
+               progress=progress)
+    batch = config.batch_size
+    if batch is None:
+        from .memory import plan_batches
+
+        channels = engine.loaded.model.config.channels if engine is not None else 64
+        batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
+    chunks = _chunks(scan.shape[0], batch)
+    per_chunk = [_reconstruct_chunk(run, sl, ci, len(chunks)) for ci, sl in enumerate(chunks)]
+    progress("done", len(chunks), len(chunks))
+    report = _report(run, per_chunk, batch=batch, wall=time.perf_counter() - t_start,
+                     compression=compression)
+    image = ImageVolume(data=run.out, kind=scan.kind, geometry=scan.geometry, method=config.method)
+    base_vols = {name: ImageVolume(data=arr, kind=scan.kind, geometry=scan.geometry, method=name)
+                 for name, arr in run.baselines.items()}
+    return ReconResult(image=image, report=report, baselines=base_vols)
+
+
+def _inputs(scan: RawScan | str | Path, config: ReconConfig, progress: ProgressFn
+            ) -> tuple[RawScan, Any, Any]:
+    """The scan (read when a path), the user's coil maps, and both coil-compressed when
+    ``config.coils`` asks; returns (scan, maps or None, compression or None)."""
+    from .io.detect import read_raw
+
     if not isinstance(scan, RawScan):
         scan = read_raw(scan)
     user_maps = None
@@ -192,97 +229,102 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
                                           method=config.coil_compression)  # type: ignore[arg-type]
         if user_maps is not None:
             user_maps = compress_maps(compression, user_maps)
-    if config.method == "zf" and not config.keep_baselines and config.device in ("auto", "cpu"):
-        # Zero filling is two FFTs and a sum: numpy does it without importing torch
-        # (about 2 s of a command's start-up), on the CPU whatever the machine has.
-        return _zero_filled_numpy(scan, config, compression, progress)
+    return scan, user_maps, compression
+
+
+def _engine(config: ReconConfig, scan: RawScan, device: Any, engines: dict[Any, Any] | None,
+            progress: ProgressFn) -> Any:
+    """The MOL engine for ``scan``, from ``engines`` when a batch already loaded it."""
+    key = (config, scan.kind, str(device), scan.shape[-1] == 1)
+    engine = None if engines is None else engines.get(key)
+    if engine is None:
+        progress("loading the model", 0, 1)
+        engine = load_engine(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
+        if engines is not None:
+            engines[key] = engine
+    return engine
+
+
+@dataclass
+class _Run:
+    """One reconstruction in progress: its inputs and the arrays the chunks fill."""
+
+    scan: RawScan
+    config: ReconConfig
+    device: Any
+    engine: Any
+    user_maps: Any
+    progress: ProgressFn
+    out: np.ndarray = field(init=False)                                   # (B, D, Y, X)
+    baselines: dict[str, np.ndarray] = field(init=False)
+    timings: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = np.zeros((self.scan.shape[0],) + self.scan.shape[2:], dtype=np.complex64)
+        self.baselines = {}
+        if self.config.keep_baselines:
+            for name in ("zf", "sense"):
+                if name != self.config.method:
+                    self.baselines[name] = np.zeros_like(self.out)
+        self.timings = {"maps_s": 0.0, "sense_s": 0.0, "mol_s": 0.0}
+
+
+def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str, Any]:
+    """Zero filling, maps + CG-SENSE and MOL for the slices ``sl``, written into ``run``;
+    returns the chunk's report entry."""
     import torch
 
-    from .device import peak_memory_bytes, resolve_device
+    from .physics.sense import cg_sense
+    from .problem import from_scan
 
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_start = time.perf_counter()
-
-    engine = None
+    scan, config, progress = run.scan, run.config, run.progress
+    part = "" if n_chunks == 1 else f" (batch {ci + 1}/{n_chunks})"
+    progress("reconstructing" + part, ci, n_chunks)
+    k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(run.device)  # (b, C, D, Y, X)
+    chunk_info: dict[str, Any] = {"slices": [sl.start, sl.stop]}
+    if config.method == "zf" or "zf" in run.baselines:
+        zf = zero_filled_rss(k, scan.kind)
+        (run.out if config.method == "zf" else run.baselines["zf"])[sl] = zf.cpu().numpy()
+    if config.method == "zf" and "sense" not in run.baselines:
+        return chunk_info
+    progress(("coil maps" if run.user_maps is None else "coil maps (yours)") + part, ci, n_chunks)
+    t0 = time.perf_counter()
+    prob = from_scan(scan, sl, run.device, maps=run.user_maps)
+    run.timings["maps_s"] += time.perf_counter() - t0
+    scale, kn, op = prob.scale, prob.kspace, prob.op
+    progress("CG-SENSE" + part, ci, n_chunks)
+    t0 = time.perf_counter()
+    sense = cg_sense(op, kn, lam=config.sense_lambda, max_iter=config.sense_iters)
+    run.timings["sense_s"] += time.perf_counter() - t0
+    x_sense = sense.x                                                      # (b, D, Y, X)
+    chunk_info["sense_iterations"] = sense.iterations
+    unscale = scale.reshape(-1, 1, 1, 1).to(x_sense.dtype)
+    if config.method == "sense":
+        run.out[sl] = (x_sense * unscale).cpu().numpy()
+    elif "sense" in run.baselines:
+        run.baselines["sense"][sl] = (x_sense * unscale).cpu().numpy()
     if config.method == "mol":
-        key = (config, scan.kind, str(device), scan.shape[-1] == 1)
-        engine = None if engines is None else engines.get(key)
-        if engine is None:
-            progress("loading the model", 0, 1)
-            engine = load_engine(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
-            if engines is not None:
-                engines[key] = engine
-
-    b_total = scan.shape[0]
-    out = np.zeros((b_total,) + scan.shape[2:], dtype=np.complex64)       # (B, D, Y, X)
-    baselines: dict[str, np.ndarray] = {}
-    if config.keep_baselines:
-        for name in ("zf", "sense"):
-            if name != config.method:
-                baselines[name] = np.zeros_like(out)
-    per_chunk: list[dict[str, Any]] = []
-    timings = {"maps_s": 0.0, "sense_s": 0.0, "mol_s": 0.0}
-    batch = config.batch_size
-    if batch is None:
-        from .memory import plan_batches
-
-        channels = engine.loaded.model.config.channels if engine is not None else 64
-        batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
-    chunks = _chunks(b_total, batch)
-    n_chunks = len(chunks)
-    for ci, sl in enumerate(chunks):
-        part = "" if n_chunks == 1 else f" (batch {ci + 1}/{n_chunks})"
-        progress("reconstructing" + part, ci, n_chunks)
-        k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(device)   # (b, C, D, Y, X)
-        chunk_info: dict[str, Any] = {"slices": [sl.start, sl.stop]}
-
-        need_zf = config.method == "zf" or "zf" in baselines
-        if need_zf:
-            zf = zero_filled_rss(k, scan.kind)
-            if config.method == "zf":
-                out[sl] = zf.cpu().numpy()
-            else:
-                baselines["zf"][sl] = zf.cpu().numpy()
-        if config.method == "zf" and "sense" not in baselines:
-            per_chunk.append(chunk_info)
-            continue
-
-        from .physics.sense import cg_sense
-        from .problem import from_scan
-
-        progress(("coil maps" if user_maps is None else "coil maps (yours)") + part, ci, n_chunks)
         t0 = time.perf_counter()
-        prob = from_scan(scan, sl, device, maps=user_maps)
-        timings["maps_s"] += time.perf_counter() - t0
-        scale, kn, op = prob.scale, prob.kspace, prob.op
-        progress("CG-SENSE" + part, ci, n_chunks)
-        t0 = time.perf_counter()
-        sense = cg_sense(op, kn, lam=config.sense_lambda, max_iter=config.sense_iters)
-        timings["sense_s"] += time.perf_counter() - t0
-        x_sense = sense.x                                                  # (b, D, Y, X)
-        chunk_info["sense_iterations"] = sense.iterations
-        unscale = scale.reshape(-1, 1, 1, 1).to(x_sense.dtype)
-        if config.method == "sense":
-            out[sl] = (x_sense * unscale).cpu().numpy()
-        elif "sense" in baselines:
-            baselines["sense"][sl] = (x_sense * unscale).cpu().numpy()
-        if config.method == "mol":
-            assert engine is not None
-            t0 = time.perf_counter()
-            def on_iteration(it: int, residual: float, part: str = part) -> None:
-                progress(f"MOL{part}: residual {residual:.1e} (tol {config.tol:g})", it,
-                         config.max_iter)
 
-            res = engine.solve(op, kn, x_sense, on_iteration=on_iteration)
-            timings["mol_s"] += time.perf_counter() - t0
-            out[sl] = (res.x * unscale).cpu().numpy()
-            chunk_info.update(engine.describe(res))
-        per_chunk.append(chunk_info)
-    progress("done", n_chunks, n_chunks)
+        def on_iteration(it: int, residual: float) -> None:
+            progress(f"MOL{part}: residual {residual:.1e} (tol {config.tol:g})", it,
+                     config.max_iter)
 
-    wall = time.perf_counter() - t_start
+        res = run.engine.solve(op, kn, x_sense, on_iteration=on_iteration)
+        run.timings["mol_s"] += time.perf_counter() - t0
+        run.out[sl] = (res.x * unscale).cpu().numpy()
+        chunk_info.update(run.engine.describe(res))
+    return chunk_info
+
+
+def _report(run: _Run, per_chunk: list[dict[str, Any]], *, batch: int, wall: float,
+            compression: Any) -> dict[str, Any]:
+    """The plain-JSON report of a finished reconstruction; warns when MOL did not converge."""
+    import torch
+
+    from .device import peak_memory_bytes
+
+    scan, config = run.scan, run.config
     report: dict[str, Any] = {
         "method": config.method,
         "source": scan.source,
@@ -290,20 +332,20 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         "shape_bcdyx": list(scan.shape),
         "acceleration": round(scan.acceleration, 3),
         "prewhitened": bool(scan.whitened),
-        "device": str(device),
+        "device": str(run.device),
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(wall, 3),
-        "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "timings_s": {k_: round(v, 3) for k_, v in run.timings.items()},
+        "peak_memory_bytes": peak_memory_bytes(run.device),
         "config": asdict(config),
         "batch_size": batch,
         "chunks": per_chunk,
-        "coil_maps": "user" if user_maps is not None else "espirit",
+        "coil_maps": "user" if run.user_maps is not None else "espirit",
     }
     if compression is not None:
         report["coil_compression"] = compression.report()
-    if engine is not None:
-        report.update(engine.report_header())
+    if run.engine is not None:
+        report.update(run.engine.report_header())
         conv = all(c.get("converged", True) for c in per_chunk)
         report["converged"] = conv
         its = [int(i) for c in per_chunk for i in c.get("iterations", [])]
@@ -314,11 +356,8 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         if not conv:
             warnings.warn(f"MOL did not reach --tol {config.tol:g} within --max-iter "
                           f"{config.max_iter} on every slice (see the report)",
-                          ConvergenceWarning, stacklevel=2)
-    image = ImageVolume(data=out, kind=scan.kind, geometry=scan.geometry, method=config.method)
-    base_vols = {name: ImageVolume(data=arr, kind=scan.kind, geometry=scan.geometry, method=name)
-                 for name, arr in baselines.items()}
-    return ReconResult(image=image, report=report, baselines=base_vols)
+                          ConvergenceWarning, stacklevel=4)
+    return report
 
 
 def load_engine(config: ReconConfig, kind: str, device: Any, *, one_readout: bool = False) -> Any:

@@ -24,6 +24,7 @@ _OUTPUT_HELP = ("Output image: .nii or .nii.gz, or a folder for a DICOM series (
                 "dicom, or a name ending in .dcm). With several inputs: the output folder.")
 
 
+# Over 80 lines: the signature declares every command-line option (typer reads it).
 @app.command("reconstruct")
 def reconstruct_cmd(
     input: Annotated[str, typer.Argument(help=_INPUT_HELP, metavar="INPUT")],

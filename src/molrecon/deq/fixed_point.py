@@ -161,6 +161,7 @@ class _Anderson:
         return torch.where(ok.reshape(-1, 1), mixed, x + g)
 
 
+# Over 80 lines: the two solvers share one loop so that their stopping rule is identical.
 def solve_fixed_point(
     step: StepFn,
     x0: torch.Tensor,

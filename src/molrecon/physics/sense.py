@@ -333,7 +333,7 @@ def cg_sense(op: SenseOperator, kspace: torch.Tensor, *, lam: float = SENSE_LAMB
     is plain least squares. The solution scales linearly with ``kspace``. The
     same equations are solved by ``bart pics -l2 -r <λ> -w 1`` (BART's FFT is
     unitary and ``-w 1`` turns off its data scaling): with the same maps and
-    iterations the two images agree to ~4e-6 (``tests/test_sense.py``).
+    iterations the two images agree to ~4e-6 (``tests/physics/test_sense.py``).
 
     ``tol`` is the relative residual ``‖r‖ ≤ tol·‖Aᴴy‖`` of each item
     (``tol=0``: exactly ``max_iter`` iterations, like ``bart pics -i``). When

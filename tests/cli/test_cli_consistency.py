@@ -30,7 +30,7 @@ from molrecon.train import OPTION_NAMES, TrainConfig, next_step_fits, output_pat
 from molrecon.train.config import _plain
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("reconstruct", "demo", "info", "simulate", "metrics", "train", "check-lipschitz",
             "robustness", "models")
 

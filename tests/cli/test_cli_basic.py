@@ -123,3 +123,38 @@ def test_a_bad_model_is_refused_before_the_scan_is_read(tmp_path: Path,
     assert res.exit_code == 1 and "bad.pt" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.nii").exists()
+
+
+def test_reconstruct_passes_its_options_to_the_job_exactly(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command is a thin layer: every option lands in the job's arguments unchanged."""
+    from types import SimpleNamespace
+
+    from molrecon import jobs
+    from molrecon.recon import ReconConfig
+
+    raw, _ = example_paths()
+    calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    def fake_job(*args: object, **kwargs: object) -> tuple[object, list[str]]:
+        calls.append((args, kwargs))
+        report = {"kind": "2d", "wall_time_s": 0.0, "device": "cpu", "method": "sense"}
+        return SimpleNamespace(report=report), []
+
+    monkeypatch.setattr(jobs, "reconstruct_file", fake_job)
+    out, rep, png = tmp_path / "o.nii.gz", tmp_path / "r.json", tmp_path / "p.png"
+    res = runner.invoke(app, [
+        "reconstruct", str(raw), str(out), "-m", "sense", "--device", "cpu", "--max-iter", "7",
+        "--tol", "0.001", "--alpha", "0.5", "--cg-iters", "4", "--solver", "plain",
+        "--sense-lambda", "0.01", "--sense-iters", "12", "--batch-size", "2", "--coils", "4",
+        "--coil-compression", "scc", "--complex", "--report", str(rep), "--preview", str(png),
+        "--compare", "--force", "-q"])
+    assert res.exit_code == 0, res.output
+    ((args, kwargs),) = calls
+    assert args == (raw, out, ReconConfig(
+        method="sense", weights=None, device="cpu", max_iter=7, tol=0.001, alpha=0.5,
+        solver="plain", cg_iters=4, sense_lambda=0.01, sense_iters=12, batch_size=2,
+        keep_baselines=True, coils=4, coil_compression="scc", maps=None))
+    assert kwargs == {"fmt": "nifti", "complex_out": True, "force": True, "preview": png,
+                      "report": rep, "dataset": None, "progress": kwargs["progress"]}
+    assert callable(kwargs["progress"])

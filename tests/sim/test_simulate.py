@@ -334,7 +334,7 @@ def test_bundled_anatomy_and_notice() -> None:
     assert not vol.flags.writeable
     lo, hi = anatomy_extent("colin27")
     assert hi[2] - lo[2] > 150                                     # a whole head, 1 mm voxels
-    folder = Path(__file__).resolve().parents[1] / "src" / "molrecon" / "data" / "anatomy"
+    folder = Path(__file__).resolve().parents[2] / "src" / "molrecon" / "data" / "anatomy"
     notice = (folder / "NOTICE").read_text()
     assert "Montreal Neurological Institute" in notice and "BSD" in notice
     assert sum(p.stat().st_size for p in folder.iterdir()) < 4 * 2**20
