@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_sense import generate, read_cfl, read_generator_file, write_cfl
 
 from conftest import have
 from molrecon.errors import ConfigError, InputDataError
 from molrecon.physics.espirit import EspiritConfig, estimate_maps, subspace_agreement
 from molrecon.physics.fft import fftc
-from test_sense import generate, read_cfl, read_generator_file, write_cfl
 
 
 # ---------------------------------------------------------------------- synthetic data

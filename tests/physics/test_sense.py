@@ -430,8 +430,9 @@ def test_cg_sense_matches_bart_pics_l2(tmp_path: Path) -> None:
     BART's FFT is unitary and ``-w 1`` switches off its data scaling, so its
     ``-r`` is our absolute λ = lam · mean(diag(AᴴA)).
     """
-    from molrecon.physics.espirit import estimate_maps
     from test_espirit import lines_mask, simulate
+
+    from molrecon.physics.espirit import estimate_maps
 
     k, _, _ = simulate((1, 64, 64), 8, "2d", noise=1e-3)
     mask = lines_mask(64, 3, 16)
