@@ -18,7 +18,7 @@ def tiny_config(data: Path, out: Path, **changes: Any) -> TrainConfig:
     base: dict[str, Any] = {
         "layers": 3, "channels": 8, "mask": MaskSpec(acceleration=3.0, acs=8), "max_steps": 2,
         "val_every": 2, "checkpoint_every": 2, "val_samples": 2, "device": "cpu",
-        "constraint": "sn"}
+        "constraint": "sn", "cg_iters": 5}
     base.update(changes)
     return TrainConfig(data=str(data), out=str(out), **base)
 

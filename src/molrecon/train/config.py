@@ -89,7 +89,7 @@ class TrainConfig:
     lam_lr: float = 1e-2
     lam_init: float | None = None
     alpha: float = 1.0
-    cg_iters: int = 5
+    cg_iters: int = 10                  # as the bundled models and `train --cg-iters`
     init_iters: int = 10
     fwd_tol: float = 1e-4
     fwd_max_iter: int = 40
