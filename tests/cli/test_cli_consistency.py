@@ -148,6 +148,7 @@ def test_acceleration_and_mask_read_alike_in_simulate_and_train(
     (["check-lipschitz", "mol_2d_lr", "--device", "tpu"], "--device"),
     (["robustness", "mol_2d_lr", "--steps", "-1"], "--steps"),
     (["robustness", "mol_2d_lr", "--eps", "0"], "--eps"),
+    (["robustness", "mol_2d_lr", "--eps", "0.01,0.01"], "--eps"),
 ])
 def test_option_value_errors_are_usage_errors_naming_the_option(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], option: str) -> None:

@@ -317,6 +317,8 @@ def test_configs_reject_bad_values() -> None:
         RobustnessConfig(eps=())
     with pytest.raises(ConfigError):
         RobustnessConfig(eps=(0.01,), beta=0.0)
+    with pytest.raises(ConfigError, match="must differ"):
+        RobustnessConfig(eps=(0.01, 0.01))
 
 
 def test_load_problems_from_file(tmp_path: Path) -> None:

@@ -60,6 +60,8 @@ def _parse_eps(text: str) -> tuple[float, ...]:
                          "--eps") from None
     if not values or any(not (v > 0) or v == float("inf") for v in values):
         raise bad_option("every eps must be a positive number", "--eps")
+    if len(set(values)) != len(values):
+        raise bad_option(f"each eps once, got {text!r}", "--eps")
     return values
 
 

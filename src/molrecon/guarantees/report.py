@@ -309,6 +309,8 @@ class RobustnessConfig:
         if not self.eps or any(not (isinstance(e, (int, float)) and 0.0 < e < math.inf)
                                for e in self.eps):
             raise ConfigError(f"eps must be positive numbers, got {self.eps!r}")
+        if len(set(self.eps)) != len(self.eps):
+            raise ConfigError(f"eps values must differ, got {self.eps!r}")
         for name in ("steps", "unrolled_k"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
