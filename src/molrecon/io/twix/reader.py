@@ -125,8 +125,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputDataError, ResourceError
-from .ismrmrd import (
+from ...errors import InputDataError, ResourceError
+from ..ismrmrd import (
     ACQ_IS_NOISE_MEASUREMENT,
     ACQ_IS_PARALLEL_CALIBRATION,
     ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING,
@@ -140,7 +140,7 @@ from .ismrmrd import (
     head_dtype,
     plan_acquisitions,
 )
-from .kspace import (
+from ..kspace import (
     BLOCK_BYTES,
     Notes,
     check_memory,
@@ -149,7 +149,7 @@ from .kspace import (
     noise_whitener,
     raw_file_size,
 )
-from .types import RawScan
+from ..types import RawScan
 
 __all__ = ["is_twix", "read_twix"]
 
