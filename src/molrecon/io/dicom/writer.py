@@ -66,11 +66,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import __version__
-from ..atomic import check_parent
-from ..errors import ConfigError, GeometryWarning, InputDataError, OutputError
-from .nifti import LPS_TO_RAS
-from .types import KINDS, ImageVolume
+from ... import __version__
+from ...atomic import check_parent
+from ...errors import ConfigError, GeometryWarning, InputDataError, OutputError
+from ..nifti import LPS_TO_RAS
+from ..types import KINDS, ImageVolume
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
