@@ -1,4 +1,4 @@
-"""DICOM output of reconstructed images: one MR Image Storage file per 2D plane.
+"""Writing a reconstructed image as a DICOM series: one MR Image Storage file per 2D plane.
 
 A series is a folder of single-frame MR Image Storage files (``IM_0001.dcm``, …),
 Part-10 files with explicit VR little endian. Which planes become files:
@@ -32,11 +32,8 @@ pixel (row r, column c) at ``IPP + c·Δc·row_dir + r·Δr·col_dir``, so
   for 3D; Spacing Between Slices = the centre-to-centre step of the stack;
   Slice Location = ``IPP · (row_dir × col_dir)``.
 
-:func:`read_dicom_series` rebuilds the NIfTI-ordered volume ``(X, Y, K[, T])``
-and its RAS affine from these tags; for an image written by :func:`write_dicom`
-that affine equals ``nifti_affine`` of the image (for a single plane, whose
-stacking direction DICOM does not record, when ``slice_dir = read_dir ×
-phase_dir``, the right-handed case).
+:func:`molrecon.io.dicom.read_dicom_series` (:mod:`.reader`) reads such a series
+back.
 
 Intensities are the magnitude, stored as uint16 (MONOCHROME2) with one Rescale
 Slope for the whole series (``max / 65535``, intercept 0), so that stored value ×
@@ -58,7 +55,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,16 +62,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import __version__
-from ..atomic import check_parent
-from ..errors import ConfigError, GeometryWarning, InputDataError, OutputError
-from .nifti import LPS_TO_RAS
-from .types import KINDS, ImageVolume
+from ... import __version__
+from ...atomic import check_parent
+from ...errors import ConfigError, OutputError
+from ..types import KINDS, ImageVolume
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset, FileMetaDataset
 
-__all__ = ["check_dicom_output", "read_dicom_series", "write_dicom"]
+__all__ = ["check_dicom_output", "write_dicom"]
 
 #: Largest stored value (uint16).
 _STORED_MAX = 65535
@@ -307,9 +302,35 @@ def write_dicom(image: ImageVolume, out_dir: str | os.PathLike[str], *, force: b
     new one). Returns ``out_dir``.
     """
     import pydicom
-    from pydicom.uid import generate_uid
 
     target = check_dicom_output(out_dir, force=force)
+    _check_image(image, model_sha256, study_uid, target)
+    magnitude = image.magnitude()
+    if not np.all(np.isfinite(magnitude)):
+        raise ConfigError("the image holds non-finite values (NaN or inf)", path=target)
+    stack = _stack_geometry(image)
+    stored, slope = _quantise(magnitude)
+    common = _series_values(stack, slope, _window(magnitude),
+                            _description(image, method_text, model_sha256, source),
+                            _patient(patient, target), series_description, study_uid)
+    planes = _planes(image)
+    digits = max(4, len(str(len(planes))))
+
+    with _atomic_folder(target, force=force) as tmp:
+        for number, (b, d, k, t) in enumerate(planes, start=1):
+            ds = _plane_dataset(image, stored[b, d], k, t, number, len(planes), common)
+            try:
+                pydicom.dcmwrite(tmp / f"IM_{number:0{digits}d}.dcm", ds,
+                                 enforce_file_format=True)
+            except OSError as exc:
+                raise OutputError(f"cannot write DICOM file ({exc.strerror or exc})",
+                                  path=target) from None
+    return target
+
+
+def _check_image(image: ImageVolume, model_sha256: str | None, study_uid: str | None,
+                 target: Path) -> None:
+    """Refuse an image, model hash or study UID that cannot become the series."""
     if image.kind not in KINDS:
         raise ConfigError(f"image kind must be one of {KINDS}, got {image.kind!r}", path=target)
     if image.data.ndim != 4 or min(image.data.shape) < 1:
@@ -326,19 +347,20 @@ def write_dicom(image: ImageVolume, out_dir: str | os.PathLike[str], *, force: b
                           path=target)
     if study_uid is not None and not (len(study_uid) <= 64 and _UID.match(study_uid)):
         raise ConfigError(f"not a valid DICOM UID: {study_uid!r}", path=target)
-    magnitude = image.magnitude()
-    if not np.all(np.isfinite(magnitude)):
-        raise ConfigError("the image holds non-finite values (NaN or inf)", path=target)
-    stack = _stack_geometry(image)
-    stored, slope = _quantise(magnitude)
-    centre, width = _window(magnitude)
-    short_line, method_line, derivation = _description(image, method_text, model_sha256, source)
-    name, pid = _patient(patient, target)
 
+
+def _series_values(stack: _Stack, slope: float, window: tuple[float, float],
+                   lines: tuple[str, str, str], patient: tuple[str, str],
+                   series_description: str | None, study_uid: str | None) -> dict[str, Any]:
+    """What every file of the series shares: clock, UIDs, texts, patient, rescale, window."""
+    from pydicom.uid import generate_uid
+
+    short_line, method_line, derivation = lines
+    name, pid = patient
     now = _dt.datetime.now().astimezone()
     offset = now.utcoffset() or _dt.timedelta(0)
     minutes = int(offset.total_seconds() // 60)
-    common: dict[str, Any] = {
+    return {
         "date": now.strftime("%Y%m%d"),
         "time": now.strftime("%H%M%S.%f"),
         "tz": f"{'+' if minutes >= 0 else '-'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}",
@@ -353,56 +375,64 @@ def write_dicom(image: ImageVolume, out_dir: str | os.PathLike[str], *, force: b
         "patient_name": name,
         "patient_id": pid,
         "slope": slope,
-        "window": (centre, width),
+        "window": window,
         "stack": stack,
     }
 
-    # planes in file order: (b, d) index into data, k along the stack, t in time (or None)
-    if image.kind == "3d":
-        planes = [(0, d, d, None) for d in range(d_n)]
-    elif image.kind == "2dt":
-        planes = [(b, t, b, t) for b in range(b_n) for t in range(d_n)]
-    else:
-        planes = [(b, 0, b, None) for b in range(b_n)]
-    digits = max(4, len(str(len(planes))))
 
-    with _atomic_folder(target, force=force) as tmp:
-        for number, (b, d, k, t) in enumerate(planes, start=1):
-            ds = _plane_dataset(image, stored[b, d], k, t, number, len(planes), common)
-            try:
-                pydicom.dcmwrite(tmp / f"IM_{number:0{digits}d}.dcm", ds,
-                                 enforce_file_format=True)
-            except OSError as exc:
-                raise OutputError(f"cannot write DICOM file ({exc.strerror or exc})",
-                                  path=target) from None
-    return target
+def _planes(image: ImageVolume) -> list[tuple[int, int, int, int | None]]:
+    """The planes in file order: (b, d) index into data, k along the stack, t in time (or None)."""
+    b_n, d_n, _, _ = image.data.shape
+    if image.kind == "3d":
+        return [(0, d, d, None) for d in range(d_n)]
+    if image.kind == "2dt":
+        return [(b, t, b, t) for b in range(b_n) for t in range(d_n)]
+    return [(b, 0, b, None) for b in range(b_n)]
 
 
 def _plane_dataset(image: ImageVolume, pixels: np.ndarray, k: int, t: int | None,
                    number: int, total: int, common: dict[str, Any]) -> Dataset:
     """The dataset of one plane (``pixels`` is its uint16 ``(Y, X)`` array)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_uid)
+    _set_sop_patient_study(ds, sop_uid, common)
+    _set_series_equipment(ds, common)
+    _set_image(ds, image, number, total, common)
+    _set_plane_geometry(ds, common["stack"], k)
+    if t is not None:
+        _set_temporal(ds, image, t)
+    _set_pixels(ds, pixels, common)
+    return ds
+
+
+def _file_meta(sop_uid: str) -> FileMetaDataset:
+    """The Part-10 file meta information of one file (explicit VR little endian)."""
+    from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-    stack: _Stack = common["stack"]
-    sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = generate_uid(entropy_srcs=["molrecon", __version__])
     meta.ImplementationVersionName = f"MOLRECON_{__version__}"[:16]
+    return meta
 
-    ds = Dataset()
-    ds.file_meta = meta
-    # SOP common
+
+def _set_sop_patient_study(ds: Dataset, sop_uid: str, common: dict[str, Any]) -> None:
+    """SOP common, patient and study attributes."""
+    from pydicom.uid import MRImageStorage
+
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = common["date"]
     ds.InstanceCreationTime = common["time"]
     ds.TimezoneOffsetFromUTC = common["tz"]
-    # patient and study
     ds.PatientName = common["patient_name"]
     ds.PatientID = common["patient_id"]
     ds.PatientBirthDate = ""
@@ -413,7 +443,10 @@ def _plane_dataset(image: ImageVolume, pixels: np.ndarray, k: int, t: int | None
     ds.ReferringPhysicianName = ""
     ds.StudyID = ""
     ds.AccessionNumber = ""
-    # series, frame of reference, equipment
+
+
+def _set_series_equipment(ds: Dataset, common: dict[str, Any]) -> None:
+    """Series, frame of reference and equipment attributes."""
     ds.Modality = "MR"
     ds.SeriesInstanceUID = common["series_uid"]
     ds.SeriesNumber = 1
@@ -426,7 +459,12 @@ def _plane_dataset(image: ImageVolume, pixels: np.ndarray, k: int, t: int | None
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = ""
     ds.SoftwareVersions = f"molrecon {__version__}"
-    # image
+
+
+def _set_image(ds: Dataset, image: ImageVolume, number: int, total: int,
+               common: dict[str, Any]) -> None:
+    """General and MR image attributes (acquisition parameters are not known here: type 2
+    attributes left empty)."""
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.InstanceNumber = number
     ds.AcquisitionNumber = 1
@@ -436,7 +474,6 @@ def _plane_dataset(image: ImageVolume, pixels: np.ndarray, k: int, t: int | None
     ds.ImageComments = common["comments"]
     ds.DerivationDescription = common["derivation"]
     ds.BurnedInAnnotation = "NO"
-    # MR image (acquisition parameters are not known here: type 2 attributes left empty)
     ds.ScanningSequence = "RM"
     ds.SequenceVariant = "NONE"
     ds.ScanOptions = ""
@@ -444,7 +481,10 @@ def _plane_dataset(image: ImageVolume, pixels: np.ndarray, k: int, t: int | None
     ds.RepetitionTime = ""
     ds.EchoTime = ""
     ds.EchoTrainLength = ""
-    # plane geometry
+
+
+def _set_plane_geometry(ds: Dataset, stack: _Stack, k: int) -> None:
+    """Orientation, position, spacing, thickness and location of plane ``k`` of the stack."""
     corner = stack.corners[k]
     normal = np.cross(stack.row_dir, stack.col_dir)
     ds.ImageOrientationPatient = [_ds(v) for v in (*stack.row_dir, *stack.col_dir)]
@@ -455,16 +495,22 @@ def _plane_dataset(image: ImageVolume, pixels: np.ndarray, k: int, t: int | None
         ds.SpacingBetweenSlices = _ds(stack.step)
     ds.SliceLocation = _ds(float(corner @ normal))
     ds.InStackPositionNumber = k + 1
-    if t is not None:
-        ds.TemporalPositionIdentifier = t + 1
-        ds.NumberOfTemporalPositions = int(image.data.shape[1])
-        frame_ms = image.geometry.frame_time_ms
-        if frame_ms is not None and np.isfinite(frame_ms):
-            ds.TriggerTime = _ds(t * float(frame_ms))
-            ds.TemporalResolution = _ds(float(frame_ms))
-        else:
-            ds.TriggerTime = ""
-    # pixels
+
+
+def _set_temporal(ds: Dataset, image: ImageVolume, t: int) -> None:
+    """Temporal position ``t`` of a ``"2dt"`` frame, with its trigger time where known."""
+    ds.TemporalPositionIdentifier = t + 1
+    ds.NumberOfTemporalPositions = int(image.data.shape[1])
+    frame_ms = image.geometry.frame_time_ms
+    if frame_ms is not None and np.isfinite(frame_ms):
+        ds.TriggerTime = _ds(t * float(frame_ms))
+        ds.TemporalResolution = _ds(float(frame_ms))
+    else:
+        ds.TriggerTime = ""
+
+
+def _set_pixels(ds: Dataset, pixels: np.ndarray, common: dict[str, Any]) -> None:
+    """The uint16 pixels ``(Y, X)`` with the series' rescale slope and window."""
     rows, columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -483,141 +529,3 @@ def _plane_dataset(image: ImageVolume, pixels: np.ndarray, k: int, t: int | None
     if width < 1:   # LINEAR windows need a width of at least 1 (in rescaled units)
         ds.VOILUTFunction = "LINEAR_EXACT"
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-    return ds
-
-
-# ---- reading -----------------------------------------------------------------------------
-
-def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
-    value = ds.get(keyword)
-    try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = np.zeros(0)
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
-        raise InputDataError(f"missing or malformed {keyword}", path=path)
-    return arr
-
-
-def _number(ds: Dataset, keyword: str, default: float) -> float:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def read_dicom_series(folder: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(magnitude, affine)`` of the single-frame image series in ``folder``.
-
-    Files may come in any order (and non-DICOM files are skipped). Planes are
-    grouped by their location along the normal ``row_dir × col_dir`` and ordered
-    along it so that the plane with the lowest Instance Number comes first; the
-    images at one location are ordered by Temporal Position Identifier, Trigger
-    Time, then Instance Number. ``magnitude`` is float32 in NIfTI order ``(X, Y, K)``,
-    or ``(X, Y, K, T)`` when there are several images per location or the files carry
-    temporal positions, with the rescale applied; ``affine`` maps ``(i, j, k)`` to RAS
-    mm like :func:`molrecon.io.nifti.nifti_affine`.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise InputDataError("no such folder" if not root.exists() else "is not a folder",
-                             path=root)
-    datasets: list[tuple[Path, Any]] = []
-    for path in sorted(root.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, EOFError):
-            continue
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
-            raise InputDataError(f"cannot read as DICOM ({type(exc).__name__}: {exc})",
-                                 path=path) from None
-        if "PixelData" in ds:
-            datasets.append((path, ds))
-    if not datasets:
-        raise InputDataError("holds no DICOM images", path=root)
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
-    if len(series) > 1:
-        raise InputDataError(f"holds {len(series)} series; give a folder with one", path=root)
-
-    first_path, first = datasets[0]
-    iop = _floats(first, "ImageOrientationPatient", 6, first_path)
-    spacing = _floats(first, "PixelSpacing", 2, first_path)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    shape = (int(first.Rows), int(first.Columns))
-
-    entries = []
-    for path, ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise InputDataError("multi-frame images are not supported", path=path)
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise InputDataError(f"image size {ds.Rows}×{ds.Columns} differs from the "
-                                 f"series' {shape[0]}×{shape[1]}", path=path)
-        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, path), iop, atol=1e-4):
-            raise InputDataError("image orientation differs from the rest of the series",
-                                 path=path)
-        if not np.allclose(_floats(ds, "PixelSpacing", 2, path), spacing, rtol=1e-4):
-            raise InputDataError("pixel spacing differs from the rest of the series", path=path)
-        ipp = _floats(ds, "ImagePositionPatient", 3, path)
-        try:
-            pixels = ds.pixel_array.astype(np.float64)
-        except Exception as exc:  # noqa: BLE001 - decoders raise many types
-            raise InputDataError(f"cannot decode the pixel data ({type(exc).__name__}: {exc})",
-                                 path=path) from None
-        values = pixels * _number(ds, "RescaleSlope", 1.0) + _number(ds, "RescaleIntercept", 0.0)
-        time_key = (_number(ds, "TemporalPositionIdentifier", 0.0),
-                    _number(ds, "TriggerTime", 0.0), _number(ds, "InstanceNumber", 0.0))
-        entries.append((float(ipp @ normal), time_key, ipp, values.astype(np.float32)))
-
-    # group the planes by location along the normal
-    entries.sort(key=lambda e: e[0])
-    groups: list[list[Any]] = [[entries[0]]]
-    for entry in entries[1:]:
-        if entry[0] - groups[-1][-1][0] > 1e-3:
-            groups.append([entry])
-        else:
-            groups[-1].append(entry)
-    frames = {len(g) for g in groups}
-    if len(frames) != 1:
-        raise InputDataError(f"the locations hold different numbers of images "
-                             f"({sorted(frames)})", path=root)
-    if len(groups) > 1 and min(e[1][2] for e in groups[0]) > min(e[1][2] for e in groups[-1]):
-        groups.reverse()    # follow the order of the instance numbers
-    for g in groups:
-        g.sort(key=lambda e: e[1])
-
-    corners = np.stack([g[0][2] for g in groups])          # (K, 3) LPS
-    k_n = len(groups)
-    if k_n > 1:
-        k_step = (corners[-1] - corners[0]) / (k_n - 1)
-        expected = corners[0] + np.arange(k_n)[:, None] * k_step
-        deviation = float(np.linalg.norm(corners - expected, axis=1).max())
-        if deviation > 0.01 * float(np.linalg.norm(k_step)) + 1e-3:
-            warnings.warn(f"{root}: slice positions are not evenly spaced (off by up to "
-                          f"{deviation:.2f} mm); the affine assumes even spacing",
-                          GeometryWarning, stacklevel=2)
-    else:
-        step = _number(first, "SpacingBetweenSlices", 0.0) or _number(first, "SliceThickness", 1.0)
-        k_step = normal * step
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * spacing[1]      # i: the column index, along the row direction
-    lps[:3, 1] = col_dir * spacing[0]      # j: the row index, along the column direction
-    lps[:3, 2] = k_step
-    lps[:3, 3] = corners[0]
-    affine = LPS_TO_RAS @ lps
-
-    stacked = np.stack([np.stack([e[3] for e in g]) for g in groups])   # (K, T, Y, X)
-    temporal = frames != {1} or any("TemporalPositionIdentifier" in ds for _, ds in datasets)
-    if temporal:
-        volume = np.transpose(stacked, (3, 2, 0, 1))                     # (X, Y, K, T)
-    else:
-        volume = np.transpose(stacked[:, 0], (2, 1, 0))                  # (X, Y, K)
-    return np.ascontiguousarray(volume, dtype=np.float32), affine
