@@ -17,8 +17,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "molrecon"
 
 # The first component of a module's dotted name under molrecon → its layer.
 LAYERS: dict[str, int] = {
-    "molrecon": 0, "__version__": 0, "errors": 0, "kinds": 0,          # leaves
+    "errors": 0, "kinds": 0, "lazy": 0,                                # leaves
     "config": 1, "atomic": 1, "memory": 1, "device": 1,                # leaves over errors
+    "molrecon": 1, "__version__": 1,                    # the package root: version, lazy API
     "io": 2, "solvers": 2,                                             # io
     "physics": 3,                                                      # parts
     "models": 4, "sim": 4, "preview": 4, "metrics": 4,
