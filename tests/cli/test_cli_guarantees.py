@@ -70,6 +70,10 @@ def test_certified_exit_0_with_table(files: dict[str, Path]) -> None:
                  "‖Δx‖/‖Δb‖ ≤ ½√(λ/m)", "1.414", "verdict", "certified"):   # ½√(4/0.5)
         assert text in r.stdout, text
     assert "certified:" in r.stderr
+    # without a terminal (as here) every stage is a plain line on stderr as it starts
+    stages = [ln.split("] ", 1)[1] for ln in r.stderr.splitlines() if ln.startswith("[")]
+    assert stages == ["check: certified bound", "check: MOL fixed points 1/1",
+                      "check: local estimates"], r.stderr
 
 
 def test_certified_json(files: dict[str, Path]) -> None:
@@ -175,9 +179,9 @@ def test_default_data_is_the_example(files: dict[str, Path],
         seen.update(kw)
         return real_load([files["data"]], **kw)
 
-    def run(loaded, problems, config):  # type: ignore[no-untyped-def]
+    def run(loaded, problems, config, progress=None):  # type: ignore[no-untyped-def]
         seen["config"] = config
-        return real_check(loaded, problems, config)
+        return real_check(loaded, problems, config, progress=progress)
 
     monkeypatch.setattr(g, "load_problems", load)
     monkeypatch.setattr(g, "check_lipschitz", run)

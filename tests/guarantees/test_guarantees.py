@@ -161,8 +161,15 @@ def test_decide_rules() -> None:
 
 def test_certified_linear_model(tmp_path: Path) -> None:
     loaded = as_loaded(tmp_path, linear_model(0.5))
-    rep = check_lipschitz(loaded, [tiny_problem(batch=2)], CheckConfig(power_iters=10))
+    said: list[str] = []
+    rep = check_lipschitz(loaded, [tiny_problem(batch=2)], CheckConfig(power_iters=10),
+                          progress=said.append)
     assert rep.verdict == "certified"
+    # the stages as they go: the bound, the solve with its residual, one line per point
+    assert said[0].startswith("certified bound")
+    assert any(s.startswith("MOL fixed points 1/1") and "residual" in s for s in said)
+    assert [s for s in said if s.startswith("local estimates")] == [
+        "local estimates: point 1/2 (, slice 0)", "local estimates: point 2/2 (, slice 1)"]
     assert rep.global_bound.bound == pytest.approx(0.5, rel=1e-9)
     assert rep.local.power.min == pytest.approx(0.5, rel=1e-4)          # linear: J = 0.5·I
     assert rep.local.ratio.max == pytest.approx(0.5, rel=1e-4)
@@ -263,8 +270,12 @@ def test_attack_reaches_analytic_worst_case_of_linear_prior(tmp_path: Path) -> N
     k = torch.linalg.solve((1 - c) * torch.eye(n, dtype=a.dtype) + lam_eff * a.conj().T @ a,
                            lam_eff * a.conj().T)
     sigma = float(torch.linalg.matrix_norm(k, ord=2))
+    said: list[str] = []
     rep = robustness(loaded, [prob], RobustnessConfig(eps=(0.01, 0.05), steps=15,
-                                                      unrolled_k=3))
+                                                      unrolled_k=3), progress=said.append)
+    assert [s.split(",")[0] for s in said] == [
+        "fixed point", "MOL attack ε=0.01", "unrolled-3 attack ε=0.01", "MOL attack ε=0.05",
+        "unrolled-3 attack ε=0.05"]
     for att in rep.mol:
         assert 0.95 * sigma <= att.amplification <= sigma * (1 + 1e-6)
         assert att.converged

@@ -17,7 +17,9 @@ bounds (λ/m)‖A‖ and ½√(λ/m).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,6 +32,7 @@ from ._common import (
     check_option,
     choice,
     console,
+    stage_logger,
     stdout,
     user_errors,
     warn,
@@ -70,6 +73,19 @@ _DATA_DEFAULT = ("repeatable; default: the bundled example scan, or for a 3D or 
                  "scan simulated from the validation anatomy")
 _DATA_HELP = f"Raw scan whose MOL fixed points are the test points ({_DATA_DEFAULT})."
 _DEVICES = ("auto", "cpu", "cuda")
+
+
+@contextlib.contextmanager
+def _live(title: str) -> Iterator[Callable[[str], None]]:
+    """A progress callback: on a terminal, a spinner whose text follows the stages; without
+    one, a plain line per stage on stderr (``[elapsed] check: stage``)."""
+    log = stage_logger("check")
+    with console.status(f"{title}…") as status:
+        def say(text: str) -> None:
+            status.update(f"{title}: {text}")
+            log(text)
+
+        yield say
 
 
 def _fmt(v: float | None, spec: str = ".4g") -> str:
@@ -132,8 +148,8 @@ def check_lipschitz_cmd(
         config = CheckConfig(power_iters=power_iters, ratio_steps=ratio_steps, tol=tol,
                              max_iter=max_iter, uniqueness=uniqueness, size=size_t, seed=seed)
         loaded, problems = _model_and_problems(model, data, device, points, double, full=full)
-        with console.status(f"measuring the prior at {len(problems)} MOL fixed point(s)…"):
-            report = check_lipschitz(loaded, problems, config)
+        with _live(f"measuring the prior at {len(problems)} MOL problem(s)") as say:
+            report = check_lipschitz(loaded, problems, config, progress=say)
         if as_json:
             stdout.print_json(json.dumps(report.as_dict()))
         else:
@@ -307,9 +323,9 @@ def robustness_cmd(
 
         config = RobustnessConfig(eps=eps_t, steps=steps, unrolled_k=unrolled_k, seed=seed)
         loaded, problems = _model_and_problems(model, files, device, points, double, full=full)
-        with console.status(f"attacking the measurements: {len(eps_t)} size(s) × {steps} "
-                            "ascent steps…"):
-            report = robustness(loaded, problems, config)
+        with _live(f"attacking the measurements: {len(eps_t)} size(s) × {steps} ascent "
+                   "steps") as say:
+            report = robustness(loaded, problems, config, progress=say)
         if as_json:
             stdout.print_json(json.dumps(report.as_dict()))
         else:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ..config import SENSE_ITERS, SENSE_LAMBDA
-from ._common import DebugOpt, app, console, stdout, user_errors, warn
+from ._common import DebugOpt, app, console, stage_logger, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "
                 "sense: CG-SENSE; zf: zero-filled root-sum-of-squares.")
@@ -164,7 +164,7 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(f"{config.method} {input.name}", total=None)
-        log_stage = _stage_log(input.name, quiet)
+        log_stage = stage_logger(input.name, quiet)
 
         def on_progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=f"{config.method} {input.name}: {stage}",
@@ -222,7 +222,7 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
                   console=console, transient=True, disable=not interactive) as bar:
         task = bar.add_task(f"{who}{config.method}", total=mine)
         current = {"name": ""}
-        log_stage = _stage_log("", quiet)
+        log_stage = stage_logger("", quiet)
 
         def on_start(i: int, src: Path) -> None:
             current["name"] = src.name
@@ -258,29 +258,6 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
                       f"; summary: {path}")
     if failed:
         raise typer.Exit(1)
-
-
-def _stage_log(name: str, quiet: bool) -> Any:
-    """Without a terminal (a batch system, a pipe), one plain line per stage of the job
-    (``[elapsed] file: stage``, on stderr, from the stage after reading on) instead of
-    the live display; with a terminal, or with ``--quiet``, nothing."""
-    import time
-
-    t0 = time.perf_counter()
-    last: dict[str, str | None] = {"key": None}
-
-    def log(stage: str, who: str | None = None) -> None:
-        if console.is_terminal or quiet:
-            return
-        key = stage.split(":")[0]
-        label = who if who is not None else name
-        if (label, key) == last["key"] or key in ("done", "reading", "reconstructing"):
-            return                      # reading is quick, and most bad input ends there
-        last["key"] = (label, key)  # type: ignore[assignment]
-        console.print(f"[{time.perf_counter() - t0:7.1f} s] {label}: {key}", markup=False,
-                      highlight=False, soft_wrap=True)
-
-    return log
 
 
 def _outcome_text(outcome: Any) -> str:

@@ -12,7 +12,7 @@ the docstring of :mod:`molrecon.guarantees`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -108,21 +108,25 @@ def check_uniqueness(step: MolStep, problem: Problem, *, lipschitz: float, basis
 
 # ===================================================================================== jobs
 def check_lipschitz(loaded: LoadedModel, problems: Sequence[Problem],
-                    config: CheckConfig | None = None) -> LipschitzReport:
+                    config: CheckConfig | None = None, *,
+                    progress: Callable[[str], None] | None = None) -> LipschitzReport:
     """Certificate, local estimates at MOL fixed points, margins, bounds and verdict.
 
     The fixed points are those of real MOL reconstructions of ``problems``
     (Anderson from the CG-SENSE start, the checkpoint's α, λ and CG count).
     Where the iteration produced non-finite values (a non-contractive model),
-    the CG-SENSE image of that slice serves as the point instead.
+    the CG-SENSE image of that slice serves as the point instead. ``progress`` receives
+    a line per stage as the check goes (``stage: detail``).
     """
     cfg = CheckConfig() if config is None else config
+    say = progress or _quiet
     if not problems:
         raise ConfigError("check-lipschitz needs at least one data file")
     model = loaded.model
     mol_cfg = loaded.mol_config
+    say("certified bound: layer by layer")
     gb = global_bound(model, size=cfg.size, layer_iters=cfg.layer_iters, seed=cfg.seed)
-    est, op_norm = _estimates_at_fixed_points(model, mol_cfg, problems, cfg)
+    est, op_norm = _estimates_at_fixed_points(model, mol_cfg, problems, cfg, say)
     local_max = est.max
     if gb.certified:
         lip, basis = gb.bound, "certified"
@@ -133,7 +137,8 @@ def check_lipschitz(loaded: LoadedModel, problems: Sequence[Problem],
     uniq = None
     if cfg.uniqueness:
         results = []
-        for prob in problems:
+        for n, prob in enumerate(problems, 1):
+            say(f"uniqueness {n}/{len(problems)}: {prob.source}, four starts")
             step = _mol_step(prior_in_precision(model, prob.dtype), mol_cfg, prob.start.device)
             results.append(check_uniqueness(step, prob, lipschitz=lip, basis=basis, tol=cfg.tol,
                                             max_iter=cfg.max_iter, seed=cfg.seed))
@@ -151,16 +156,22 @@ def check_lipschitz(loaded: LoadedModel, problems: Sequence[Problem],
 
 
 def _estimates_at_fixed_points(model: MolCNN, mol_cfg: MolConfig, problems: Sequence[Problem],
-                               cfg: CheckConfig) -> tuple[LocalEstimates, float]:
+                               cfg: CheckConfig, say: Callable[[str], None]
+                               ) -> tuple[LocalEstimates, float]:
     """Solve every problem, estimate Lip(H) at its fixed points (each labelled with its
     file, slice and solve facts), and measure ‖A‖: ``(estimates, largest ‖A‖)``."""
     points: list[torch.Tensor] = []
     labels: list[tuple[str, int, str]] = []
     facts: list[tuple[float | None, int, bool]] = []
     op_norm = 0.0
-    for prob in problems:
+    for n, prob in enumerate(problems, 1):
+        def on_iteration(it: int, residual: float, n: int = n, prob: Problem = prob) -> None:
+            say(f"MOL fixed points {n}/{len(problems)}: {prob.source}, iteration {it}, "
+                f"residual {residual:.1e} (tol {cfg.tol:g})")
+
         step = _mol_step(prior_in_precision(model, prob.dtype), mol_cfg, prob.start.device)
-        fp = solve_mol(step, prob, prob.start, tol=cfg.tol, max_iter=cfg.max_iter)
+        fp = solve_mol(step, prob, prob.start, tol=cfg.tol, max_iter=cfg.max_iter,
+                       on_iteration=on_iteration)
         finite = torch.isfinite(torch.view_as_real(fp.x)).reshape(fp.x.shape[0], -1).all(dim=1)
         x = torch.where(_bcast(finite, fp.x), fp.x, prob.start)                 # (B, D, Y, X)
         points.append(x)
@@ -172,11 +183,20 @@ def _estimates_at_fixed_points(model: MolCNN, mol_cfg: MolConfig, problems: Sequ
             facts.append((float(final[i]) if ok else None, int(fp.item_iterations[i]),
                           bool(fp.converged_items[i]) and ok))
         op_norm = max(op_norm, operator_norm(prob.op, iters=cfg.norm_iters, seed=cfg.seed))
+    total = len(labels)
+
+    def on_point(i: int) -> None:
+        say(f"local estimates: point {i + 1}/{total} ({labels[i][0]}, slice {labels[i][1]})")
+
     est = local_estimates(model, points, labels=labels, power_iters=cfg.power_iters,
-                          ratio_steps=cfg.ratio_steps, seed=cfg.seed)
+                          ratio_steps=cfg.ratio_steps, seed=cfg.seed, on_point=on_point)
     est = LocalEstimates(tuple(replace(p, residual=f[0], iterations=f[1], converged=f[2])
                                for p, f in zip(est.points, facts)))
     return est, op_norm
+
+
+def _quiet(_: str) -> None:
+    return None
 
 
 def _merge_uniqueness(results: Sequence[UniquenessResult]) -> UniquenessResult:

@@ -13,7 +13,7 @@ shared by :mod:`.certificate` and :mod:`.robustness`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -83,17 +83,19 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
 
 
 def solve_mol(step: MolStep, problem: Problem, x0: torch.Tensor, *, tol: float,
-              max_iter: int) -> FixedPointResult:
+              max_iter: int, on_iteration: Callable[[int, float], None] | None = None
+              ) -> FixedPointResult:
     """The MOL fixed point of ``problem`` from ``x0`` (Anderson, no graph).
 
-    Returns :class:`~molrecon.deq.fixed_point.FixedPointResult`.
+    Returns :class:`~molrecon.deq.fixed_point.FixedPointResult`; ``on_iteration(k,
+    residual)`` follows the iteration.
     """
     cfg = FixedPointConfig(method="anderson", tol=tol, max_iter=max_iter, warn=False)
     with torch.no_grad():
         aty = problem.aty                                                     # (B, D, Y, X)
         fn = step.bind(normal=problem.op.normal, aty=aty, support=support_of(problem.op))
-        return solve_fixed_point(fn, x0, config=cfg,
-                                 label="MOL fixed-point iteration")
+        return solve_fixed_point(fn, x0, config=cfg, label="MOL fixed-point iteration",
+                                 on_iteration=on_iteration)
 
 
 def operator_norm(op: SenseOperator, *, iters: int = 30, seed: int = 0) -> float:

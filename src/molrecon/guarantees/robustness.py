@@ -101,13 +101,15 @@ def attack(solve: Solve, problem: Problem, *,
 
 
 def robustness(loaded: LoadedModel, problems: Sequence[Problem],
-               config: RobustnessConfig | None = None) -> RobustnessReport:
+               config: RobustnessConfig | None = None, *,
+               progress: Callable[[str], None] | None = None) -> RobustnessReport:
     """Worst-case measurement perturbations of MOL and of the unrolled network, with the bounds.
 
     MOL: the equilibrium of (1), differentiated implicitly. Unrolled: K MOL
     steps from the zero-filled image Aᴴb, differentiated through the steps.
     The bounds use m from the certificate when it is < 1, else from the local
-    power estimate at the fixed points (then they are estimates).
+    power estimate at the fixed points (then they are estimates). ``progress`` receives a
+    line per stage as the attack goes (``stage: detail``).
     """
     cfg = RobustnessConfig() if config is None else config
     if not problems:
@@ -122,8 +124,14 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
     unr_res: dict[float, list[_Run]] = {e: [] for e in cfg.eps}
     local_max = 0.0
     op_norm = 0.0
-    for prob in problems:
-        powers, prob_norm, mol_runs, unr_runs = _attack_problem(model, mol_cfg, prob, cfg, gen)
+    for n, prob in enumerate(problems, 1):
+        def say(stage: str, detail: str = "", n: int = n, prob: Problem = prob) -> None:
+            if progress is not None:
+                where = f"{stage}, {prob.source} ({n}/{len(problems)})"
+                progress(f"{where}: {detail}" if detail else where)
+
+        powers, prob_norm, mol_runs, unr_runs = _attack_problem(model, mol_cfg, prob, cfg, gen,
+                                                                say)
         for v in powers:
             local_max = max(local_max, v)
         op_norm = max(op_norm, prob_norm)
@@ -149,8 +157,9 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
 
 
 def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: RobustnessConfig,
-                    gen: torch.Generator) -> tuple[list[float], float, list[tuple[float, _Run]],
-                                                   list[tuple[float, _Run]]]:
+                    gen: torch.Generator, say: Callable[[str], None]
+                    ) -> tuple[list[float], float, list[tuple[float, _Run]],
+                               list[tuple[float, _Run]]]:
     """Attack one problem at every ε, MOL and (K > 0) unrolled.
 
     Returns the local power estimates at its finite fixed points, its ‖A‖, and
@@ -165,6 +174,7 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
     solve_mol_diff = _implicit_solver(step, prob, cfg, tol, warm)
     solve_unrolled = _unrolled_solver(step, prob, cfg.unrolled_k)
 
+    say("fixed point")
     with torch.no_grad():
         x_star = solve_mol(step, prob, prob.start, tol=tol, max_iter=cfg.max_iter).x
         warm[0] = x_star
@@ -179,11 +189,13 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
     mol_runs: list[tuple[float, _Run]] = []
     unr_runs: list[tuple[float, _Run]] = []
     for e in cfg.eps:
+        say(f"MOL attack ε={e:g}", f"{cfg.steps} ascent steps")
         r = attack(solve_mol_diff, prob, eps=e, steps=cfg.steps, beta=cfg.beta,
                    direction=d_mol)
         mol_runs.append((e, (*r, prob.op.adjoint(r[0] * prob.support()))))
         d_mol = r[0]
         if cfg.unrolled_k > 0:
+            say(f"unrolled-{cfg.unrolled_k} attack ε={e:g}", f"{cfg.steps} ascent steps")
             r = attack(solve_unrolled, prob, eps=e, steps=cfg.steps, beta=cfg.beta,
                        direction=d_unr)
             unr_runs.append((e, (*r, prob.op.adjoint(r[0] * prob.support()))))

@@ -17,7 +17,7 @@ import copy
 import datetime as _dt
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -220,12 +220,13 @@ def layer_norms_at_size(model: MolCNN, size: Sequence[int], *, iters: int = 50,
 
 def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
                     labels: Sequence[tuple[str, int, str]] | None = None,
-                    power_iters: int = 20, ratio_steps: int = 10,
-                    seed: int = 0) -> LocalEstimates:
+                    power_iters: int = 20, ratio_steps: int = 10, seed: int = 0,
+                    on_point: Callable[[int], None] | None = None) -> LocalEstimates:
     """Power-iteration and ratio-search estimates at every item of every tensor in ``points``.
 
     ``points``: complex ``(B, D, Y, X)`` tensors; ``labels``: (source, item,
-    point kind) per item, in order (default: ("", index, "point")).
+    point kind) per item, in order (default: ("", index, "point")). ``on_point(i)`` is
+    called before the estimates at item ``i``.
     """
     items = [p[i:i + 1].detach() for p in points for i in range(p.shape[0])]
     if not items:
@@ -236,6 +237,8 @@ def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
     priors: dict[torch.dtype, MolCNN] = {}
     out: list[PointEstimate] = []
     for n, x in enumerate(items):
+        if on_point is not None:
+            on_point(n)
         if x.dtype not in priors:
             priors[x.dtype] = prior_in_precision(model, x.dtype)
         prior = priors[x.dtype]
