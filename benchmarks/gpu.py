@@ -33,6 +33,7 @@ Sections (a markdown table each; everything also goes to ``DIR/gpu.json`` and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import subprocess
@@ -156,8 +157,11 @@ def bench_2d(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[
             if name == "compiled" and args.small and batch != planned:
                 continue                         # the smoke test compiles once
             engine = MolEngine.from_loaded(loaded, fp, device, **VARIANTS[name])
-            t_first, _ = timed(lambda e=engine: e.solve(prob.op, prob.kspace, x0), device)
-            t, res = timed(lambda e=engine: e.solve(prob.op, prob.kspace, x0), device)
+            def solve(e: MolEngine = engine, p: Any = prob, x: torch.Tensor = x0) -> Any:
+                return e.solve(p.op, p.kspace, x)
+
+            t_first, _ = timed(solve, device)
+            t, res = timed(solve, device)
             out["throughput"].append({
                 "variant": name, "batch": batch, "slices_per_s": batch / t,
                 "ms_per_slice": 1e3 * t / batch, "iterations": int(res.iterations),
@@ -209,7 +213,7 @@ class PlainCNN(nn.Module):
         super().__init__()
         widths = [2] + [channels] * (layers - 1) + [2]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1)
-                                   for a, b in zip(widths[:-1], widths[1:], strict=True))
+                                   for a, b in itertools.pairwise(widths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:               # (B, Y, X) complex
         h = torch.view_as_real(x).permute(0, 3, 1, 2)                  # (B, 2, Y, X)
@@ -303,8 +307,8 @@ def bench_training_memory(args: argparse.Namespace, device: torch.device) -> dic
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"# MOL on {res['device']} ({res['torch']}, {'small' if res['small'] else 'full'})",
-             "", f"## 2D throughput ({res['2d']['case']}, planned batch "
-             f"{res['2d']['planned_batch']})", "",
+             "", (f"## 2D throughput ({res['2d']['case']}, planned batch "
+                  f"{res['2d']['planned_batch']})"), "",
              "| variant | batch | slices/s | ms/slice | iterations | converged | first call (s) |",
              "|---|---|---|---|---|---|---|"]
     for r in res["2d"]["throughput"]:
@@ -320,8 +324,8 @@ def markdown(res: dict[str, Any]) -> str:
                  f" / {b['cg_pe_fft_per_solve_ms']:.2f} |")
     g = res["2d"]["gate"]
     lines += ["", "## bf16 gate (bundled 2D model)", "",
-              f"PSNR change {g['psnr_change_db']:+.4f} dB, fixed-point distance "
-              f"{g['distance']:.2e}: {'pass' if g['passed'] else 'fail'}"]
+              (f"PSNR change {g['psnr_change_db']:+.4f} dB, fixed-point distance "
+               f"{g['distance']:.2e}: {'pass' if g['passed'] else 'fail'}")]
     bl = res["2d"]["baseline"]
     lines += ["", f"## Baseline (batch {bl['batch']})", "", "| iteration | ms |", "|---|---|",
               f"| plain PyTorch (5×64 CNN + 10 CG, 1D FFT) | {bl['baseline_ms_per_iteration']:.1f} |",
@@ -330,9 +334,9 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", f"## 3D volume {v['shape_dyx']} × {v['coils']} coils", "",
               "| wall (s) | maps (s) | CG-SENSE (s) | MOL (s) | iterations | peak (MiB) |",
               "|---|---|---|---|---|---|",
-              f"| {v['wall_s']:.2f} | {v['timings_s']['maps_s']:.2f} | "
-              f"{v['timings_s']['sense_s']:.2f} | {v['timings_s']['mol_s']:.2f} | "
-              f"{v['iterations']} | {v['peak_memory_mib']:.0f} |"]
+              (f"| {v['wall_s']:.2f} | {v['timings_s']['maps_s']:.2f} | "
+               f"{v['timings_s']['sense_s']:.2f} | {v['timings_s']['mol_s']:.2f} | "
+               f"{v['iterations']} | {v['peak_memory_mib']:.0f} |")]
     m = res["training_memory"]
     lines += ["", "## Training memory (bench_memory.py)", "", m["header"]]
     lines += ["|" + "---|" * max(m["header"].count("|") - 1, 1)] + m["table"]
