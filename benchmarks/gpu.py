@@ -364,15 +364,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "small": bool(args.small)}
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)
+
+    def save() -> None:
+        # after every section, so that a run stopped by a time limit keeps what it measured
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu.json").write_text(json.dumps(res, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         res["2d"] = bench_2d(args, device, Path(tmp))
+    save()
     res["3d"] = bench_3d(args, device)
+    save()
     res["training_memory"] = bench_training_memory(args, device)
+    save()
     text = markdown(res)
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu.json").write_text(json.dumps(res, indent=1))
         (args.out / "gpu.md").write_text(text)
     return res
 
