@@ -1,4 +1,5 @@
-"""``benchmarks/gpu.py --small`` runs on the CPU and reports every section it promises."""
+"""The speed benchmarks at small size: ``benchmarks/gpu.py --small`` runs on the CPU and reports
+every section it promises; ``benchmarks/bench_recon.py --small`` times molrecon and BART."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import have
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +40,20 @@ def test_gpu_benchmark_small_on_cpu(tmp_path: Path) -> None:
     assert [r.split("|")[1].strip() for r in res["training_memory"]["table"]] == \
         ["deq", "unrolled-1"]
     assert (tmp_path / "gpu.md").read_text().startswith("# MOL on cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.external
+@pytest.mark.skipif(not have("bart"), reason="needs BART (bart)")
+def test_recon_benchmark_small_against_bart(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "recon.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_recon.py"), "--small",
+                           "--json", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tool"].split()[0:2] for r in rows] == [["molrecon", "mol"], ["molrecon", "sense"],
+                                                      ["BART", "ecalib"]]
+    assert all(r["seconds"] > 0 and r["psnr"] > 15 for r in rows)
+    assert "| molrecon mol |" in proc.stdout
