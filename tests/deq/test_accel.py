@@ -224,3 +224,20 @@ def test_cli_refuses_bad_fast_step_options(tmp_path: Path, args: list[str], name
                               *args])
     assert res.exit_code == 2
     assert name in res.output + (res.stderr or "")
+
+
+def test_cli_precision_bf16_runs_and_is_reported(tmp_path: Path) -> None:
+    import json
+
+    raw = tmp_path / "scan.h5"
+    simulate_to_file(SimulationConfig(kind="2d", matrix=(24, 24), coils=3, acceleration=2.0,
+                                      acs=10, seed=5), raw)
+    weights = _loaded(tmp_path).path
+    report = tmp_path / "r.json"
+    res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "o.nii"), "--weights",
+                              str(weights), "--precision", "bf16", "--device", "cpu",
+                              "--max-iter", "5", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["precision"] == "bf16" and rep["compile"] is False
+    assert rep["config"]["precision"] == "bf16"
