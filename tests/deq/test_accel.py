@@ -62,10 +62,11 @@ def test_normal_with_phase_encoding_ffts_equals_the_operator(kind: str, d: int) 
     assert _rel(got, op.normal(truth)) < 1e-6
 
 
-def test_frozen_prior_is_the_model_bit_for_bit() -> None:
+@pytest.mark.parametrize("dims,d", [(2, 1), (3, 4)])
+def test_frozen_prior_is_the_model_bit_for_bit(dims: int, d: int) -> None:
     torch.manual_seed(1)
-    model = MolCNN(CNNConfig(dims=2, layers=3, channels=8), "sn", 0.95)
-    x = torch.randn(2, 1, 16, 12, dtype=torch.complex64)
+    model = MolCNN(CNNConfig(dims=dims, layers=3, channels=8), "sn", 0.95)
+    x = torch.randn(2, d, 16, 12, dtype=torch.complex64)
     with torch.no_grad():
         assert torch.equal(FrozenPrior(model)(x), model(x))
 
