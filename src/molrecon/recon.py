@@ -46,6 +46,9 @@ class ReconConfig:
     fixed point does not depend on α; only the speed does).
     ``sense_lambda`` is the Tikhonov weight of CG-SENSE relative to the data
     scale (the data are normalised first, so it is dimensionless).
+    ``compile``/``precision`` select MOL's fast step (:mod:`molrecon.deq.accel`):
+    a compiled step, and the prior in bf16 (``auto``: only on CUDA where the model
+    records a passed accuracy gate); both off by default.
     """
 
     method: Method = "mol"
@@ -64,6 +67,8 @@ class ReconConfig:
     coils: int | str | None = None
     coil_compression: str = "auto"
     maps: str | None = None
+    compile: bool = False
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +90,10 @@ class ReconConfig:
         if self.coils is not None and self.coils != "auto" and (
                 isinstance(self.coils, bool) or not isinstance(self.coils, int) or self.coils < 1):
             raise ConfigError(f"--coils must be a positive integer or 'auto', got {self.coils!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"--compile must be a bool, got {self.compile!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"--precision must be fp32, bf16 or auto, got {self.precision!r}")
         if self.coil_compression not in ("auto", "scc", "gcc"):
             raise ConfigError(f"--coil-compression must be auto, scc or gcc, got "
                               f"{self.coil_compression!r}")
@@ -142,11 +151,6 @@ def zero_filled_rss(kspace: Any, kind: str) -> Any:
     return torch.sqrt(torch.sum(coil_images.abs() ** 2, dim=1))  # (B, D, Y, X)
 
 
-def _chunks(n: int, size: int | None) -> list[slice]:
-    size = n if size is None else max(1, min(size, n))
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *,
                 method: Method | None = None, progress: ProgressFn | None = None,
                 engines: dict[Any, Any] | None = None) -> ReconResult:
@@ -196,15 +200,57 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
 
         channels = engine.loaded.model.config.channels if engine is not None else 64
         batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
-    chunks = _chunks(scan.shape[0], batch)
-    per_chunk = [_reconstruct_chunk(run, sl, ci, len(chunks)) for ci, sl in enumerate(chunks)]
-    progress("done", len(chunks), len(chunks))
+    per_chunk, batch, halvings = _run_chunks(run, batch)
+    progress("done", len(per_chunk), len(per_chunk))
     report = _report(run, per_chunk, batch=batch, wall=time.perf_counter() - t_start,
                      compression=compression)
+    if halvings:
+        report["out_of_memory_halvings"] = halvings
     image = ImageVolume(data=run.out, kind=scan.kind, geometry=scan.geometry, method=config.method)
     base_vols = {name: ImageVolume(data=arr, kind=scan.kind, geometry=scan.geometry, method=name)
                  for name, arr in run.baselines.items()}
     return ReconResult(image=image, report=report, baselines=base_vols)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure of torch (CUDA or CPU allocator)."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in text.lower()
+        or "can't allocate memory" in text or "DefaultCPUAllocator" in text)
+
+
+def _run_chunks(run: _Run, batch: int) -> tuple[list[dict[str, Any]], int, int]:
+    """Every chunk of ``batch`` slices; when one runs out of memory (the plan is an
+    estimate), the batch is halved and the same slices are tried again, down to one
+    slice. Returns (per-chunk reports, the final batch size, number of halvings)."""
+    import torch
+
+    n = run.scan.shape[0]
+    per_chunk: list[dict[str, Any]] = []
+    start, halvings = 0, 0
+    batch = max(1, min(batch, n))
+    while start < n:
+        sl = slice(start, min(start + batch, n))
+        done = len(per_chunk)
+        total = done + -(-(n - start) // batch)
+        try:
+            per_chunk.append(_reconstruct_chunk(run, sl, done, total))
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc) or batch == 1:
+                raise
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch //= 2
+            halvings += 1
+            run.progress(f"out of memory: batch of {batch} slices", done, total)
+            continue
+        start = sl.stop
+    return per_chunk, batch, halvings
 
 
 def _inputs(scan: RawScan | str | Path, config: ReconConfig, progress: ProgressFn
@@ -377,4 +423,5 @@ def load_engine(config: ReconConfig, kind: str, device: Any, *, one_readout: boo
     fixed_point = FixedPointConfig(method=config.solver, tol=config.tol,
                                    max_iter=config.max_iter, warn=False)
     return MolEngine.from_loaded(loaded, fixed_point, device, alpha=config.alpha,
-                                 cg_iters=config.cg_iters)
+                                 cg_iters=config.cg_iters, compile=config.compile,
+                                 precision=config.precision)

@@ -60,6 +60,10 @@ def reconstruct_cmd(
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Slices per batch on the device (default: as many as fit).",
         min=1, metavar="N")] = None,
+    compile_step: Annotated[bool, typer.Option(
+        "--compile/--no-compile", help="MOL: run the step compiled by torch.compile (frozen prior, data-consistency CG with FFTs along the undersampled axes only; CUDA graphs on a GPU). The first solve pays the compilation. Default: off (eager).")] = False,
+    precision: Annotated[Literal["fp32", "bf16", "auto"], typer.Option(
+        "--precision", help="MOL prior precision: fp32 | bf16 (bfloat16 autocast of the CNN; changes the result slightly) | auto (bf16 only on CUDA when the model records a passed bf16 accuracy gate, else fp32). Default: fp32.")] = "fp32",
     complex_out: Annotated[bool, typer.Option("--complex", help="Write complex64 instead of magnitude (NIfTI only).")] = False,
     report: Annotated[Path | None, typer.Option(
         "--report", help="Write a JSON report here (one file; a batch writes OUTPUT/summary.json).")] = None,
@@ -76,6 +80,10 @@ def reconstruct_cmd(
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
     n_coils = _check_usage(device=device, coils=coils, tol=tol, alpha=alpha)
+    for flag, used in (("--compile", compile_step), ("--precision", precision != "fp32")):
+        if used and method != "mol":
+            raise typer.BadParameter(f"{flag} is used by --method mol only (this run is "
+                                     f"--method {method})", param_hint=flag)
     if weights is not None and method != "mol":
         raise typer.BadParameter(f"--weights is used by --method mol only (this run is "
                                  f"--method {method})", param_hint="--weights")
@@ -106,6 +114,7 @@ def reconstruct_cmd(
             batch_size=batch_size, keep_baselines=compare, cg_iters=cg_iters,
             sense_lambda=sense_lambda, sense_iters=sense_iters, coils=n_coils,
             coil_compression=coil_compression, maps=None if maps is None else str(maps),
+            compile=compile_step, precision=precision,  # type: ignore[arg-type]
         )
         if batch:
             if report is not None:
