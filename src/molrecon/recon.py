@@ -23,13 +23,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .config import SENSE_ITERS, SENSE_LAMBDA
 from .errors import CheckpointError, ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
+
+if TYPE_CHECKING:
+    import torch
+
+    from .deq.inference import MolEngine
+    from .physics.compression import Compression
 from .kinds import spatial_dims
 
 Method = Literal["mol", "sense", "zf"]
@@ -113,7 +119,7 @@ def _noop_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
-def _zero_filled_numpy(scan: RawScan, config: ReconConfig, compression: Any,
+def _zero_filled_numpy(scan: RawScan, config: ReconConfig, compression: Compression | None,
                        progress: ProgressFn) -> ReconResult:
     """``--method zf`` without torch: the same image as :func:`zero_filled_rss`."""
     import resource
@@ -141,7 +147,7 @@ def _zero_filled_numpy(scan: RawScan, config: ReconConfig, compression: Any,
     return ReconResult(image=image, report=report)
 
 
-def zero_filled_rss(kspace: Any, kind: str) -> Any:
+def zero_filled_rss(kspace: torch.Tensor, kind: str) -> torch.Tensor:
     """Root-sum-of-squares of the coil images of zero-filled k-space: (B,C,D,Y,X) → (B,D,Y,X)."""
     import torch
 
@@ -254,7 +260,7 @@ def _run_chunks(run: _Run, batch: int) -> tuple[list[dict[str, Any]], int, int]:
 
 
 def _inputs(scan: RawScan | str | Path, config: ReconConfig, progress: ProgressFn
-            ) -> tuple[RawScan, Any, Any]:
+            ) -> tuple[RawScan, np.ndarray | None, Compression | None]:
     """The scan (read when a path), the user's coil maps, and both coil-compressed when
     ``config.coils`` asks; returns (scan, maps or None, compression or None)."""
     from .io.detect import read_raw
@@ -278,8 +284,8 @@ def _inputs(scan: RawScan | str | Path, config: ReconConfig, progress: ProgressF
     return scan, user_maps, compression
 
 
-def _engine(config: ReconConfig, scan: RawScan, device: Any, engines: dict[Any, Any] | None,
-            progress: ProgressFn) -> Any:
+def _engine(config: ReconConfig, scan: RawScan, device: torch.device,
+            engines: dict[Any, Any] | None, progress: ProgressFn) -> MolEngine:
     """The MOL engine for ``scan``, from ``engines`` when a batch already loaded it."""
     key = (config, scan.kind, str(device), scan.shape[-1] == 1)
     engine = None if engines is None else engines.get(key)
@@ -297,9 +303,9 @@ class _Run:
 
     scan: RawScan
     config: ReconConfig
-    device: Any
-    engine: Any
-    user_maps: Any
+    device: torch.device
+    engine: MolEngine | None
+    user_maps: np.ndarray | None
     progress: ProgressFn
     out: np.ndarray = field(init=False)                                   # (B, D, Y, X)
     baselines: dict[str, np.ndarray] = field(init=False)
@@ -350,6 +356,7 @@ def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str
     elif "sense" in run.baselines:
         run.baselines["sense"][sl] = (x_sense * unscale).cpu().numpy()
     if config.method == "mol":
+        assert run.engine is not None                  # loaded by _reconstruct for MOL
         t0 = time.perf_counter()
 
         def on_iteration(it: int, residual: float) -> None:
@@ -364,7 +371,7 @@ def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str
 
 
 def _report(run: _Run, per_chunk: list[dict[str, Any]], *, batch: int, wall: float,
-            compression: Any) -> dict[str, Any]:
+            compression: Compression | None) -> dict[str, Any]:
     """The plain-JSON report of a finished reconstruction; warns when MOL did not converge."""
     import torch
 
@@ -406,7 +413,8 @@ def _report(run: _Run, per_chunk: list[dict[str, Any]], *, batch: int, wall: flo
     return report
 
 
-def load_engine(config: ReconConfig, kind: str, device: Any, *, one_readout: bool = False) -> Any:
+def load_engine(config: ReconConfig, kind: str, device: torch.device, *,
+                one_readout: bool = False) -> MolEngine:
     """The MOL engine of ``config`` for ``kind`` data (:class:`molrecon.deq.inference.MolEngine`):
     its ``--weights`` or the bundled default (:func:`molrecon.models.bundled.checkpoint_for`),
     refused when the model does not declare ``kind``."""
