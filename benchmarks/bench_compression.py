@@ -31,7 +31,7 @@ import torch
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
 from molrecon.recon import ReconConfig, reconstruct
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 CASES: list[dict[str, Any]] = [
     {"name": "2D, 16 coils", "cfg": dict(kind="2d", coils=16, acceleration=4.0, acs=24)},

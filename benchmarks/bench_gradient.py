@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deq"))
 from molrecon.deq import FixedPointConfig, MolConfig, MolStep, regularised_sense
 from molrecon.deq.implicit import deq_solve
 from test_deq import make_problem, sn_prior

@@ -42,16 +42,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sense import read_cfl, write_cfl
 
-from molrecon.coils import EspiritConfig, estimate_maps
+from molrecon.physics.espirit import EspiritConfig, estimate_maps
 from molrecon.io.detect import read_raw
-from molrecon.io.ismrmrd import find_calibration_region
+from molrecon.io.kspace import find_calibration_region
 from molrecon.metrics import compare
 from molrecon.physics.fft import ifftc
 from molrecon.physics.masks import make_mask
 from molrecon.physics.scaling import scale_factor
 from molrecon.physics.sense import SenseOperator, cg_sense
 from molrecon.recon import ReconConfig
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 

@@ -7,7 +7,7 @@ crime), complex Gaussian noise, equispaced R=4 lines plus 24 ACS lines.
 Timed in one run (torch limited to ``--threads`` threads, BART to the same
 number of OpenMP threads):
 
-* coil maps: ``molrecon.coils.estimate_maps`` vs ``bart ecalib -m1``;
+* coil maps: ``molrecon.physics.espirit.estimate_maps`` vs ``bart ecalib -m1``;
 * CG-SENSE, 30 iterations, the same Tikhonov λ: ``molrecon.physics.sense.cg_sense``
   vs ``bart pics -l2 -r λ -i 30``, both with the *same* (molrecon) maps;
 * image quality: PSNR of both against the fully sampled coil combination
@@ -178,7 +178,7 @@ def bench_2d(size: int, coils: int, threads: int, repeat: int, lam: float, iters
              ) -> list[dict[str, object]]:
     import torch
 
-    from molrecon.coils import estimate_maps, subspace_agreement
+    from molrecon.physics.espirit import estimate_maps, subspace_agreement
     from molrecon.physics.sense import SenseOperator, cg_sense
 
     sim = simulate_slice(size, coils, accel=4, acs=24, noise=0.0003, seed=0)
@@ -250,7 +250,7 @@ def bench_3d(shape: tuple[int, int, int], coils: int, repeat: int, iters: int
              ) -> list[dict[str, object]]:
     import torch
 
-    from molrecon.coils import EspiritConfig, estimate_maps
+    from molrecon.physics.espirit import EspiritConfig, estimate_maps
     from molrecon.physics.fft import fftc
     from molrecon.physics.sense import SenseOperator, cg_sense
 

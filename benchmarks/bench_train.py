@@ -61,7 +61,7 @@ def _rss_mib() -> float:
 
 def make_data(case: str, root: Path, coils: int) -> Path:
     """One fully sampled simulated file for ``case`` in its own folder."""
-    from molrecon.simulate import SimulationConfig, simulate_to_file
+    from molrecon.sim import SimulationConfig, simulate_to_file
 
     spec = CASES[case]
     folder = root / case
@@ -79,7 +79,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from molrecon.train import TrainConfig, train
-    from molrecon.train_data import MaskSpec
+    from molrecon.train.data import MaskSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Reconstruction quality of MOL against zero filling, CG-SENSE and BART, all in one run.
 
-Data (never used in training; see ``molrecon.anatomy`` for the split):
+Data (never used in training; see ``molrecon.sim.anatomy`` for the split):
 
 * held-out 2D brain slices: the *test* slab of Colin 27, simulated through the
   project's own raw-data model (8 coils, noise 0.01, 256², readout
@@ -52,13 +52,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sense import read_cfl, write_cfl
 
-from molrecon.coils import estimate_maps
+from molrecon.physics.espirit import estimate_maps
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
 from molrecon.physics.masks import make_mask
 from molrecon.physics.scaling import scale_factor
 from molrecon.recon import ReconConfig, reconstruct
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
@@ -208,7 +208,7 @@ def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
     path = REAL / "siemens_gre_2coil_full.h5"
     if not path.exists():
         return
-    from molrecon.io.ismrmrd import find_calibration_region
+    from molrecon.io.kspace import find_calibration_region
 
     full = read_raw(path)
     ref = reconstruct(full, ReconConfig(method="sense", device="cpu")).image.data

@@ -28,9 +28,9 @@ from molrecon.guarantees import (
     example_scan,
     load_problems,
 )
+from molrecon.models.bundled import weights_dir
 from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
-from molrecon.simulate import simulated_example
-from molrecon.weights import weights_dir
+from molrecon.sim import simulated_example
 
 DATA_TEXT = {
     "2d": "fully sampled 2D slices, 4–16 coils, noise 0.005–0.02, 192² and 256² matrices",
@@ -150,7 +150,7 @@ Serves data kinds: {', '.join(kinds)}{served_note}.
 ## Training data
 
 Simulated raw data (`scripts/make_training_data.py --kind {kind}`): {DATA_TEXT.get(kind, kind)},
-from the *train* split of `molrecon.anatomy` (Colin 27 axial slabs 0–0.50 and
+from the *train* split of `molrecon.sim.anatomy` (Colin 27 axial slabs 0–0.50 and
 0.88–1.00 of the head, and the MNI152 2009a template); birdcage-like coils,
 correlated coil noise with noise scans, readout oversampling, simulated on a 2×
 finer grid.

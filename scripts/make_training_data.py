@@ -1,7 +1,7 @@
 """Write the simulated raw-data folders the bundled MOL weights are trained on.
 
 Every file is fully sampled (R = 1; training undersamples retrospectively) and
-drawn from the anatomy of one split only (see ``molrecon.anatomy``): train and
+drawn from the anatomy of one split only (see ``molrecon.sim.anatomy``): train and
 val never share a slab or subject. Within a folder the coil count, noise level
 and matrix vary, so the model does not learn one coil array or one SNR.
 
@@ -21,7 +21,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from molrecon.simulate import SimulationConfig, simulate_dataset
+from molrecon.sim import SimulationConfig, simulate_dataset
 
 VARIANTS = {
     # (coils, noise, matrix) cycled over the groups of each folder

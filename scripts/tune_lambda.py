@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from molrecon.deq.mol import MolStep
     from molrecon.models.checkpoint import load_checkpoint, save_checkpoint
     from molrecon.train import TrainConfig, evaluate, make_problem
-    from molrecon.train_data import MaskSpec, list_raw_files, load_folder
+    from molrecon.train.data import MaskSpec, list_raw_files, load_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from molrecon.train import TrainConfig
-from molrecon.train_data import MaskSpec
+from molrecon.train.data import MaskSpec
 
 
 def tiny_config(data: Path, out: Path, **changes: Any) -> TrainConfig:
@@ -18,7 +18,7 @@ def tiny_config(data: Path, out: Path, **changes: Any) -> TrainConfig:
     base: dict[str, Any] = {
         "layers": 3, "channels": 8, "mask": MaskSpec(acceleration=3.0, acs=8), "max_steps": 2,
         "val_every": 2, "checkpoint_every": 2, "val_samples": 2, "device": "cpu",
-        "constraint": "sn"}
+        "constraint": "sn", "cg_iters": 5}
     base.update(changes)
     return TrainConfig(data=str(data), out=str(out), **base)
 

@@ -67,6 +67,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip_gpu)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> str:
+    """Every device a test should pass on: the CPU always, CUDA when the machine has it
+    (the ``cuda`` case is marked ``gpu`` and skipped without a CUDA device)."""
+    return str(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads() -> None:
     """Keep torch to the machine's cores and deterministic."""

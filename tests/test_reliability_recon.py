@@ -13,7 +13,7 @@ Behaviours pinned here (each one is stated in docs/GUARANTEES.md):
   finite; scaling data and noise together leaves the (noise-whitened) image
   unchanged.
 * The same input, weights and device give bit-identical NIfTI data on the CPU.
-* :mod:`molrecon.resources`: the memory model and the batch planner.
+* :mod:`molrecon.memory`: the memory model and the batch planner.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from conftest import message_lines
 from molrecon.cli import app
 from molrecon.deq import MolConfig
 from molrecon.errors import ConfigError, ResourceError
-from molrecon.models import CNNConfig, MolCNN, save_checkpoint
-from molrecon.resources import (
+from molrecon.memory import (
     COMPLEX_BYTES,
     available_memory_bytes,
     estimate_recon_memory,
     plan_batches,
 )
-from molrecon.simulate import SimulationConfig, simulate_to_file
+from molrecon.models import CNNConfig, MolCNN, save_checkpoint
+from molrecon.sim import SimulationConfig, simulate_to_file
 
 runner = CliRunner()
 NOISE_BIT = np.uint64(1 << 18)
@@ -333,12 +333,12 @@ def test_plan_batches_refuses_and_names_what_would_fit() -> None:
 
 
 def test_available_memory_reads_meminfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from molrecon import resources
+    from molrecon import memory
 
     fake = tmp_path / "meminfo"
     fake.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\n"
                     "MemAvailable:    2097152 kB\n")
-    monkeypatch.setattr(resources, "_MEMINFO", fake)
+    monkeypatch.setattr(memory, "_MEMINFO", fake)
     assert available_memory_bytes("cpu") == 2097152 * 1024
     # plan_batches measures when not told: 2 GiB plans only part of a large CPU job.
     big = (48, 8, 1, 256, 256)

@@ -12,8 +12,7 @@ Heavy modules (torch) are imported lazily, on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -23,8 +22,8 @@ _LAZY = {
     "read_nifti": "molrecon.io.nifti",
     "reconstruct": "molrecon.recon",
     "ReconConfig": "molrecon.recon",
-    "SimulationConfig": "molrecon.simulate",
-    "simulate_to_file": "molrecon.simulate",
+    "SimulationConfig": "molrecon.sim",
+    "simulate_to_file": "molrecon.sim",
     "compare": "molrecon.metrics",
     "RawScan": "molrecon.io.types",
     "ImageVolume": "molrecon.io.types",
@@ -35,10 +34,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'molrecon' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 __all__ = [*sorted(_LAZY), "__version__"]  # noqa: PLE0604 - strings, from the lazy table

@@ -1,4 +1,4 @@
-"""Frozen configuration records shared across layers (no imports above ``errors``).
+"""Frozen configuration records and defaults shared across layers (no imports above ``errors``).
 
 ``MolConfig`` lives here, not in ``deq/``, because the checkpoint format in
 ``models/`` stores it and parts must not import the engine.
@@ -10,6 +10,12 @@ import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
+
+#: Tikhonov weight of CG-SENSE relative to the data scale (``reconstruct --sense-lambda``),
+#: also the MOL start everywhere (:mod:`molrecon.problem`).
+SENSE_LAMBDA = 1e-3
+#: CG iterations of CG-SENSE (``reconstruct --sense-iters``).
+SENSE_ITERS = 30
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -130,7 +130,7 @@ def outputs_for(inputs: list[Path], out_dir: Path, fmt: OutputFormat) -> list[Pa
 
 def check_target(output: Path, fmt: OutputFormat, *, force: bool) -> None:
     """Fail before any work if the image output cannot be written."""
-    from .io.atomic import check_output
+    from .atomic import check_output
 
     if fmt == "nifti":
         check_output(output, force=force)
@@ -171,7 +171,6 @@ def reconstruct_file(input: Path, output: Path, config: Any, *, fmt: OutputForma
 
     Library errors propagate (with the input's name) and leave no output behind.
     """
-    from .io.atomic import write_text_atomic
     from .io.detect import read_raw
     from .recon import reconstruct
 
@@ -190,17 +189,30 @@ def reconstruct_file(input: Path, output: Path, config: Any, *, fmt: OutputForma
             result.report.setdefault("warnings", []).append(text)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    write_outputs(result, output, fmt=fmt, complex_out=complex_out, force=force,
+                  preview=preview, report=report)
+    return result, lines
+
+
+def write_outputs(result: Any, output: Path, *, fmt: OutputFormat = "nifti",
+                  complex_out: bool = False, force: bool = False, preview: Path | None = None,
+                  report: Path | None = None, panels: Sequence[tuple[str, Any]] = (),
+                  report_extra: dict[str, Any] | None = None) -> None:
+    """Write a reconstruction: the image (NIfTI or a DICOM series), and when asked its PNG
+    preview (the baselines, the image, then ``panels``) and its JSON report (with
+    ``report_extra`` added). Each file is written atomically."""
+    from .atomic import write_text_atomic
+
     _write_image(result, output, fmt, complex_out=complex_out, force=force)
     result.report["output"] = str(output)
     if preview is not None:
         from .preview import write_preview
 
-        shown = [*result.baselines.items(), (result.report["method"], result.image)]
+        shown = [*result.baselines.items(), (result.report["method"], result.image), *panels]
         write_preview(preview, shown, force=force)
     if report is not None:
-        write_text_atomic(report, json.dumps(result.report, indent=2, default=str) + "\n",
-                          force=force)
-    return result, lines
+        doc = {**result.report, **(report_extra or {})}
+        write_text_atomic(report, json.dumps(doc, indent=2, default=str) + "\n", force=force)
 
 
 @dataclass
@@ -288,7 +300,7 @@ def write_summary(out_dir: Path, outcomes: list[FileOutcome], *, options: dict[s
                   force: bool = True) -> Path:
     """``out_dir/summary.json``: totals, the options, one row per file (input order)."""
     from . import __version__
-    from .io.atomic import write_text_atomic
+    from .atomic import write_text_atomic
 
     rows = [o.row() for o in outcomes]
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "failed", "skipped")}

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.atomic import write_bytes_atomic
+from .atomic import write_bytes_atomic
 from .io.types import ImageVolume
 
 __all__ = ["PLANES", "Orientation", "Panel", "middle_plane", "montage_png", "orientation_for",

@@ -23,12 +23,20 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import ConfigError, ConvergenceWarning, MolreconError
+from .config import SENSE_ITERS, SENSE_LAMBDA
+from .errors import CheckpointError, ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
+
+if TYPE_CHECKING:
+    import torch
+
+    from .deq.inference import MolEngine
+    from .physics.compression import Compression
+from .kinds import spatial_dims
 
 Method = Literal["mol", "sense", "zf"]
 METHODS: tuple[str, ...] = ("mol", "sense", "zf")
@@ -44,6 +52,9 @@ class ReconConfig:
     fixed point does not depend on α; only the speed does).
     ``sense_lambda`` is the Tikhonov weight of CG-SENSE relative to the data
     scale (the data are normalised first, so it is dimensionless).
+    ``compile``/``precision`` select MOL's fast step (:mod:`molrecon.deq.accel`):
+    a compiled step, and the prior in bf16 (``auto``: only on CUDA where the model
+    records a passed accuracy gate); both off by default.
     """
 
     method: Method = "mol"
@@ -54,14 +65,16 @@ class ReconConfig:
     alpha: float | None = None
     solver: Literal["anderson", "plain"] = "anderson"
     cg_iters: int | None = None
-    sense_lambda: float = 1e-3
-    sense_iters: int = 30
+    sense_lambda: float = SENSE_LAMBDA
+    sense_iters: int = SENSE_ITERS
     batch_size: int | None = None
     keep_baselines: bool = False
     seed: int = 0
     coils: int | str | None = None
     coil_compression: str = "auto"
     maps: str | None = None
+    compile: bool = False
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -83,6 +96,10 @@ class ReconConfig:
         if self.coils is not None and self.coils != "auto" and (
                 isinstance(self.coils, bool) or not isinstance(self.coils, int) or self.coils < 1):
             raise ConfigError(f"--coils must be a positive integer or 'auto', got {self.coils!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"--compile must be a bool, got {self.compile!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"--precision must be fp32, bf16 or auto, got {self.precision!r}")
         if self.coil_compression not in ("auto", "scc", "gcc"):
             raise ConfigError(f"--coil-compression must be auto, scc or gcc, got "
                               f"{self.coil_compression!r}")
@@ -102,14 +119,14 @@ def _noop_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
-def _zero_filled_numpy(scan: RawScan, config: ReconConfig, compression: Any,
+def _zero_filled_numpy(scan: RawScan, config: ReconConfig, compression: Compression | None,
                        progress: ProgressFn) -> ReconResult:
     """``--method zf`` without torch: the same image as :func:`zero_filled_rss`."""
     import resource
 
     t0 = time.perf_counter()
     progress("zero filling", 0, 1)
-    axes = (-3, -2, -1) if scan.kind == "3d" else (-2, -1)
+    axes = spatial_dims(scan.kind)
     k = np.fft.ifftshift(scan.kspace, axes=axes)
     coil = np.fft.fftshift(np.fft.ifftn(k, axes=axes, norm="ortho"), axes=axes)
     out = np.sqrt(np.sum(np.abs(coil) ** 2, axis=1)).astype(np.complex64)    # (B, D, Y, X)
@@ -130,51 +147,14 @@ def _zero_filled_numpy(scan: RawScan, config: ReconConfig, compression: Any,
     return ReconResult(image=image, report=report)
 
 
-def zero_filled_rss(kspace: Any, kind: str) -> Any:
+def zero_filled_rss(kspace: torch.Tensor, kind: str) -> torch.Tensor:
     """Root-sum-of-squares of the coil images of zero-filled k-space: (B,C,D,Y,X) → (B,D,Y,X)."""
     import torch
 
-    from .physics.fft import ifftc, spatial_dims
+    from .physics.fft import ifftc
 
     coil_images = ifftc(kspace, spatial_dims(kind))          # (B, C, D, Y, X)
     return torch.sqrt(torch.sum(coil_images.abs() ** 2, dim=1))  # (B, D, Y, X)
-
-
-@dataclass
-class Prepared:
-    """A chunk of slices ready for SENSE or MOL: normalised k-space, its scale, the operator."""
-
-    kspace: Any      # complex (b, C, D, Y, X), divided by ``scale``
-    scale: Any       # real (b,)
-    op: Any          # physics.sense.SenseOperator with ESPIRiT maps and the sampling mask
-
-
-def prepare(kspace: Any, mask: Any, calib: Any, kind: str, *, maps: Any = None) -> Prepared:
-    """Normalise the intensity (``physics.scaling``), estimate ESPIRiT maps, build A = M F S.
-
-    ``maps`` (b, C, D|1, Y, X), when given, are used instead of the ESPIRiT estimate.
-
-    The one place where reconstruction, training-time checks and the guarantees
-    commands turn acquired k-space into a MOL problem, so they always agree.
-    Tensors in, on any device: ``kspace`` (b, C, D, Y, X), ``mask``/``calib`` (b, 1, D, Y, 1).
-    """
-    import torch
-
-    from .coils import estimate_maps
-    from .physics.scaling import scale_factor
-    from .physics.sense import SenseOperator
-
-    scale = torch.as_tensor(scale_factor(kspace, mask, kind), device=kspace.device,
-                            dtype=kspace.real.dtype).reshape(-1)            # (b,)
-    kn = kspace / scale.reshape(-1, 1, 1, 1, 1).to(kspace.dtype)
-    if maps is None:
-        maps = estimate_maps(kn, calib, kind)                              # (b, C, D|1, Y, X)
-    return Prepared(kspace=kn, scale=scale, op=SenseOperator(maps, mask, kind))
-
-
-def _chunks(n: int, size: int | None) -> list[slice]:
-    size = n if size is None else max(1, min(size, n))
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *,
@@ -200,12 +180,91 @@ def reconstruct(scan: RawScan | str | Path, config: ReconConfig | None = None, *
 def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
                  method: Method | None, progress: ProgressFn | None,
                  engines: dict[Any, Any] | None = None) -> ReconResult:
-    from .io.detect import read_raw
-
     config = config or ReconConfig()
     if method is not None:
         config = ReconConfig(**{**asdict(config), "method": method})
     progress = progress or _noop_progress
+    scan, user_maps, compression = _inputs(scan, config, progress)
+    if config.method == "zf" and not config.keep_baselines and config.device in ("auto", "cpu"):
+        # Zero filling is two FFTs and a sum: numpy does it without importing torch
+        # (about 2 s of a command's start-up), on the CPU whatever the machine has.
+        return _zero_filled_numpy(scan, config, compression, progress)
+    import torch
+
+    from .device import resolve_device
+
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+    engine = _engine(config, scan, device, engines, progress) if config.method == "mol" else None
+    run = _Run(scan=scan, config=config, device=device, engine=engine, user_maps=user_maps,
+               progress=progress)
+    batch = config.batch_size
+    if batch is None:
+        from .memory import plan_batches
+
+        channels = engine.loaded.model.config.channels if engine is not None else 64
+        batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
+    per_chunk, batch, halvings = _run_chunks(run, batch)
+    progress("done", len(per_chunk), len(per_chunk))
+    report = _report(run, per_chunk, batch=batch, wall=time.perf_counter() - t_start,
+                     compression=compression)
+    if halvings:
+        report["out_of_memory_halvings"] = halvings
+    image = ImageVolume(data=run.out, kind=scan.kind, geometry=scan.geometry, method=config.method)
+    base_vols = {name: ImageVolume(data=arr, kind=scan.kind, geometry=scan.geometry, method=name)
+                 for name, arr in run.baselines.items()}
+    return ReconResult(image=image, report=report, baselines=base_vols)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure of torch (CUDA or CPU allocator)."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in text.lower()
+        or "can't allocate memory" in text or "DefaultCPUAllocator" in text)
+
+
+def _run_chunks(run: _Run, batch: int) -> tuple[list[dict[str, Any]], int, int]:
+    """Every chunk of ``batch`` slices; when one runs out of memory (the plan is an
+    estimate), the batch is halved and the same slices are tried again, down to one
+    slice. Returns (per-chunk reports, the final batch size, number of halvings)."""
+    import torch
+
+    n = run.scan.shape[0]
+    per_chunk: list[dict[str, Any]] = []
+    start, halvings = 0, 0
+    batch = max(1, min(batch, n))
+    while start < n:
+        sl = slice(start, min(start + batch, n))
+        done = len(per_chunk)
+        total = done + -(-(n - start) // batch)
+        try:
+            per_chunk.append(_reconstruct_chunk(run, sl, done, total))
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc) or batch == 1:
+                raise
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch //= 2
+            halvings += 1
+            run.progress(f"out of memory: batch of {batch} slices", done, total)
+            continue
+        start = sl.stop
+    return per_chunk, batch, halvings
+
+
+def _inputs(scan: RawScan | str | Path, config: ReconConfig, progress: ProgressFn
+            ) -> tuple[RawScan, np.ndarray | None, Compression | None]:
+    """The scan (read when a path), the user's coil maps, and both coil-compressed when
+    ``config.coils`` asks; returns (scan, maps or None, compression or None)."""
+    from .io.detect import read_raw
+
     if not isinstance(scan, RawScan):
         scan = read_raw(scan)
     user_maps = None
@@ -222,102 +281,103 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
                                           method=config.coil_compression)  # type: ignore[arg-type]
         if user_maps is not None:
             user_maps = compress_maps(compression, user_maps)
-    if config.method == "zf" and not config.keep_baselines and config.device in ("auto", "cpu"):
-        # Zero filling is two FFTs and a sum: numpy does it without importing torch
-        # (about 2 s of a command's start-up), on the CPU whatever the machine has.
-        return _zero_filled_numpy(scan, config, compression, progress)
+    return scan, user_maps, compression
+
+
+def _engine(config: ReconConfig, scan: RawScan, device: torch.device,
+            engines: dict[Any, Any] | None, progress: ProgressFn) -> MolEngine:
+    """The MOL engine for ``scan``, from ``engines`` when a batch already loaded it."""
+    key = (config, scan.kind, str(device), scan.shape[-1] == 1)
+    engine = None if engines is None else engines.get(key)
+    if engine is None:
+        progress("loading the model", 0, 1)
+        engine = load_engine(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
+        if engines is not None:
+            engines[key] = engine
+    return engine
+
+
+@dataclass
+class _Run:
+    """One reconstruction in progress: its inputs and the arrays the chunks fill."""
+
+    scan: RawScan
+    config: ReconConfig
+    device: torch.device
+    engine: MolEngine | None
+    user_maps: np.ndarray | None
+    progress: ProgressFn
+    out: np.ndarray = field(init=False)                                   # (B, D, Y, X)
+    baselines: dict[str, np.ndarray] = field(init=False)
+    timings: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = np.zeros((self.scan.shape[0],) + self.scan.shape[2:], dtype=np.complex64)
+        self.baselines = {}
+        if self.config.keep_baselines:
+            for name in ("zf", "sense"):
+                if name != self.config.method:
+                    self.baselines[name] = np.zeros_like(self.out)
+        self.timings = {"maps_s": 0.0, "sense_s": 0.0, "mol_s": 0.0}
+
+
+def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str, Any]:
+    """Zero filling, maps + CG-SENSE and MOL for the slices ``sl``, written into ``run``;
+    returns the chunk's report entry."""
     import torch
 
-    from .device import peak_memory_bytes, resolve_device
+    from .physics.sense import cg_sense
+    from .problem import from_scan
 
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_start = time.perf_counter()
-
-    engine = None
+    scan, config, progress = run.scan, run.config, run.progress
+    part = "" if n_chunks == 1 else f" (batch {ci + 1}/{n_chunks})"
+    progress("reconstructing" + part, ci, n_chunks)
+    k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(run.device)  # (b, C, D, Y, X)
+    chunk_info: dict[str, Any] = {"slices": [sl.start, sl.stop]}
+    if config.method == "zf" or "zf" in run.baselines:
+        zf = zero_filled_rss(k, scan.kind)
+        (run.out if config.method == "zf" else run.baselines["zf"])[sl] = zf.cpu().numpy()
+    if config.method == "zf" and "sense" not in run.baselines:
+        return chunk_info
+    progress(("coil maps" if run.user_maps is None else "coil maps (yours)") + part, ci, n_chunks)
+    t0 = time.perf_counter()
+    prob = from_scan(scan, sl, run.device, maps=run.user_maps)
+    run.timings["maps_s"] += time.perf_counter() - t0
+    scale, kn, op = prob.scale, prob.kspace, prob.op
+    progress("CG-SENSE" + part, ci, n_chunks)
+    t0 = time.perf_counter()
+    sense = cg_sense(op, kn, lam=config.sense_lambda, max_iter=config.sense_iters)
+    run.timings["sense_s"] += time.perf_counter() - t0
+    x_sense = sense.x                                                      # (b, D, Y, X)
+    chunk_info["sense_iterations"] = sense.iterations
+    unscale = scale.reshape(-1, 1, 1, 1).to(x_sense.dtype)
+    if config.method == "sense":
+        run.out[sl] = (x_sense * unscale).cpu().numpy()
+    elif "sense" in run.baselines:
+        run.baselines["sense"][sl] = (x_sense * unscale).cpu().numpy()
     if config.method == "mol":
-        from .mol_recon import MolEngine
-
-        key = (config, scan.kind, str(device), scan.shape[-1] == 1)
-        engine = None if engines is None else engines.get(key)
-        if engine is None:
-            progress("loading the model", 0, 1)
-            engine = MolEngine.load(config, scan.kind, device, one_readout=scan.shape[-1] == 1)
-            if engines is not None:
-                engines[key] = engine
-
-    b_total = scan.shape[0]
-    out = np.zeros((b_total,) + scan.shape[2:], dtype=np.complex64)       # (B, D, Y, X)
-    baselines: dict[str, np.ndarray] = {}
-    if config.keep_baselines:
-        for name in ("zf", "sense"):
-            if name != config.method:
-                baselines[name] = np.zeros_like(out)
-    per_chunk: list[dict[str, Any]] = []
-    timings = {"maps_s": 0.0, "sense_s": 0.0, "mol_s": 0.0}
-    batch = config.batch_size
-    if batch is None:
-        from .resources import plan_batches
-
-        channels = engine.loaded.model.config.channels if engine is not None else 64
-        batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
-    chunks = _chunks(b_total, batch)
-    n_chunks = len(chunks)
-    for ci, sl in enumerate(chunks):
-        part = "" if n_chunks == 1 else f" (batch {ci + 1}/{n_chunks})"
-        progress("reconstructing" + part, ci, n_chunks)
-        k = torch.from_numpy(np.ascontiguousarray(scan.kspace[sl])).to(device)   # (b, C, D, Y, X)
-        mask = torch.from_numpy(np.array(scan.mask[sl], dtype=bool)).to(device)   # (b, 1, D, Y, 1)
-        calib = torch.from_numpy(np.array(scan.calib[sl], dtype=bool)).to(device)
-        chunk_info: dict[str, Any] = {"slices": [sl.start, sl.stop]}
-
-        need_zf = config.method == "zf" or "zf" in baselines
-        if need_zf:
-            zf = zero_filled_rss(k, scan.kind)
-            if config.method == "zf":
-                out[sl] = zf.cpu().numpy()
-            else:
-                baselines["zf"][sl] = zf.cpu().numpy()
-        if config.method == "zf" and "sense" not in baselines:
-            per_chunk.append(chunk_info)
-            continue
-
-        from .physics.sense import cg_sense
-
-        progress(("coil maps" if user_maps is None else "coil maps (yours)") + part, ci, n_chunks)
+        assert run.engine is not None                  # loaded by _reconstruct for MOL
         t0 = time.perf_counter()
-        maps = None if user_maps is None else torch.from_numpy(
-            np.ascontiguousarray(user_maps[sl])).to(device)
-        prep = prepare(k, mask, calib, scan.kind, maps=maps)
-        timings["maps_s"] += time.perf_counter() - t0
-        scale, kn, op = prep.scale, prep.kspace, prep.op
-        progress("CG-SENSE" + part, ci, n_chunks)
-        t0 = time.perf_counter()
-        sense = cg_sense(op, kn, lam=config.sense_lambda, max_iter=config.sense_iters)
-        timings["sense_s"] += time.perf_counter() - t0
-        x_sense = sense.x                                                  # (b, D, Y, X)
-        chunk_info["sense_iterations"] = sense.iterations
-        unscale = scale.reshape(-1, 1, 1, 1).to(x_sense.dtype)
-        if config.method == "sense":
-            out[sl] = (x_sense * unscale).cpu().numpy()
-        elif "sense" in baselines:
-            baselines["sense"][sl] = (x_sense * unscale).cpu().numpy()
-        if config.method == "mol":
-            assert engine is not None
-            t0 = time.perf_counter()
-            def on_iteration(it: int, residual: float, part: str = part) -> None:
-                progress(f"MOL{part}: residual {residual:.1e} (tol {config.tol:g})", it,
-                         config.max_iter)
 
-            res = engine.solve(op, kn, x_sense, on_iteration=on_iteration)
-            timings["mol_s"] += time.perf_counter() - t0
-            out[sl] = (res.x * unscale).cpu().numpy()
-            chunk_info.update(engine.describe(res))
-        per_chunk.append(chunk_info)
-    progress("done", n_chunks, n_chunks)
+        def on_iteration(it: int, residual: float) -> None:
+            progress(f"MOL{part}: residual {residual:.1e} (tol {config.tol:g})", it,
+                     config.max_iter)
 
-    wall = time.perf_counter() - t_start
+        res = run.engine.solve(op, kn, x_sense, on_iteration=on_iteration)
+        run.timings["mol_s"] += time.perf_counter() - t0
+        run.out[sl] = (res.x * unscale).cpu().numpy()
+        chunk_info.update(run.engine.describe(res))
+    return chunk_info
+
+
+def _report(run: _Run, per_chunk: list[dict[str, Any]], *, batch: int, wall: float,
+            compression: Compression | None) -> dict[str, Any]:
+    """The plain-JSON report of a finished reconstruction; warns when MOL did not converge."""
+    import torch
+
+    from .device import peak_memory_bytes
+
+    scan, config = run.scan, run.config
     report: dict[str, Any] = {
         "method": config.method,
         "source": scan.source,
@@ -325,20 +385,20 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         "shape_bcdyx": list(scan.shape),
         "acceleration": round(scan.acceleration, 3),
         "prewhitened": bool(scan.whitened),
-        "device": str(device),
+        "device": str(run.device),
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(wall, 3),
-        "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "timings_s": {k_: round(v, 3) for k_, v in run.timings.items()},
+        "peak_memory_bytes": peak_memory_bytes(run.device),
         "config": asdict(config),
         "batch_size": batch,
         "chunks": per_chunk,
-        "coil_maps": "user" if user_maps is not None else "espirit",
+        "coil_maps": "user" if run.user_maps is not None else "espirit",
     }
     if compression is not None:
         report["coil_compression"] = compression.report()
-    if engine is not None:
-        report.update(engine.report_header())
+    if run.engine is not None:
+        report.update(run.engine.report_header())
         conv = all(c.get("converged", True) for c in per_chunk)
         report["converged"] = conv
         its = [int(i) for c in per_chunk for i in c.get("iterations", [])]
@@ -349,8 +409,27 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         if not conv:
             warnings.warn(f"MOL did not reach --tol {config.tol:g} within --max-iter "
                           f"{config.max_iter} on every slice (see the report)",
-                          ConvergenceWarning, stacklevel=2)
-    image = ImageVolume(data=out, kind=scan.kind, geometry=scan.geometry, method=config.method)
-    base_vols = {name: ImageVolume(data=arr, kind=scan.kind, geometry=scan.geometry, method=name)
-                 for name, arr in baselines.items()}
-    return ReconResult(image=image, report=report, baselines=base_vols)
+                          ConvergenceWarning, stacklevel=4)
+    return report
+
+
+def load_engine(config: ReconConfig, kind: str, device: torch.device, *,
+                one_readout: bool = False) -> MolEngine:
+    """The MOL engine of ``config`` for ``kind`` data (:class:`molrecon.deq.inference.MolEngine`):
+    its ``--weights`` or the bundled default (:func:`molrecon.models.bundled.checkpoint_for`),
+    refused when the model does not declare ``kind``."""
+    from .deq.fixed_point import FixedPointConfig
+    from .deq.inference import MolEngine
+    from .models.bundled import checkpoint_for
+    from .models.checkpoint import load_checkpoint
+
+    path = checkpoint_for(kind, config.weights, one_readout=one_readout)
+    loaded = load_checkpoint(path, map_location=device)
+    if kind not in loaded.kinds:
+        raise CheckpointError(f"model is for {'/'.join(loaded.kinds)} data, the scan is {kind} "
+                              "(pick a matching --weights)", path=path)
+    fixed_point = FixedPointConfig(method=config.solver, tol=config.tol,
+                                   max_iter=config.max_iter, warn=False)
+    return MolEngine.from_loaded(loaded, fixed_point, device, alpha=config.alpha,
+                                 cg_iters=config.cg_iters, compile=config.compile,
+                                 precision=config.precision)

@@ -10,7 +10,7 @@ import importlib
 from ._common import app
 
 # Command modules, in the order they appear in --help.
-_COMMANDS = ("reconstruct", "demo", "info", "simulate", "metrics", "train", "lipschitz", "models")
+_COMMANDS = ("reconstruct", "demo", "info", "simulate", "metrics", "train", "guarantees", "models")
 for _name in _COMMANDS:
     try:
         importlib.import_module(f"{__name__}.{_name}")

@@ -90,7 +90,7 @@ _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device (free some space, or
                  errno.EROFS: "read-only file system (write elsewhere)",
                  errno.EACCES: "permission denied (check the file's and its folder's "
                                "permissions)"}
-# The temporary file of an atomic write (io.atomic): ".NAME.XXXXXXXX[SUFFIXES]" beside NAME.
+# The temporary file of an atomic write (molrecon.atomic): ".NAME.XXXXXXXX[SUFFIXES]" beside NAME.
 _ATOMIC_TMP = re.compile(r"^\.(?P<name>.+?)\.[A-Za-z0-9_]{8}(\.[^/]*)?$")
 
 
@@ -196,6 +196,30 @@ def parse_accelerations(text: str, option: str = "-R") -> tuple[float, ...]:
     check_option(all(v >= 1 and v != float("inf") for v in values),
                  f"every acceleration must be a number >= 1, got {text!r}", option)
     return values
+
+
+def stage_logger(name: str, quiet: bool = False) -> Any:
+    """Without a terminal (a batch system, a pipe), one plain line per stage of a job
+    (``[elapsed] name: stage``, on stderr; a stage's key is its text before the first
+    colon, printed once) instead of the live display; with a terminal, or with ``quiet``,
+    nothing. Reading and the end are not printed (most bad input ends at reading)."""
+    import time
+
+    t0 = time.perf_counter()
+    last: dict[str, str | None] = {"key": None}
+
+    def log(stage: str, who: str | None = None) -> None:
+        if console.is_terminal or quiet:
+            return
+        key = stage.split(":")[0]
+        label = who if who is not None else name
+        if (label, key) == last["key"] or key in ("done", "reading", "reconstructing"):
+            return                      # reading is quick, and most bad input ends there
+        last["key"] = (label, key)  # type: ignore[assignment]
+        console.print(f"[{time.perf_counter() - t0:7.1f} s] {label}: {key}", markup=False,
+                      highlight=False, soft_wrap=True)
+
+    return log
 
 
 def warn(message: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -37,12 +36,12 @@ def demo_cmd(
     with user_errors(debug):
         import numpy as np
 
+        from ..atomic import check_output
         from ..device import resolve_device
-        from ..io.atomic import check_output, write_text_atomic
-        from ..io.nifti import read_nifti, write_nifti
+        from ..io.nifti import read_nifti
         from ..io.types import ImageVolume
+        from ..jobs import write_outputs
         from ..metrics import compare
-        from ..preview import write_preview
         from ..recon import ReconConfig, reconstruct
 
         resolve_device(device)                    # a missing GPU is reported before any output
@@ -58,7 +57,7 @@ def demo_cmd(
         marker.write_text("written by `molrecon demo`; a rerun replaces the outputs here\n")
         method = "mol"
         try:
-            from ..weights import bundled_checkpoint
+            from ..models.bundled import bundled_checkpoint
 
             bundled_checkpoint("2d")
         except Exception as exc:  # noqa: BLE001 - no bundled weights: say so, show CG-SENSE
@@ -74,14 +73,11 @@ def demo_cmd(
         for name, vol in [*result.baselines.items(), (method, result.image)]:
             rows[name] = compare(vol.data, truth_img).as_dict()
         out_nii = outdir / f"{method}.nii.gz"
-        write_nifti(result.image, out_nii, force=force)
         truth_vol = ImageVolume(truth_img, result.image.kind, result.image.geometry, "truth")
-        shown = [*result.baselines.items(), (method, result.image), ("truth", truth_vol)]
-        write_preview(outdir / "preview.png", shown, force=force)
-        report = dict(result.report)
-        report["metrics_vs_truth"] = rows
-        write_text_atomic(outdir / "report.json", json.dumps(report, indent=2, default=str) + "\n",
-                          force=force)
+        write_outputs(result, out_nii, force=force, preview=outdir / "preview.png",
+                      report=outdir / "report.json", panels=[("truth", truth_vol)],
+                      report_extra={"metrics_vs_truth": rows})
+        report = result.report
         from rich.table import Table
 
         table = Table(title=f"bundled example ({raw.name}) vs its ground truth")

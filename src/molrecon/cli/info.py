@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..kinds import LABELS
 from ._common import DebugOpt, app, stdout, user_errors, warn
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def _table(s: dict[str, Any], title: str) -> Any:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
-    kind = {"2d": "2D", "3d": "3D", "2dt": "2D + time"}[s["kind"]]
+    kind = LABELS[s["kind"]]
     extent = f"{s['slices']} slice(s)"
     if s["kind"] == "3d":
         extent += f", {s['partitions']} partitions"

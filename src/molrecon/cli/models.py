@@ -36,7 +36,7 @@ def models_cmd(
     Pick one by name with `molrecon reconstruct --weights NAME`.
     """
     with user_errors(debug):
-        from ..weights import bundled_models
+        from ..models.bundled import bundled_models
 
         rows = [_describe(e) for e in bundled_models()]
         if as_json:

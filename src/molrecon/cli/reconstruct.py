@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
-from ._common import DebugOpt, app, console, stdout, user_errors, warn
+from ..config import SENSE_ITERS, SENSE_LAMBDA
+from ._common import DebugOpt, app, console, stage_logger, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "
                 "sense: CG-SENSE; zf: zero-filled root-sum-of-squares.")
@@ -23,36 +24,46 @@ _OUTPUT_HELP = ("Output image: .nii or .nii.gz, or a folder for a DICOM series (
                 "dicom, or a name ending in .dcm). With several inputs: the output folder.")
 
 
+# Over 80 lines: the signature declares every command-line option (typer reads it).
 @app.command("reconstruct")
 def reconstruct_cmd(
     input: Annotated[str, typer.Argument(help=_INPUT_HELP, metavar="INPUT")],
     output: Annotated[Path, typer.Argument(help=_OUTPUT_HELP, metavar="OUTPUT")],
-    method: Annotated[str, typer.Option("--method", "-m", help=_METHOD_HELP)] = "mol",
+    method: Annotated[Literal["mol", "sense", "zf"], typer.Option(
+        "--method", "-m", help=_METHOD_HELP)] = "mol",
     weights: Annotated[Path | None, typer.Option(
         "--weights", "-w", help="MOL checkpoint (.pt) or a bundled model's name (see `molrecon models`); default: the bundled model for the data kind.")] = None,
-    fmt: Annotated[str | None, typer.Option(
+    fmt: Annotated[Literal["nifti", "dicom"] | None, typer.Option(
         "--format", help="nifti | dicom (default: from OUTPUT's name; a batch writes .nii.gz).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
     coils: Annotated[str | None, typer.Option(
         "--coils", help="Compress the receive channels to N virtual coils first, or 'auto' (the fewest keeping 99.5 % of the calibration energy, at least 8).")] = None,
-    coil_compression: Annotated[str, typer.Option(
+    coil_compression: Annotated[Literal["auto", "scc", "gcc"], typer.Option(
         "--coil-compression", help="auto | scc | gcc: one matrix per slice (scc), or one per readout position, aligned (gcc; what auto uses).")] = "auto",
     maps: Annotated[Path | None, typer.Option(
         "--maps", help="Coil sensitivities to use instead of ESPIRiT: .npy or .h5 (B, C, D, Y, X), or BART .cfl.")] = None,
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="ISMRMRD group to read in a file that holds several (see `molrecon info`).")] = None,
-    max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.")] = 100,
-    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL.")] = 1e-4,
+    max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.",
+                                          min=1, metavar="N")] = 100,
+    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL, in (0, 1).")] = 1e-4,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).")] = None,
     cg_iters: Annotated[int | None, typer.Option(
-        "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).")] = None,
-    solver: Annotated[str, typer.Option("--solver", help="anderson | plain")] = "anderson",
+        "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).", min=1, metavar="N")] = None,
+    solver: Annotated[Literal["anderson", "plain"], typer.Option(
+        "--solver", help="anderson | plain")] = "anderson",
     sense_lambda: Annotated[float, typer.Option(
-        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.")] = 1e-3,
-    sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.")] = 30,
+        "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.", min=0.0, metavar="LAMBDA")] = SENSE_LAMBDA,
+    sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.",
+                                             min=1, metavar="N")] = SENSE_ITERS,
     batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", help="Slices per batch on the device (default: as many as fit).")] = None,
+        "--batch-size", help="Slices per batch on the device (default: as many as fit).",
+        min=1, metavar="N")] = None,
+    compile_step: Annotated[bool, typer.Option(
+        "--compile/--no-compile", help="MOL: run the step compiled by torch.compile (frozen prior, data-consistency CG with FFTs along the undersampled axes only; CUDA graphs on a GPU). The first solve pays the compilation. Default: off (eager).")] = False,
+    precision: Annotated[Literal["fp32", "bf16", "auto"], typer.Option(
+        "--precision", help="MOL prior precision: fp32 | bf16 (bfloat16 autocast of the CNN; changes the result slightly) | auto (bf16 only on CUDA when the model records a passed bf16 accuracy gate, else fp32). Default: fp32.")] = "fp32",
     complex_out: Annotated[bool, typer.Option("--complex", help="Write complex64 instead of magnitude (NIfTI only).")] = False,
     report: Annotated[Path | None, typer.Option(
         "--report", help="Write a JSON report here (one file; a batch writes OUTPUT/summary.json).")] = None,
@@ -68,10 +79,11 @@ def reconstruct_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
-    n_coils = _check_usage(method=method, device=device, solver=solver, max_iter=max_iter,
-                           tol=tol, alpha=alpha, batch_size=batch_size, cg_iters=cg_iters,
-                           sense_lambda=sense_lambda, sense_iters=sense_iters, coils=coils,
-                           coil_compression=coil_compression, fmt=fmt)
+    n_coils = _check_usage(device=device, coils=coils, tol=tol, alpha=alpha)
+    for flag, used in (("--compile", compile_step), ("--precision", precision != "fp32")):
+        if used and method != "mol":
+            raise typer.BadParameter(f"{flag} is used by --method mol only (this run is "
+                                     f"--method {method})", param_hint=flag)
     if weights is not None and method != "mol":
         raise typer.BadParameter(f"--weights is used by --method mol only (this run is "
                                  f"--method {method})", param_hint="--weights")
@@ -92,8 +104,8 @@ def reconstruct_cmd(
         _check_device(device)
         if weights is not None:
             # A wrong model is found before the (possibly long) read of the scan.
+            from ..models.bundled import resolve_weights
             from ..models.checkpoint import load_checkpoint
-            from ..weights import resolve_weights
 
             load_checkpoint(resolve_weights(weights), map_location="cpu")
         config = ReconConfig(
@@ -102,6 +114,7 @@ def reconstruct_cmd(
             batch_size=batch_size, keep_baselines=compare, cg_iters=cg_iters,
             sense_lambda=sense_lambda, sense_iters=sense_iters, coils=n_coils,
             coil_compression=coil_compression, maps=None if maps is None else str(maps),
+            compile=compile_step, precision=precision,  # type: ignore[arg-type]
         )
         if batch:
             if report is not None:
@@ -148,7 +161,7 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
         seen[key] = role
     # Fail before any work if an output cannot be written.
     check_target(output, fmt, force=force)  # type: ignore[arg-type]
-    from ..io.atomic import check_output
+    from ..atomic import check_output
 
     for out in (report, preview):
         if out is not None:
@@ -160,7 +173,7 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(f"{config.method} {input.name}", total=None)
-        log_stage = _stage_log(input.name, quiet)
+        log_stage = stage_logger(input.name, quiet)
 
         def on_progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=f"{config.method} {input.name}: {stage}",
@@ -218,7 +231,7 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
                   console=console, transient=True, disable=not interactive) as bar:
         task = bar.add_task(f"{who}{config.method}", total=mine)
         current = {"name": ""}
-        log_stage = _stage_log("", quiet)
+        log_stage = stage_logger("", quiet)
 
         def on_start(i: int, src: Path) -> None:
             current["name"] = src.name
@@ -254,29 +267,6 @@ def _run_batch(spec: str, out_dir: Path, config: Any, *, fmt: str, complex_out: 
                       f"; summary: {path}")
     if failed:
         raise typer.Exit(1)
-
-
-def _stage_log(name: str, quiet: bool) -> Any:
-    """Without a terminal (a batch system, a pipe), one plain line per stage of the job
-    (``[elapsed] file: stage``, on stderr, from the stage after reading on) instead of
-    the live display; with a terminal, or with ``--quiet``, nothing."""
-    import time
-
-    t0 = time.perf_counter()
-    last: dict[str, str | None] = {"key": None}
-
-    def log(stage: str, who: str | None = None) -> None:
-        if console.is_terminal or quiet:
-            return
-        key = stage.split(":")[0]
-        label = who if who is not None else name
-        if (label, key) == last["key"] or key in ("done", "reading", "reconstructing"):
-            return                      # reading is quick, and most bad input ends there
-        last["key"] = (label, key)  # type: ignore[assignment]
-        console.print(f"[{time.perf_counter() - t0:7.1f} s] {label}: {key}", markup=False,
-                      highlight=False, soft_wrap=True)
-
-    return log
 
 
 def _outcome_text(outcome: Any) -> str:
@@ -346,37 +336,16 @@ def _gather(outcomes: list[Any], inputs: list[Path], world: int) -> list[Any]:
     return sorted(merged, key=lambda o: order.get(o.input, len(order)))
 
 
-def _check_usage(*, method: str, device: str, solver: str, max_iter: int, tol: float,
-                 alpha: float | None, batch_size: int | None, cg_iters: int | None,
-                 sense_lambda: float, sense_iters: int, coils: str | None,
-                 coil_compression: str, fmt: str | None) -> int | str | None:
-    """Option values that can never work are usage errors (exit 2), checked before any work.
-    Returns ``--coils`` as an int, ``"auto"`` or None."""
-    if method not in ("mol", "sense", "zf"):
-        raise typer.BadParameter(f"{method!r} is not one of mol, sense, zf", param_hint="--method")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
-    if solver not in ("anderson", "plain"):
-        raise typer.BadParameter(f"{solver!r} is not one of anderson, plain", param_hint="--solver")
-    if fmt is not None and fmt not in ("nifti", "dicom"):
-        raise typer.BadParameter(f"{fmt!r} is not one of nifti, dicom", param_hint="--format")
-    if max_iter < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--max-iter")
+def _check_usage(*, device: str, coils: str | None, tol: float,
+                 alpha: float | None) -> int | str | None:
+    """The option values that typer's choices and closed ranges cannot express are usage
+    errors (exit 2), checked before any work. Returns ``--coils`` as an int, ``"auto"`` or None."""
     if not 0.0 < tol < 1.0:
         raise typer.BadParameter("must lie in (0, 1)", param_hint="--tol")
     if alpha is not None and not 0.0 < alpha <= 1.0:
         raise typer.BadParameter("must lie in (0, 1]", param_hint="--alpha")
-    if batch_size is not None and batch_size < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--batch-size")
-    if cg_iters is not None and cg_iters < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--cg-iters")
-    if sense_lambda < 0:
-        raise typer.BadParameter("must be >= 0", param_hint="--sense-lambda")
-    if sense_iters < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--sense-iters")
-    if coil_compression not in ("auto", "scc", "gcc"):
-        raise typer.BadParameter(f"{coil_compression!r} is not one of auto, scc, gcc",
-                                 param_hint="--coil-compression")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
     if coils is None or coils == "auto":
         return coils
     try:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..kinds import KINDS
 from ._common import (
     ACCEL_HELP,
     DebugOpt,
@@ -20,7 +21,6 @@ from ._common import (
     user_errors,
 )
 
-_KINDS = ("2d", "3d", "2dt")
 _MASKS = ("equispaced", "random", "poisson", "interleaved")
 _SPLITS = ("train", "val", "test")
 _ORIENTATIONS = ("axial", "coronal", "sagittal")
@@ -48,7 +48,7 @@ def _sizes(text: str, n_axes: int, option: str, *, integer: bool) -> tuple[float
 def _list_anatomy() -> None:
     from rich.table import Table
 
-    from ..anatomy import anatomy_available, anatomy_sources, anatomy_subjects
+    from ..sim import anatomy_available, anatomy_sources, anatomy_subjects
 
     splits: dict[str, list[str]] = {}
     for subject in anatomy_subjects():
@@ -64,6 +64,7 @@ def _list_anatomy() -> None:
     stdout.print(table)
 
 
+# Over 80 lines: the signature declares every command-line option (typer reads it).
 @app.command("simulate")
 def simulate_cmd(
     output: Annotated[Path | None, typer.Argument(
@@ -157,10 +158,10 @@ def simulate_cmd(
     r = config.acceleration
 
     with user_errors(debug):
-        from ..simulate import simulate_dataset, simulate_to_file
+        from ..sim import simulate_dataset, simulate_to_file
 
         if dataset is not None:
-            from ..simulate import dataset_plan
+            from ..sim import dataset_plan
 
             dataset_plan(config, int(count or 0), split)   # refuse impossible requests up front
             from rich.progress import (
@@ -209,6 +210,7 @@ _CONFIG_HINTS = (("matrix", "--matrix"), ("field of view", "--fov"), ("coils", "
                  ("simulation grid", "--matrix"))
 
 
+# Over 80 lines: one usage check per option of `simulate`, in the order of --help.
 def _checked_config(*, output: Path | None, kind: str, coils: int, acceleration: str | None,
                     acs: int | None, mask: str | None, noise: float, matrix: str | None,
                     fov: str | None, slices: int | None, frames: int | None, thickness: float,
@@ -216,17 +218,16 @@ def _checked_config(*, output: Path | None, kind: str, coils: int, acceleration:
                     anatomy: str, truth: Path | None, seed: int, dataset: Path | None,
                     count: int | None, split: str, with_truth: bool) -> Any:
     """Every option value checked (usage errors, exit 2, naming the option) and the
-    :class:`~molrecon.simulate.SimulationConfig` they make, before any work."""
+    :class:`~molrecon.sim.SimulationConfig` they make, before any work."""
     import math
 
     import numpy as np
 
-    from ..anatomy import anatomy_sources
     from ..errors import ConfigError
     from ..physics.masks import FAMILIES_FOR_KIND, make_mask
-    from ..simulate import SimulationConfig
+    from ..sim import SimulationConfig, anatomy_sources
 
-    choice(kind, _KINDS, "--kind")
+    choice(kind, KINDS, "--kind")
     choice(orientation, _ORIENTATIONS, "--orientation")
     choice(split, _SPLITS, "--split")
     if mask is not None:

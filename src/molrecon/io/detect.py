@@ -22,7 +22,8 @@ import h5py
 
 from ..errors import ConfigError, InputDataError, InputDataWarning
 from .fastmri import read_fastmri
-from .ismrmrd import hdf5_errors, open_hdf5, read_ismrmrd
+from .ismrmrd import read_ismrmrd
+from .kspace import hdf5_errors, open_hdf5
 from .mrd import is_mrd2, read_mrd2
 from .twix import is_twix, read_twix
 from .types import RawScan

@@ -9,7 +9,7 @@ phase encoding, already on a centred grid. Single-coil files drop the coil axis
 Mapping to molrecon's ``(B, C, D, Y, X)``: slices -> B, coils -> C, D = 1,
 cols -> Y, rows -> X after the readout oversampling is removed (centred
 inverse FFT, crop ``X = rows · FOV_recon,x / FOV_enc,x`` from the header, forward
-FFT: :func:`~molrecon.io.ismrmrd.remove_readout_oversampling`). The phase grid is
+FFT: :func:`~molrecon.io.kspace.remove_readout_oversampling`). The phase grid is
 kept as stored (no crop to the recon matrix), so the image covers the encoded
 phase field of view.
 
@@ -35,14 +35,13 @@ import h5py
 import numpy as np
 
 from ..errors import GeometryWarning, InputDataError, InputDataWarning
-from .ismrmrd import (
+from .ismrmrd import HeaderFields, parse_ismrmrd_header
+from .kspace import (
     MAX_KSPACE_ELEMENTS,
-    HeaderFields,
     check_memory,
     find_calibration_region,
     hdf5_errors,
     open_hdf5,
-    parse_ismrmrd_header,
     partial_fourier_fraction,
     remove_readout_oversampling,
 )
@@ -71,20 +70,7 @@ def read_fastmri(path: str | os.PathLike[str]) -> RawScan:
                                  f"the limit of {MAX_KSPACE_ELEMENTS}", path=p)
         # The stored array, its complex64 copy and the transposed k-space (+ FFT workspace).
         check_memory(int(node.size) * (node.dtype.itemsize + 8 * 3), f"/kspace {node.shape}", p)
-        hdr_node = f.get("ismrmrd_header")
-        if not isinstance(hdr_node, h5py.Dataset):
-            raise InputDataError("no /ismrmrd_header: cannot tell the readout oversampling", path=p)
-        if hdr_node.size > 1:
-            raise InputDataError(f"/ismrmrd_header holds {hdr_node.size} values, not one header "
-                                 "string", path=p)
-        raw_hdr = hdr_node[()]
-        if isinstance(raw_hdr, np.ndarray):  # a one-element array instead of a scalar string
-            raw_hdr = raw_hdr.reshape(-1)[0] if raw_hdr.size else b""
-        if isinstance(raw_hdr, np.bytes_):
-            raw_hdr = bytes(raw_hdr)
-        if not isinstance(raw_hdr, (bytes, str)):
-            raise InputDataError("/ismrmrd_header is not a string", path=p)
-        hdr = parse_ismrmrd_header(raw_hdr, path=p)
+        hdr = parse_ismrmrd_header(_header_text(f, p), path=p)
         mask_cols = _read_mask(f, node.shape[-1], p)
         protocol_attr = f.attrs.get("acquisition")
         data = node[...].astype(np.complex64, copy=False)  # (S, C, rows, cols)
@@ -143,6 +129,25 @@ def read_fastmri(path: str | os.PathLike[str]) -> RawScan:
     )
     return RawScan(kspace=kspace, mask=mask, calib=calib, kind="2d", geometry=geometry,
                    info=info, source=str(p))
+
+
+def _header_text(f: h5py.File, path: Path) -> bytes | str:
+    """The ISMRMRD XML header string of ``/ismrmrd_header``."""
+    hdr_node = f.get("ismrmrd_header")
+    if not isinstance(hdr_node, h5py.Dataset):
+        raise InputDataError("no /ismrmrd_header: cannot tell the readout oversampling",
+                             path=path)
+    if hdr_node.size > 1:
+        raise InputDataError(f"/ismrmrd_header holds {hdr_node.size} values, not one header "
+                             "string", path=path)
+    raw_hdr = hdr_node[()]
+    if isinstance(raw_hdr, np.ndarray):  # a one-element array instead of a scalar string
+        raw_hdr = raw_hdr.reshape(-1)[0] if raw_hdr.size else b""
+    if isinstance(raw_hdr, np.bytes_):
+        raw_hdr = bytes(raw_hdr)
+    if not isinstance(raw_hdr, (bytes, str)):
+        raise InputDataError("/ismrmrd_header is not a string", path=path)
+    return raw_hdr
 
 
 def _read_mask(f: h5py.File, cols: int, path: Path) -> np.ndarray | None:

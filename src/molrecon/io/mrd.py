@@ -95,20 +95,22 @@ import numpy as np
 
 from ..errors import InputDataError, ResourceError
 from .ismrmrd import (
-    _BLOCK_BYTES,
-    _SKIPPED_FLAGS,
     ACQ_IS_NOISE_MEASUREMENT,
-    _assemble,
-    _bit,
-    _first_line,
-    _head_dtype,
-    _header_fields,
-    _Notes,
-    _plan,
-    _whitener,
+    SKIPPED_FLAGS,
+    assemble_kspace,
     assemble_scan,
+    flag_bit,
+    head_dtype,
+    header_fields,
+    plan_acquisitions,
+)
+from .kspace import (
+    BLOCK_BYTES,
+    Notes,
     check_memory,
+    first_line,
     noise_covariance,
+    noise_whitener,
     raw_file_size,
 )
 from .types import RawScan
@@ -281,7 +283,7 @@ def _fields(header: Any, path: Path) -> Any:
     if not header.encoding:
         raise InputDataError("header has no encoding", path=path)
     try:
-        return _header_fields(_ismrmrd_header(header), False)
+        return header_fields(_ismrmrd_header(header), False)
     except (TypeError, ValueError, AttributeError) as exc:
         raise InputDataError(f"header has an unusable value: {exc}", path=path) from None
 
@@ -329,7 +331,7 @@ class _Table:
     def heads(self, path: Path) -> np.ndarray:
         """The columns as ISMRMRD's acquisition header table; values that do not fit refused."""
         n = len(self.cols["flags"])
-        heads = np.zeros(n, dtype=_head_dtype())
+        heads = np.zeros(n, dtype=head_dtype())
         heads["version"] = 1
         for key, values in self.cols.items():
             target = heads["idx"][key[4:]] if key.startswith("idx.") else heads[key]
@@ -389,7 +391,7 @@ def _decode(path: Path, encoding: str, size: int) -> tuple[Any, _Stream]:
 
 def _header_error(exc: Exception, encoding: str, at_end: bool, path: Path) -> InputDataError:
     """Why mrd-python refused the stream's preamble (magic, format version, schema)."""
-    text = _first_line(exc)
+    text = first_line(exc)
     version = _package_version()
     if at_end or isinstance(exc, EOFError):
         why = "is truncated: the stream breaks off inside its schema"
@@ -411,9 +413,9 @@ def _read_stream(reader: Any, path: Path, at_end: Any) -> tuple[Any, _Stream]:
     import mrd
 
     skipped = np.uint64(0)
-    for flag in _SKIPPED_FLAGS:
-        skipped |= _bit(flag)
-    noise = _bit(ACQ_IS_NOISE_MEASUREMENT)
+    for flag in SKIPPED_FLAGS:
+        skipped |= flag_bit(flag)
+    noise = flag_bit(ACQ_IS_NOISE_MEASUREMENT)
     table = _Table()
     samples: list[np.ndarray | None] = []
     others: dict[str, int] = {}
@@ -445,7 +447,7 @@ def _read_stream(reader: Any, path: Path, at_end: Any) -> tuple[Any, _Stream]:
         if isinstance(exc, EOFError) or at_end():
             raise InputDataError(f"is truncated: the stream breaks off {where}",
                                  path=path) from None
-        raise InputDataError(f"is damaged {where} ({type(exc).__name__}: {_first_line(exc)})",
+        raise InputDataError(f"is damaged {where} ({type(exc).__name__}: {first_line(exc)})",
                              path=path) from None
     return header, _Stream(table.heads(path), samples, others)
 
@@ -499,7 +501,7 @@ def read_mrd2(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawSca
             raise InputDataError(f"is truncated: {size} bytes, shorter than its stream header "
                                  "(magic, format version and schema)", path=p)
         check_memory(size, "the MRD stream's samples", p)  # held in memory while read
-    notes = _Notes(p)
+    notes = Notes(p)
     header, stream = _decode(p, encoding, size)
     fields = _fields(header, p)
     if fields.n_encodings > 1:
@@ -512,18 +514,18 @@ def read_mrd2(path: str | os.PathLike[str], *, prewhiten: bool = True) -> RawSca
         kinds = ", ".join(f"{n} {tag}" for tag, n in sorted(others.items()))
         notes.add(f"the stream also holds items that are not acquisitions ({kinds}); ignored")
     heads = stream.heads
-    plan = _plan(heads, fields, p, notes)
+    plan = plan_acquisitions(heads, fields, p, notes)
 
-    noise_rows = np.flatnonzero((heads["flags"] & _bit(ACQ_IS_NOISE_MEASUREMENT)) != 0)
+    noise_rows = np.flatnonzero((heads["flags"] & flag_bit(ACQ_IS_NOISE_MEASUREMENT)) != 0)
     noise_cov = whitener = None
     if noise_rows.size:
         noise_cov = _noise(stream, noise_rows, plan.rows, plan.shape[1], p)
         if noise_cov is None:
             notes.add("the noise acquisitions hold no samples; the data were not prewhitened")
         elif prewhiten:
-            whitener = _whitener(noise_cov, notes)
-    kspace = _assemble(_blocks(stream.samples, plan.rows, plan.shape[1], plan.n_samples), plan,
-                       whitener, p)
+            whitener = noise_whitener(noise_cov, notes)
+    kspace = assemble_kspace(
+        _blocks(stream.samples, plan.rows, plan.shape[1], plan.n_samples), plan, whitener, p)
     stream.samples.clear()
 
     return assemble_scan(plan, fields, kspace, notes, fmt="mrd2", path=p, noise_cov=noise_cov,
@@ -537,7 +539,7 @@ def _blocks(samples: list[np.ndarray | None], rows: np.ndarray, n_coils: int,
     The planner checked that every row has ``n_coils`` × ``n_samples`` samples (the
     header's counts are the data's shape).
     """
-    per_block = max(1, _BLOCK_BYTES // (8 * n_coils * n_samples))
+    per_block = max(1, BLOCK_BYTES // (8 * n_coils * n_samples))
     for start in range(0, rows.size, per_block):
         stop = min(start + per_block, rows.size)
         yield slice(start, stop), np.stack([samples[int(r)] for r in rows[start:stop]])

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..errors import ConfigError, GeometryWarning, InputDataError, OutputError
-from .atomic import atomic_path
 from .types import Geometry, ImageVolume, Kind
 
 __all__ = ["LPS_TO_RAS", "nifti_affine", "nifti_array", "read_nifti", "write_nifti"]

@@ -1,29 +1,16 @@
 """Typed records that flow from the readers to the reconstruction (numpy only).
 
-Axis convention (used everywhere in molrecon)
----------------------------------------------
-k-space and coil maps: ``(B, C, D, Y, X)``
-    B  batch: slices of a multi-slice 2D scan (1 for a single slice, 3D or 2D+time scan)
-    C  receive coils
-    D  depth: 1 for 2D; kz / partitions for 3D (``kspace_encode_step_2``); frames for 2D+time
-    Y  phase encoding (``kspace_encode_step_1``)
-    X  readout (``kspace_encode_step_0``), always fully sampled, oversampling removed
-images: ``(B, D, Y, X)`` (the coil axis combined away).
-sampling masks: ``(B, 1, D, Y, 1)`` boolean, broadcast over coils and readout.
-
-The Fourier transform acts on (Y, X) for ``2d`` and ``2dt`` data and on
-(D, Y, X) for ``3d`` data.
+Arrays follow the axis order of :mod:`molrecon.kinds`: k-space ``(B, C, D, Y, X)``,
+images ``(B, D, Y, X)``, masks ``(B, 1, D, Y, 1)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import numpy as np
 
-Kind = Literal["2d", "3d", "2dt"]
-KINDS: tuple[str, ...] = ("2d", "3d", "2dt")
+from ..kinds import KINDS, Kind
 
 
 @dataclass(frozen=True)

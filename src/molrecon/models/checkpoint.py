@@ -41,15 +41,15 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_path
 from ..config import MolConfig
 from ..errors import CheckpointError, ConfigError
-from ..io.atomic import atomic_path
+from ..kinds import KINDS_BY_PRIOR_DIMS
 from .cnn import CONSTRAINTS, CNNConfig, MolCNN
 from .spectral import layer_bounds
 
 FORMAT = "molrecon-checkpoint"
 FORMAT_VERSION = 1
-_KINDS_BY_DIMS: dict[int, tuple[str, ...]] = {2: ("2d", "2dt", "3d"), 3: ("3d", "2dt")}
 _KEYS = frozenset({
     "format", "format_version", "architecture", "constraint", "lipschitz_target",
     "spectral_grid", "kinds", "alpha", "lam", "cg_iters", "state_dict", "metadata",
@@ -135,7 +135,7 @@ def save_checkpoint(
                           "lists and str-keyed dicts")
     dims = model.config.dims
     kind_list = [("2d" if dims == 2 else "3d")] if kinds is None else [str(k) for k in kinds]
-    allowed = _KINDS_BY_DIMS[dims]
+    allowed = KINDS_BY_PRIOR_DIMS[dims]
     if not kind_list or any(k not in allowed for k in kind_list):
         raise ConfigError(f"a {dims}D model applies to kinds {allowed}, got {kind_list}")
     bounds = layer_bounds(model)
@@ -209,6 +209,29 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     names, shapes or values (non-finite) do not fit the architecture.
     """
     p = Path(path)
+    obj = _read_file(p)
+    version = _check_format(obj, p)
+    constraint, target, kinds, mol_config, model = _check_settings(obj, p)
+    _check_state_dict(obj["state_dict"], model.state_dict(), p)
+    model.load_state_dict(obj["state_dict"])
+    model.to(map_location)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        mol_config=mol_config,
+        constraint=constraint,
+        lipschitz_target=target,
+        kinds=tuple(kinds),
+        metadata=obj["metadata"],
+        certificate=obj["certificate"],
+        format_version=version,
+        path=p,
+        sha256=sha256(p),
+    )
+
+
+def _read_file(p: Path) -> Any:
+    """The file's content through ``torch.load(..., weights_only=True)``, refusals in our words."""
     if not p.exists():
         raise CheckpointError("does not exist", path=p)
     if not p.is_file():
@@ -216,10 +239,13 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # torch's notes on foreign pickle protocols
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or unsafe content
         raise CheckpointError(_load_failure(exc), path=p) from exc
 
+
+def _check_format(obj: Any, p: Path) -> int:
+    """The format version of a molrecon checkpoint dict with exactly the expected keys."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"not a molrecon checkpoint (top level is {type(obj).__name__})",
                               path=p)
@@ -239,7 +265,15 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         raise CheckpointError(f"missing key(s) {missing}", path=p)
     if unknown:
         raise CheckpointError(f"unknown key(s) {unknown}", path=p)
+    return version
 
+
+def _check_settings(obj: dict[str, Any], p: Path,
+                    ) -> tuple[str, float, list[str], MolConfig, MolCNN]:
+    """Architecture, constraint, kinds and MOL settings, checked; the (untrained) prior built.
+
+    Also checks that metadata and certificate are dicts of plain values.
+    """
     arch = obj["architecture"]
     if not isinstance(arch, dict):
         raise CheckpointError("'architecture' must be a dict", path=p)
@@ -256,7 +290,7 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         raise CheckpointError(f"'lipschitz_target' must be positive, got {target}", path=p)
     grid = _integer(obj, "spectral_grid", p)
     kinds = obj["kinds"]
-    allowed = _KINDS_BY_DIMS[config.dims]
+    allowed = KINDS_BY_PRIOR_DIMS[config.dims]
     if (not isinstance(kinds, list) or not kinds
             or any(not isinstance(k, str) or k not in allowed for k in kinds)):
         raise CheckpointError(f"'kinds' must be a non-empty list from {allowed} for a "
@@ -270,11 +304,13 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     for key in ("metadata", "certificate"):
         if not isinstance(obj[key], dict) or not _is_plain(obj[key]):
             raise CheckpointError(f"'{key}' must be a dict of plain values", path=p)
+    return constraint, target, kinds, mol_config, model
 
-    state = obj["state_dict"]
+
+def _check_state_dict(state: Any, expected: Mapping[str, torch.Tensor], p: Path) -> None:
+    """Refuse a state dict whose names, tensor types, shapes or values do not fit the model."""
     if not isinstance(state, dict):
         raise CheckpointError("'state_dict' must be a dict", path=p)
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unknown = sorted(str(k) for k in set(state) - set(expected))
     if missing or unknown:
@@ -290,18 +326,3 @@ def load_checkpoint(path: str | os.PathLike[str], *,
                                   f"the architecture needs {tuple(ref.shape)}", path=p)
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"state_dict entry {name!r} contains non-finite values", path=p)
-    model.load_state_dict(state)
-    model.to(map_location)
-    model.eval()
-    return LoadedModel(
-        model=model,
-        mol_config=mol_config,
-        constraint=constraint,
-        lipschitz_target=target,
-        kinds=tuple(kinds),
-        metadata=obj["metadata"],
-        certificate=obj["certificate"],
-        format_version=version,
-        path=p,
-        sha256=sha256(p),
-    )

@@ -11,6 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..kinds import spatial_dims
+
+__all__ = ["fftc", "ifftc", "spatial_dims"]
+
 
 def fftc(x: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
     dims = tuple(dims)
@@ -26,6 +30,3 @@ def ifftc(k: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
     return torch.fft.fftshift(k, dim=dims)
 
 
-def spatial_dims(kind: str) -> tuple[int, ...]:
-    """Axes of a ``(B, C, D, Y, X)`` tensor that the Fourier transform acts on."""
-    return (-3, -2, -1) if kind == "3d" else (-2, -1)

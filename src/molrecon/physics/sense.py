@@ -40,14 +40,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from ..config import SENSE_ITERS, SENSE_LAMBDA
 from ..errors import ConvergenceWarning, InputDataError
+from ..kinds import KINDS
 from ..solvers.cg import CGResult, conjugate_gradient
 from .fft import ifftc, spatial_dims
-
-_KINDS = ("2d", "3d", "2dt")
 
 
 def _shape_str(shape: tuple[int, ...] | torch.Size) -> str:
@@ -80,8 +81,8 @@ class SenseOperator:
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor, kind: str, *,
                  hybrid_readout: bool = False) -> None:
-        if kind not in _KINDS:
-            raise InputDataError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if kind not in KINDS:
+            raise InputDataError(f"kind must be one of {KINDS}, got {kind!r}")
         if maps.ndim != 5 or not maps.is_complex():
             raise InputDataError(
                 f"coil maps must be a complex (B, C, D, Y, X) tensor, got {tuple(maps.shape)} "
@@ -221,6 +222,17 @@ class SenseOperator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
+    def normal_parts(self) -> NormalParts:
+        """The factors of ``AᴴA`` for :func:`normal_from_parts` (the fast MOL step passes
+        them as tensors to a compiled function, so a new operator of the same shape
+        does not recompile it). The transform acts only on the axes along which the mask
+        varies: where ``M`` does not depend on an FFT axis (the fully sampled readout),
+        ``Fᴴ M² F`` reduces to the transform over the other axes, since the 1D DFT along
+        that axis meets only its own inverse."""
+        fft_dims = tuple(a for a in self._dims if self._mask2_u.shape[a] > 1)
+        return NormalParts(self._maps_u, self._maps_u_conj, self._mask2_u, self._dims,
+                           fft_dims or self._dims)
+
     def normal_diagonal(self) -> torch.Tensor:
         """The exact diagonal of ``AᴴA`` in image space, ``(B, D, Y, X)`` (real).
 
@@ -232,6 +244,29 @@ class SenseOperator:
         energy = (self._maps_u.abs() ** 2).sum(dim=1, keepdim=True)        # (B, 1, D|1, Y, X)
         diag = (energy * mbar).squeeze(1)                                  # (B, D|1, Y, X)
         return torch.fft.fftshift(diag, dim=self._dims).expand(b, d, y, x)
+
+
+class NormalParts(NamedTuple):
+    """``AᴴA`` of a :class:`SenseOperator` as plain tensors and axes (see
+    :meth:`SenseOperator.normal_parts`); apply with :func:`normal_from_parts`."""
+
+    maps_u: torch.Tensor          # (B, C, D|1, Y, X) ifftshift-ed over ``dims``
+    maps_u_conj: torch.Tensor     # its conjugate
+    mask2_u: torch.Tensor         # M², ifftshift-ed, broadcastable to the coil images
+    dims: tuple[int, ...]         # the operator's shift axes
+    fft_dims: tuple[int, ...]     # the axes along which the mask varies (the FFT axes)
+
+
+def normal_from_parts(x: torch.Tensor, maps_u: torch.Tensor, maps_u_conj: torch.Tensor,
+                      mask2_u: torch.Tensor, dims: tuple[int, ...],
+                      fft_dims: tuple[int, ...]) -> torch.Tensor:
+    """``AᴴA x`` from :meth:`SenseOperator.normal_parts`, FFTs over ``fft_dims`` only; equal
+    to :meth:`SenseOperator.normal` up to round-off. No in-place products, so that
+    ``torch.compile`` can fuse them."""
+    xu = torch.fft.ifftshift(x, dim=dims)                                  # (B, D, Y, X)
+    v = torch.fft.fftn(maps_u * xu.unsqueeze(1), dim=fft_dims, norm="ortho")
+    v = torch.fft.ifftn(v * mask2_u, dim=fft_dims, norm="ortho")           # (B, C, D, Y, X)
+    return torch.fft.fftshift((maps_u_conj * v).sum(dim=1), dim=dims)    # (B, D, Y, X)
 
 
 # ---------------------------------------------------------------------- 3D readout split
@@ -320,7 +355,7 @@ def _centred_to_shifted_index(idx: torch.Tensor, n: int) -> torch.Tensor:
     return (idx - n // 2) % n
 
 
-def cg_sense(op: SenseOperator, kspace: torch.Tensor, *, lam: float = 1e-3, max_iter: int = 30,
+def cg_sense(op: SenseOperator, kspace: torch.Tensor, *, lam: float = SENSE_LAMBDA, max_iter: int = SENSE_ITERS,
              tol: float = 0.0, x0: torch.Tensor | None = None,
              decouple: bool | None = None, readout_chunk: int | None = None) -> CGResult:
     """CG-SENSE: solve ``(AᴴA + λ I) x = Aᴴ y`` with :func:`conjugate_gradient`.
@@ -333,7 +368,7 @@ def cg_sense(op: SenseOperator, kspace: torch.Tensor, *, lam: float = 1e-3, max_
     is plain least squares. The solution scales linearly with ``kspace``. The
     same equations are solved by ``bart pics -l2 -r <λ> -w 1`` (BART's FFT is
     unitary and ``-w 1`` turns off its data scaling): with the same maps and
-    iterations the two images agree to ~4e-6 (``tests/test_sense.py``).
+    iterations the two images agree to ~4e-6 (``tests/physics/test_sense.py``).
 
     ``tol`` is the relative residual ``‖r‖ ≤ tol·‖Aᴴy‖`` of each item
     (``tol=0``: exactly ``max_iter`` iterations, like ``bart pics -i``). When

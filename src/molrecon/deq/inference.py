@@ -1,0 +1,214 @@
+"""MOL inference: a loaded checkpoint and a fixed-point configuration → the MOL fixed point.
+
+Solves x − H(x) + λAᴴ(Ax − b) = 0 (see :mod:`molrecon.deq.mol`) for a batch of
+slices with the deep-equilibrium forward solver (no autograd graph), from a
+given start (CG-SENSE in ``molrecon reconstruct``). Stops when the relative
+fixed-point residual ‖T(x) − x‖/‖x‖ ≤ tol for every item. When the checkpoint
+carries a certified Lipschitz bound L < 1, the result also gives the certified
+relative distance to the exact solution, residual·ρ/(1 − ρ), with ρ the step's
+contraction factor.
+
+Which checkpoint serves which scan is decided in :mod:`molrecon.models.bundled`;
+this module only runs the one it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.checkpoint import LoadedModel
+from ..physics.sense import SenseOperator
+from .accel import FastDataConsistency, fast_prior, fast_step, resolve_precision
+from .fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_point
+from .mol import MolStep, contraction_factor, support_of
+
+#: The bf16 gate's limits (:func:`precision_gate`).
+GATE_MAX_PSNR_CHANGE_DB = 0.05
+GATE_MAX_DISTANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class _Fast:
+    """The parts of the fast step an engine keeps between solves (compiled once)."""
+
+    prior: nn.Module
+    dc: FastDataConsistency
+
+
+@dataclass
+class MolEngine:
+    """A MOL step ready to solve: the checkpoint's prior and λ, on ``device``.
+
+    ``contraction`` is the certified contraction factor ρ of the step (None when the
+    checkpoint has no certified bound below 1).
+    """
+
+    loaded: LoadedModel
+    step: MolStep
+    fixed_point: FixedPointConfig
+    device: torch.device
+    contraction: float | None
+    #: ``fp32`` or ``bf16``: the precision the prior runs in (resolved from ``auto``).
+    precision: str = "fp32"
+    compile: bool = False
+    fast: _Fast | None = None
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, fixed_point: FixedPointConfig,
+                    device: torch.device, *, alpha: float | None = None,
+                    cg_iters: int | None = None, compile: bool = False,
+                    precision: str = "fp32") -> MolEngine:
+        """The engine of ``loaded``; ``alpha``/``cg_iters`` override the checkpoint's (the
+        fixed point does not depend on α, only the speed does). ``compile`` and
+        ``precision`` (``fp32`` | ``bf16`` | ``auto``) select the fast step of
+        :mod:`molrecon.deq.accel`; with both at their defaults the eager step runs."""
+        mol_cfg = loaded.mol_config
+        if alpha is not None:
+            mol_cfg = replace(mol_cfg, alpha=alpha)
+        if cg_iters is not None:
+            mol_cfg = replace(mol_cfg, cg_iters=cg_iters)
+        mol_cfg = replace(mol_cfg, learn_lam=False)
+        step = MolStep(loaded.model, mol_cfg).to(device).eval()
+        bound = loaded.certificate.get("certified_bound")
+        rho = None
+        if isinstance(bound, (int, float)) and bound < 1.0:
+            r = contraction_factor(mol_cfg.alpha, float(bound))
+            rho = r if r < 1.0 else None
+        prec = resolve_precision(precision, device, loaded.metadata)
+        fast = None
+        if compile or prec != "fp32":
+            fast = _Fast(prior=fast_prior(loaded.model, precision=prec, compile=compile,
+                                          device=device),
+                         dc=FastDataConsistency(mol_cfg.cg_iters, compile=compile, device=device))
+        return cls(loaded=loaded, step=step, fixed_point=replace(fixed_point, warn=False),
+                   device=device, contraction=rho, precision=prec, compile=bool(compile),
+                   fast=fast)
+
+    def solve(self, op: SenseOperator, kspace: torch.Tensor, x0: torch.Tensor, *,
+              on_iteration: Callable[[int, float], None] | None = None) -> FixedPointResult:
+        """The fixed point for normalised ``kspace`` (b, C, D, Y, X) from ``x0`` (b, D, Y, X)."""
+        mol = self.step
+        plane = self.loaded.model.config.dims == 2 and x0.shape[-1] == 1 and x0.shape[1] > 1
+        if plane:
+            mol = plane_step(mol)
+        with torch.no_grad():
+            aty = op.adjoint(kspace)                                      # (b, D, Y, X)
+            if self.fast is not None and hasattr(op, "normal_parts"):
+                prior = _PhaseEncodingPlane(self.fast.prior) if plane else self.fast.prior
+                step = fast_step(prior=prior, alpha=mol.alpha, lam=mol.lam, dc=self.fast.dc,
+                                 parts=op.normal_parts(), aty=aty, support=support_of(op))
+            else:
+                step = mol.bind(normal=op.normal, aty=aty, support=support_of(op))
+            return solve_fixed_point(step, x0, config=self.fixed_point,
+                                     contraction=self.contraction,
+                                     label="MOL fixed-point iteration",
+                                     on_iteration=on_iteration)
+
+    def describe(self, res: FixedPointResult) -> dict[str, Any]:
+        """Per-chunk facts for the report (plain JSON types)."""
+        out: dict[str, Any] = {
+            "iterations": [int(i) for i in res.item_iterations.tolist()],
+            "final_residual": [float(r) for r in res.final_residual.tolist()],
+            "converged": bool(res.converged),
+            "residual_trace": [[float(v) for v in row] for row in res.residuals.T.tolist()],
+        }
+        if res.distance_bound is not None:
+            out["certified_relative_distance"] = [float(d) for d in res.distance_bound.tolist()]
+        return out
+
+    def report_header(self) -> dict[str, Any]:
+        """What ran, for the report: the checkpoint, its certificate and the solver settings."""
+        ld = self.loaded
+        cfg = self.step.to_config()
+        return {
+            "weights": str(ld.path),
+            "weights_sha256": ld.sha256,
+            "constraint": ld.constraint,
+            "alpha": cfg.alpha,
+            "lambda": cfg.lam,
+            "cg_iters": cfg.cg_iters,
+            "solver": self.fixed_point.method,
+            "compile": self.compile,
+            "precision": self.precision,
+            "tol": self.fixed_point.tol,
+            "max_iter": self.fixed_point.max_iter,
+            "contraction_factor": self.contraction,
+            "certificate": ld.certificate,
+            "model_metadata": ld.metadata,
+        }
+
+
+class _PhaseEncodingPlane(nn.Module):
+    """A 2D prior applied to ``(b, D, Y, 1)`` images viewed as one ``(D, Y)`` image each."""
+
+    def __init__(self, prior: nn.Module) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, y, _ = x.shape
+        return self.prior(x.reshape(b, 1, d, y)).reshape(b, d, y, 1)
+
+
+def plane_step(step: MolStep) -> MolStep:
+    """The MOL step of a 2D prior for a 3D scan with one readout position (data already
+    transformed along the readout): the prior sees the (partition, phase-encoding) plane,
+    ``(b, D, Y, 1)`` viewed as one ``(D, Y)`` image, instead of D images of Y × 1 pixels.
+    A reshape is an isometry, so the prior's Lipschitz bound and certificate carry over."""
+    out = MolStep(_PhaseEncodingPlane(step.prior), replace(step.to_config(), learn_lam=False))
+    out.log_lam = step.log_lam
+    return out
+
+
+@dataclass(frozen=True)
+class PrecisionGate:
+    """The bf16 accuracy gate of a model on one case (:func:`precision_gate`).
+
+    psnr_change_db   PSNR(bf16) − PSNR(fp32) against the reference image (dB)
+    distance         ‖x_bf16 − x_fp32‖ / ‖x_fp32‖ (the fixed-point distance)
+    passed           |psnr_change_db| ≤ ``max_psnr_change_db`` and distance ≤ ``max_distance``
+    """
+
+    psnr_fp32: float
+    psnr_bf16: float
+    psnr_change_db: float
+    distance: float
+    passed: bool
+    max_psnr_change_db: float = GATE_MAX_PSNR_CHANGE_DB
+    max_distance: float = GATE_MAX_DISTANCE
+
+    def record(self) -> dict[str, Any]:
+        """Plain values for a model's metadata (``metadata["bf16_gate"]``)."""
+        return {"passed": self.passed, "psnr_change_db": self.psnr_change_db,
+                "distance": self.distance, "max_psnr_change_db": self.max_psnr_change_db,
+                "max_distance": self.max_distance}
+
+
+def precision_gate(loaded: LoadedModel, op: SenseOperator, kspace: torch.Tensor,
+                   x0: torch.Tensor, reference: torch.Tensor, *, fixed_point: FixedPointConfig,
+                   device: torch.device) -> PrecisionGate:
+    """Measure the bf16 prior against fp32 on one case: both fixed points from ``x0``, their
+    PSNRs against ``reference`` (magnitudes, least-squares fitted; :func:`molrecon.metrics.compare`)
+    and their relative distance. The gate passes when the PSNR changes by at most 0.05 dB
+    and the fixed points lie within 1e-3 of each other (relative)."""
+    from ..metrics import compare
+
+    results = {}
+    for prec in ("fp32", "bf16"):
+        engine = MolEngine.from_loaded(loaded, fixed_point, device, precision=prec)
+        results[prec] = engine.solve(op, kspace, x0).x
+    x32, x16 = results["fp32"], results["bf16"]
+    dist = float(torch.linalg.vector_norm(x16 - x32) / torch.linalg.vector_norm(x32).clamp_min(
+        torch.finfo(x32.real.dtype).tiny))
+    ref = reference.detach().cpu().numpy()
+    p32 = float(compare(x32.cpu().numpy(), ref).psnr)
+    p16 = float(compare(x16.cpu().numpy(), ref).psnr)
+    change = p16 - p32
+    passed = abs(change) <= GATE_MAX_PSNR_CHANGE_DB and dist <= GATE_MAX_DISTANCE
+    return PrecisionGate(psnr_fp32=p32, psnr_bf16=p16, psnr_change_db=change, distance=dist,
+                         passed=bool(passed))

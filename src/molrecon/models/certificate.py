@@ -1,0 +1,333 @@
+"""The Lipschitz certificate of a MOL prior H, stored in every checkpoint.
+
+A property of the network alone (no data term): the certified global bound of
+Lip(H), the product of the layers' certified operator-norm bounds, valid for
+every image size (:func:`global_bound`), with the layers' measured norms on one
+size beside it (:func:`layer_norms_at_size`); the local estimates at given
+points, lower bounds attained by actual points and directions
+(:func:`local_estimates`); the verdict certified / empirical / violated
+(:func:`decide`); and the plain dict that training writes into a checkpoint
+(:func:`certificate_for`). ``molrecon check-lipschitz`` (:mod:`molrecon.guarantees`)
+measures the same quantities at the fixed points of real reconstructions.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as nnf
+
+from ..errors import ConfigError
+from .lipschitz import local_lipschitz_power, local_lipschitz_ratio
+from .spectral import layer_bounds
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadedModel
+    from .cnn import MolCNN
+
+Verdict = Literal["certified", "empirical", "violated"]
+VERDICTS: tuple[str, ...] = ("certified", "empirical", "violated")
+
+def finite_or_none(v: float | None) -> float | None:
+    """JSON-safe float: None for missing or non-finite values."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Distribution of an estimate over data points."""
+
+    values: tuple[float, ...]
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.values))
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"min": finite_or_none(self.min), "median": finite_or_none(self.median),
+                "max": finite_or_none(self.max), "values": [finite_or_none(v) for v in self.values]}
+
+
+@dataclass(frozen=True)
+class GlobalBound:
+    """Certified global Lipschitz bound of H: the product of certified layer bounds.
+
+    ``all_sizes`` is True: each layer bound is a supremum over continuous
+    frequencies (see the package docstring). ``size`` and ``measured_layer_norms``
+    are the power-iteration norms of the zero-padded layers on one image size
+    (lower estimates; only when a size was asked for).
+    """
+
+    bound: float
+    layer_bounds: tuple[float, ...]
+    spectral_grid: int
+    constraint: str
+    lipschitz_target: float
+    all_sizes: bool = True
+    size: tuple[int, ...] | None = None
+    measured_layer_norms: tuple[float, ...] | None = None
+
+    @property
+    def certified(self) -> bool:
+        return self.bound < 1.0
+
+    @property
+    def measured_product(self) -> float | None:
+        return None if self.measured_layer_norms is None else math.prod(self.measured_layer_norms)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bound": finite_or_none(self.bound),
+            "layer_bounds": [finite_or_none(v) for v in self.layer_bounds],
+            "spectral_grid": self.spectral_grid,
+            "constraint": self.constraint,
+            "lipschitz_target": self.lipschitz_target,
+            "holds_for_all_image_sizes": self.all_sizes,
+            "certified": self.certified,
+            "size": None if self.size is None else list(self.size),
+            "measured_layer_norms": (None if self.measured_layer_norms is None
+                                     else [finite_or_none(v) for v in self.measured_layer_norms]),
+            "measured_product": finite_or_none(self.measured_product),
+        }
+
+
+@dataclass(frozen=True)
+class PointEstimate:
+    """Local Lipschitz estimates at one data point (one slice of one file).
+
+    ``point`` says what the point is: ``"fixed point"`` (the MOL solution),
+    or ``"cg-sense"`` when the MOL iteration produced non-finite values and the
+    CG-SENSE start was used instead.
+    """
+
+    source: str
+    item: int
+    point: str
+    power: float
+    ratio: float
+    residual: float | None = None
+    iterations: int | None = None
+    converged: bool | None = None
+
+    @property
+    def max(self) -> float:
+        """The larger estimate; a non-finite one (overflow) counts as infinite."""
+        vals = [v if math.isfinite(v) else math.inf for v in (self.power, self.ratio)]
+        return max(vals)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "item": self.item, "point": self.point,
+                "power": finite_or_none(self.power), "ratio": finite_or_none(self.ratio),
+                "fixed_point_residual": finite_or_none(self.residual), "iterations": self.iterations,
+                "converged": self.converged}
+
+
+@dataclass(frozen=True)
+class LocalEstimates:
+    """Local estimates at every point, and their distributions."""
+
+    points: tuple[PointEstimate, ...]
+
+    @property
+    def power(self) -> Summary:
+        return Summary(tuple(p.power for p in self.points))
+
+    @property
+    def ratio(self) -> Summary:
+        return Summary(tuple(p.ratio for p in self.points))
+
+    @property
+    def max(self) -> float:
+        return max(p.max for p in self.points)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max": finite_or_none(self.max), "power": self.power.as_dict(),
+                "ratio": self.ratio.as_dict(), "points": [p.as_dict() for p in self.points]}
+
+
+def global_bound(model: MolCNN, *, size: Sequence[int] | None = None, layer_iters: int = 50,
+                 seed: int = 0) -> GlobalBound:
+    """The certified bound of ``model`` (and its layers' measured norms at ``size``)."""
+    bounds = tuple(layer_bounds(model))
+    measured = None
+    if size is not None:
+        measured = layer_norms_at_size(model, size, iters=layer_iters, seed=seed)
+    return GlobalBound(bound=math.prod(bounds), layer_bounds=bounds,
+                       spectral_grid=int(model.spectral_grid), constraint=model.constraint,
+                       lipschitz_target=float(model.lipschitz_target),
+                       size=None if size is None else tuple(int(s) for s in size),
+                       measured_layer_norms=measured)
+
+
+def layer_norms_at_size(model: MolCNN, size: Sequence[int], *, iters: int = 50,
+                        seed: int = 0) -> tuple[float, ...]:
+    """Operator norm of every zero-padded layer (effective weights) on one image size.
+
+    ``size`` is (Y, X) for a 2D model, (D, Y, X) for a 3D one (a 2D size gives
+    D = 1 for a 3D model). Power iteration on WᵀW in float64 (W the "same"
+    convolution, Wᵀ its transposed convolution); each value is a lower
+    estimate of the layer's norm on that size, itself ≤ the certified bound.
+    """
+    dims = model.config.dims
+    shape = tuple(int(s) for s in size)
+    if dims == 2 and len(shape) != 2:
+        raise ConfigError(f"a 2D model needs a size YxX, got {'x'.join(map(str, shape))}")
+    if dims == 3 and len(shape) == 2:
+        shape = (1, *shape)
+    if any(s < 1 for s in shape):
+        raise ConfigError(f"size must be positive, got {shape}")
+    conv, convt = ((nnf.conv2d, nnf.conv_transpose2d) if dims == 2
+                   else (nnf.conv3d, nnf.conv_transpose3d))
+    pad = model.config.kernel // 2
+    gen = seeded_generator(seed)
+    out: list[float] = []
+    with torch.no_grad():
+        for w in model.effective_weights():
+            w64 = w.detach().to(device="cpu", dtype=torch.float64)             # (Co, Ci, k, ...)
+            v = torch.randn((1, w64.shape[1], *shape), generator=gen, dtype=torch.float64)
+            v = v / torch.linalg.vector_norm(v)
+            sigma = 0.0
+            for _ in range(iters):
+                wv = conv(v, w64, padding=pad)                                  # (1, Co, *shape)
+                sigma = max(sigma, float(torch.linalg.vector_norm(wv)))
+                u = convt(wv, w64, padding=pad)                                 # (1, Ci, *shape)
+                nu = torch.linalg.vector_norm(u)
+                if float(nu) == 0.0:
+                    break
+                v = u / nu
+            out.append(sigma)
+    return tuple(out)
+
+
+def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
+                    labels: Sequence[tuple[str, int, str]] | None = None,
+                    power_iters: int = 20, ratio_steps: int = 10, seed: int = 0,
+                    on_point: Callable[[int], None] | None = None) -> LocalEstimates:
+    """Power-iteration and ratio-search estimates at every item of every tensor in ``points``.
+
+    ``points``: complex ``(B, D, Y, X)`` tensors; ``labels``: (source, item,
+    point kind) per item, in order (default: ("", index, "point")). ``on_point(i)`` is
+    called before the estimates at item ``i``.
+    """
+    items = [p[i:i + 1].detach() for p in points for i in range(p.shape[0])]
+    if not items:
+        raise ConfigError("local Lipschitz estimates need at least one data point")
+    if labels is not None and len(labels) != len(items):
+        raise ValueError("one label per point item is needed")
+    gen = seeded_generator(seed)
+    priors: dict[torch.dtype, MolCNN] = {}
+    out: list[PointEstimate] = []
+    for n, x in enumerate(items):
+        if on_point is not None:
+            on_point(n)
+        if x.dtype not in priors:
+            priors[x.dtype] = prior_in_precision(model, x.dtype)
+        prior = priors[x.dtype]
+        power = local_lipschitz_power(prior, x, iters=power_iters, generator=gen)
+        with torch.no_grad():
+            ratio_t, _ = local_lipschitz_ratio(prior, x, steps=ratio_steps, generator=gen)
+        src, item, kind = labels[n] if labels is not None else ("", n, "point")
+        out.append(PointEstimate(source=src, item=item, point=kind, power=float(power),
+                                 ratio=float(ratio_t)))
+    return LocalEstimates(tuple(out))
+
+
+def decide(*, certified_bound: float, local_max: float,
+           uniqueness_consistent: bool | None = None) -> tuple[Verdict, tuple[str, ...]]:
+    """The verdict (see the package docstring) and the reasons for it."""
+    reasons: list[str] = []
+    if not local_max < 1.0:                     # also NaN: an overflowing estimate refutes
+        reasons.append(f"a local Lipschitz estimate is {local_max:.4g} >= 1: H is not a "
+                       "contraction near the data")
+    if uniqueness_consistent is False:
+        reasons.append("fixed points from different starts differ by more than the "
+                       "monotonicity margin allows")
+    if reasons:
+        return "violated", tuple(reasons)
+    if certified_bound < 1.0:                  # NaN is not < 1: no certificate
+        reason = (f"certified global bound {certified_bound:.4g} < 1 "
+                  "(all inputs, all image sizes)")
+        return "certified", (reason,)
+    reason = (f"no global certificate (bound {certified_bound:.4g} >= 1); local estimates "
+              f"at the data are < 1 (max {local_max:.4g})")
+    return "empirical", (reason,)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def prior_in_precision(model: MolCNN, dtype: torch.dtype) -> MolCNN:
+    """``model`` itself, or a float64 copy for complex128 problems."""
+    if dtype == torch.complex128 and model.raw_weights()[0].dtype != torch.float64:
+        return copy.deepcopy(model).double()
+    return model
+
+
+def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor], *,
+                    data: Sequence[str] = (), power_iters: int = 10, ratio_steps: int = 10,
+                    seed: int = 0) -> dict[str, Any]:
+    """The plain-dict Lipschitz certificate stored in checkpoints.
+
+    ``points``: fixed points (complex ``(B, D, Y, X)``) the local estimates are
+    measured at, e.g. the validation reconstructions of training; ``data``:
+    what they came from (file names). Keys: ``certified_bound``,
+    ``layer_bounds``, ``spectral_grid``, ``holds_for_all_image_sizes``,
+    ``local_power``, ``local_ratio``, ``local_max``, ``points``, ``data``,
+    ``verdict``, ``date`` (:func:`~molrecon.models.save_checkpoint` recomputes
+    the first three from the weights it writes, so they always agree).
+    """
+    model = _as_model(subject)
+    gb = global_bound(model)
+    cert: dict[str, Any] = {
+        "certified_bound": gb.bound,
+        "layer_bounds": list(gb.layer_bounds),
+        "spectral_grid": gb.spectral_grid,
+        "holds_for_all_image_sizes": True,
+        "data": [str(d) for d in data],
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    usable = [p for p in points if p.shape[0] > 0]
+    if usable:
+        was_training = model.training
+        model.eval()
+        try:
+            est = local_estimates(model, usable, power_iters=power_iters,
+                                  ratio_steps=ratio_steps, seed=seed)
+        finally:
+            model.train(was_training)
+        verdict, _ = decide(certified_bound=gb.bound, local_max=est.max)
+        cert.update({
+            "local_power": [finite_or_none(p.power) for p in est.points],
+            "local_ratio": [finite_or_none(p.ratio) for p in est.points],
+            "local_max": finite_or_none(est.max),
+            "points": len(est.points),
+            "verdict": verdict,
+        })
+    else:
+        cert.update({"local_power": [], "local_ratio": [], "local_max": None, "points": 0,
+                     "verdict": "certified" if gb.certified else None})
+    return cert
+
+
+def _as_model(subject: LoadedModel | MolCNN) -> MolCNN:
+    return subject.model if hasattr(subject, "mol_config") else subject  # type: ignore[union-attr]

@@ -1,0 +1,345 @@
+"""What a training run is asked to do and what it did: :class:`TrainConfig` (every option of
+``molrecon train``, checked when it is made), :class:`TrainResult`, and the comparison of a
+run's options with those a resume state was saved with (:func:`resume_changes`: a resumed
+run must repeat the options that define the problem, the network's always).
+
+Torch-free, so that the command line can check its options before torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import CheckpointError, ConfigError
+from .data import MaskSpec
+from .patches import PatchSpec
+
+Loss = Literal["mse", "mse_mag", "l1"]
+Stage = Literal["deq", "denoise"]
+STAGES: tuple[str, ...] = ("deq", "denoise")
+#: Initial λ of a run that neither gives one nor starts from a checkpoint.
+DEFAULT_LAM = 100.0
+RecordFn = Callable[[dict[str, Any]], None]
+WarnFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (recorded in the checkpoint's metadata).
+
+    data, out         folder of fully sampled raw scans; the model file (.pt)
+    kind              "2d" | "3d" | "2dt", or None to take it from the data
+    constraint        "sn" (certified spectral normalisation) | "lr" (Lipschitz penalty)
+    spectral_grid     SN: frequency grid per axis of the certified layer bounds (None: default)
+    mask              retrospective masks (family, R, ACS)
+    extra_noise       std of extra complex noise added to the normalised k-space
+    loss              "mse" (complex) | "mse_mag" | "l1", each relative to the target
+    lr, lam_lr        Adam learning rates of H and of log λ; lam_init the initial λ
+                      (None: the --init checkpoint's λ, else DEFAULT_LAM)
+    alpha, cg_iters   MOL step size and CG iterations per step
+    init_iters        CG iterations of the regularised-SENSE start
+    fwd_*, bwd_*      tolerance (relative residual) and cap of the forward / backward solves
+    diverge_tol       a forward residual above this after the cap skips the step
+    penalty_*         MOL-LR penalty (see :mod:`molrecon.train`)
+    unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
+    gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward
+                      solve) or "jfb" (Jacobian-free: the gradient through one step at x*)
+    stage             "deq": deep-equilibrium steps; "denoise": stage-0 pretraining of H
+                      alone on noisy patches of the targets (2D data; ``patch`` says how,
+                      ``batch_size`` counts patches); validation is the full MOL
+                      reconstruction in both
+    batch_size        samples per step and process
+    max_steps         steps in all (a resumed run continues up to it)
+    time_budget_s     wall-clock seconds of this invocation (loading included); the run
+                      does not start a step it cannot finish in time (the slowest of the
+                      last 10 steps, plus the last validation's time if the step validates,
+                      plus the last save's time), then saves and stops
+    readout_block     train on blocks of this many readout positions (exact
+                      hybrid-space problems, :func:`make_problem`); validation uses whole scans
+    val_*             validation split (fraction of files), cadence and problem count;
+                      val_data: a separate folder of validation scans (then the whole
+                      of ``data`` trains and val_fraction is not used)
+    checkpoint_every  steps between saves; max_skips consecutive skips stop the run
+    grad_clip         global gradient-norm clip
+    resume            continue the run whose state is beside ``out``; the options that
+                      define the problem must be those the state was saved with
+                      (:func:`resume_changes`), else the run is refused, unless
+                      ``override`` (then the new values apply; a changed lr or lam_lr
+                      replaces the saved learning rates). The network's options
+                      (constraint, layers, channels, lipschitz_target, spectral_grid,
+                      stage) can never change on resume.
+    """
+
+    data: str
+    out: str
+    kind: str | None = None
+    constraint: Literal["sn", "lr"] = "lr"
+    lipschitz_target: float = 0.99
+    spectral_grid: int | None = None
+    layers: int = 5
+    channels: int = 64
+    mask: MaskSpec = field(default_factory=MaskSpec)
+    extra_noise: float = 0.0
+    loss: Loss = "mse"
+    lr: float = 1e-4
+    lam_lr: float = 1e-2
+    lam_init: float | None = None
+    alpha: float = 1.0
+    cg_iters: int = 10                  # as the bundled models and `train --cg-iters`
+    init_iters: int = 10
+    fwd_tol: float = 1e-4
+    fwd_max_iter: int = 40
+    bwd_tol: float = 1e-4
+    bwd_max_iter: int = 30
+    diverge_tol: float = 1e-2
+    penalty_threshold: float = 0.98
+    penalty_weight: float = 1e-6
+    penalty_steps: int = 10
+    penalty_every: int = 1
+    penalty_crop: int | None = 96
+    batch_size: int = 1
+    max_steps: int = 1000
+    time_budget_s: float | None = None
+    val_fraction: float = 0.15
+    val_data: str | None = None
+    readout_block: int | None = None
+    val_every: int = 50
+    val_samples: int = 8
+    checkpoint_every: int = 25
+    max_skips: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    override: bool = False
+    init_weights: str | None = None
+    force: bool = False
+    unroll: int = 0
+    stage: Stage = "deq"
+    gradient: Literal["implicit", "jfb"] = "implicit"
+    patch: PatchSpec = field(default_factory=PatchSpec)
+
+    def __post_init__(self) -> None:
+        if self.gradient not in ("implicit", "jfb"):
+            raise ConfigError(f"--gradient must be implicit or jfb, got {self.gradient!r}")
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage must be deq or denoise, got {self.stage!r}")
+        if self.constraint not in ("sn", "lr"):
+            raise ConfigError(f"--constraint must be sn or lr, got {self.constraint!r}")
+        if self.loss not in ("mse", "mse_mag", "l1"):
+            raise ConfigError(f"--loss must be mse, mse_mag or l1, got {self.loss!r}")
+        if self.readout_block is not None and (isinstance(self.readout_block, bool) or not
+                                               isinstance(self.readout_block, int)
+                                               or self.readout_block < 1):
+            raise ConfigError(f"readout_block must be a positive integer, got {self.readout_block!r}")
+        if self.lam_init is not None and not (math.isfinite(self.lam_init) and self.lam_init > 0):
+            raise ConfigError(f"lam_init must be positive and finite, got {self.lam_init!r}")
+        for name in ("lr", "alpha", "fwd_tol", "bwd_tol", "lipschitz_target",
+                     "diverge_tol", "grad_clip", "penalty_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ConfigError(f"{name} must be positive and finite, got {value!r}")
+        for name in ("lam_lr", "extra_noise", "penalty_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ConfigError(f"{name} must be >= 0 and finite, got {value!r}")
+        for name in ("max_steps", "batch_size", "cg_iters", "init_iters", "val_every",
+                     "checkpoint_every", "penalty_every", "val_samples", "fwd_max_iter",
+                     "bwd_max_iter", "max_skips", "layers", "channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
+            raise ConfigError(f"unroll must be an integer >= 0, got {self.unroll!r}")
+        if isinstance(self.penalty_steps, bool) or not isinstance(self.penalty_steps, int) \
+                or self.penalty_steps < 0:
+            raise ConfigError(f"penalty_steps must be an integer >= 0, got {self.penalty_steps!r}")
+        if self.penalty_crop is not None and self.penalty_crop < 8:
+            raise ConfigError(f"penalty_crop must be at least 8 pixels, got {self.penalty_crop}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("--val-fraction must lie in [0, 1)")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"--time-budget must be positive, got {self.time_budget_s}")
+        if self.kind is not None and self.kind not in ("2d", "3d", "2dt"):
+            raise ConfigError(f"--dims must be 2d, 3d or 2dt, got {self.kind!r}")
+        if not 0.0 < self.alpha < 2.0:
+            raise ConfigError(f"--alpha must lie in (0, 2), got {self.alpha}")
+        if self.stage == "denoise" and self.unroll:
+            raise ConfigError("--stage denoise trains H alone: it has no unrolled variant")
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``steps``: steps done in all (resumed runs included);
+    ``stopped``: "max_steps" or "time_budget"; ``skipped_steps``: steps skipped
+    by this invocation; ``skipped_files``: (file, reason) of unusable files;
+    ``main_process``: False on the ranks > 0 of a distributed run (they write nothing)."""
+
+    out: Path
+    steps: int
+    best_val_psnr: float | None
+    val_sense_psnr: float | None
+    log: Path
+    skipped_files: list[tuple[str, str]]
+    stopped: str = "max_steps"
+    skipped_steps: int = 0
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    main_process: bool = True
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as JSON values (a saved config, checkpoint metadata): mappings with string keys,
+    tuples as lists, non-finite floats as None, anything else as its string."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ------------------------------------------------------------------------------- resume checks
+#: The command-line option of each TrainConfig field (dotted for MaskSpec and PatchSpec);
+#: fields without one are named as they are.
+OPTION_NAMES: dict[str, str] = {
+    "data": "--data", "val_data": "--val-data", "kind": "--dims", "constraint": "--constraint",
+    "lipschitz_target": "--lipschitz-target", "spectral_grid": "--spectral-grid",
+    "layers": "--layers", "channels": "--channels", "mask.family": "--mask",
+    "mask.accelerations": "-R", "mask.acs": "--acs", "extra_noise": "--noise",
+    "loss": "--loss", "lr": "--lr", "lam_lr": "--lam-lr", "lam_init": "--lam",
+    "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
+    "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
+    "penalty_every": "--penalty-every", "batch_size": "--batch-size",
+    "max_steps": "--max-steps", "time_budget_s": "--time-budget",
+    "val_fraction": "--val-fraction", "readout_block": "--readout-block",
+    "val_every": "--val-every", "val_samples": "--val-samples",
+    "checkpoint_every": "--checkpoint-every", "max_skips": "--max-skips", "seed": "--seed",
+    "device": "--device", "resume": "--resume", "override": "--override",
+    "init_weights": "--init", "force": "--force", "stage": "--stage", "gradient": "--gradient",
+    "patch.size": "--patch", "patch.sigma": "--sigma", "patch.sense_fraction": "--sense-fraction",
+}
+#: Fields a resumed run may change: how long and how often it runs, where, and what only
+#: matters at a run's start (the state holds the weights, λ and the learning rates; the
+#: data's kind is checked against the state on its own).
+RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "checkpoint_every",
+                         "max_skips", "device", "resume", "force", "override", "init_weights",
+                         "lam_init", "kind"})
+#: Fields that make the network what it is: a resume never changes them.
+NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "lipschitz_target",
+                            "spectral_grid", "stage"})
+
+
+@dataclass(frozen=True)
+class Change:
+    """An option whose value differs from the one a resume state was saved with."""
+
+    name: str          # the TrainConfig field (dotted for the mask's and the patches')
+    old: Any
+    new: Any
+
+    @property
+    def option(self) -> str:
+        return OPTION_NAMES.get(self.name, self.name)
+
+    @property
+    def network(self) -> bool:
+        return self.name in NETWORK_FIELDS
+
+    def __str__(self) -> str:
+        return f"{self.option} {_shown(self.old)} → {_shown(self.new)}"
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(v) for v in value)
+    return str(value)
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved (or this run's, through :func:`_plain`) config as comparable fields: the mask's
+    accelerations as one list (-R), the patch noise range as one pair (--sigma)."""
+    out = {k: v for k, v in config.items() if k not in ("mask", "patch")}
+    mask = config.get("mask")
+    if isinstance(mask, dict):
+        out["mask.family"] = mask.get("family")
+        out["mask.accelerations"] = list(mask.get("accelerations") or [mask.get("acceleration")])
+        out["mask.acs"] = mask.get("acs")
+    patch = config.get("patch")
+    if isinstance(patch, dict):
+        for key, value in patch.items():
+            if key not in ("sigma_min", "sigma_max"):
+                out[f"patch.{key}"] = value
+        out["patch.sigma"] = [patch.get("sigma_min"), patch.get("sigma_max")]
+    return out
+
+
+def _same_folder(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    try:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    except OSError:
+        return False
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[Change]:
+    """The options of ``config`` that differ from ``saved`` (a resume state's config), in
+    the order of TrainConfig's fields, leaving out :data:`RESUME_FREE` and options that do
+    not matter to this run (the patch settings outside stage 0, --val-fraction with
+    --val-data, an unset --spectral-grid, which takes the state's). Fields the state does not
+    record (an older version's) are not compared."""
+    old, new = _flat(saved), _flat(_plain(asdict(config)))
+    changes = []
+    for name, value in new.items():
+        if name in RESUME_FREE or name not in old:
+            continue
+        if name.startswith("patch.") and config.stage != "denoise":
+            continue
+        if name == "val_fraction" and config.val_data is not None:
+            continue
+        if name == "spectral_grid" and value is None:
+            continue
+        if name in ("data", "val_data"):
+            if not _same_folder(old[name], value):
+                changes.append(Change(name, old[name], value))
+        elif old[name] != value:
+            changes.append(Change(name, old[name], value))
+    return changes
+
+
+def _check_resume_options(state: dict[str, Any], config: TrainConfig, path: Path
+                          ) -> list[Change]:
+    """Refuse a resume whose options differ from the state's (one line naming each change,
+    old → new), unless ``config.override`` and none of them is the network's. Returns the
+    changes that ``override`` lets through."""
+    saved = state["config"] if isinstance(state["config"], dict) else {}
+    changes = resume_changes(saved, config)
+    network = [c for c in changes if c.network]
+    if network:
+        raise CheckpointError(
+            "resume state was saved by a run with another network: "
+            + "; ".join(map(str, network)) + " (a resume cannot change it; start a new run, "
+            "with --init to start from this run's weights)", path=path)
+    if changes and not config.override:
+        raise ConfigError(
+            "resume state was saved with other options: " + "; ".join(map(str, changes))
+            + " (resume with the same options, or pass --override (override=True) to continue "
+            "with the new ones)", path=path)
+    return changes
+

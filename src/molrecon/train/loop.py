@@ -1,0 +1,478 @@
+"""The training run (``molrecon train``, :func:`train`): setup, the steps, validation, saves.
+
+:func:`train` joins the process group under ``torchrun``, then :func:`_train` runs the stages
+in their fixed order — the outputs and a resume state are checked before any data is read
+(:func:`~molrecon.train.state._check_outputs`), the data are loaded and split
+(:func:`_load_data`), the model and optimiser are built from the seed, ``--init`` or the
+resume state (:func:`_setup`), the log and the validation problems are prepared
+(:func:`_prepare`), the start is logged and a new run validates its untrained model
+(:func:`_start`), and :func:`_run_steps` steps until ``max_steps`` or the time budget. A step
+is :func:`_gradients` (this process's samples, then the all-reduce), then :func:`_skip` or
+:func:`_update` (the optimiser's step, :func:`_validate` on its cadence, :func:`_save_all` on
+the checkpoint cadence). These functions keep every random draw and every computation of a
+step in one order, so a run is reproducible bit for bit and a resumed run continues exactly;
+:mod:`molrecon.train` describes the whole.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..deq.fixed_point import FixedPointConfig
+from ..device import resolve_device
+from ..errors import ConfigError, InputDataError, MolreconError
+from ..models.checkpoint import save_checkpoint
+from ..problem import Problem
+from .config import Change, RecordFn, TrainConfig, TrainResult, WarnFn, _plain
+from .data import FolderDataset, check_masks, list_raw_files, load_folder, split_dataset
+from .distributed import (
+    Dist,
+    _agree,
+    _broadcast_parameters,
+    _init_distributed,
+    _leave,
+    _process_device,
+    _reduce_gradients,
+)
+from .patches import degraded_bank, sample_scales
+from .state import (
+    _check_outputs,
+    _check_state,
+    _remove_stale_temporaries,
+    _restore_state,
+    _RunLog,
+    _save_state,
+    _state_record,
+    _write,
+    output_paths,
+)
+from .step import _build, _denoise_step, _kinds, _local_step, _model_dims, _StepOutcome
+from .validate import _certificate, _load_validation, _val_problems, evaluate
+
+
+# ------------------------------------------------------------------------------- the run
+@dataclass
+class _Run:
+    """A run in progress: what setup built (:func:`_setup`, :func:`_prepare`) and what the
+    loop moves on (the step count ``s``, the best validation, the skip counts, timings)."""
+
+    config: TrainConfig
+    device: Any
+    dist_info: Dist
+    t_start: float
+    on_record: RecordFn
+    warn: WarnFn
+    paths: dict[str, Path]
+    data: FolderDataset
+    train_set: FolderDataset
+    val_set: FolderDataset
+    changes: list[Change]
+    scales: list[float]
+    step: Any = None                    # the MOL step: the prior H and the learnable λ
+    cnn: Any = None                     # H
+    optim: Any = None
+    all_params: list[Any] = field(default_factory=list)
+    bank: list[Any] = field(default_factory=list)
+    log: _RunLog | None = None
+    val_problems: list[Problem] = field(default_factory=list)
+    fwd: FixedPointConfig | None = None
+    bwd: FixedPointConfig | None = None
+    start_step: int = 0
+    best: float = -math.inf
+    skips: int = 0
+    elapsed_before: float = 0.0         # wall-clock seconds of the earlier invocations
+    s: int = 0                          # steps done
+    saved_at: int = -1
+    updating: bool = False              # inside the optimiser's step (not to be saved)
+    order_epoch: int = -1
+    order: np.ndarray = field(default_factory=lambda: np.arange(0))
+    last_record: dict[str, Any] = field(default_factory=dict)
+    best_sense: float | None = None
+    val_fixed_points: list[Any] = field(default_factory=list)
+    skipped_here: int = 0
+    stopped: str = "max_steps"
+    # Seconds of the recent steps, of the last validation and of the last save: the time
+    # budget starts no step that these say cannot end (and be saved) within it.
+    recent_steps: deque[float] = field(default_factory=lambda: deque(maxlen=10))
+    timing: dict[str, float] = field(default_factory=lambda: {"val": 0.0, "save": 0.0})
+
+    @property
+    def kind(self) -> str:
+        return self.data.kind
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_set)
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.dist_info.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n_train // self.global_batch)
+
+    def elapsed(self) -> float:
+        return round(self.elapsed_before + time.perf_counter() - self.t_start, 1)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(record)
+        self.on_record(record)
+
+
+def train(config: TrainConfig, *, on_record: RecordFn | None = None,
+          warn: WarnFn | None = None) -> TrainResult:
+    """Run (or resume) a training job; see :mod:`molrecon.train`.
+
+    ``on_record`` receives every log record (rank 0 only), ``warn`` one-line
+    warnings (skipped files and steps). Raises :class:`MolreconError`
+    subclasses for everything a user can fix.
+    """
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    dist_info, created = _init_distributed(device)
+    try:
+        return _train(config, device, dist_info, t_start,
+                      on_record if (on_record and dist_info.main) else (lambda rec: None),
+                      warn if (warn and dist_info.main) else (lambda msg: None))
+    finally:
+        _leave(created)
+
+
+def _train(config: TrainConfig, device: Any, dist_info: Dist, t_start: float,
+           on_record: RecordFn, warn: WarnFn) -> TrainResult:
+    device = _process_device(device, dist_info)
+    paths = output_paths(config.out)
+    if not paths["best"].name.endswith(".pt"):
+        raise ConfigError(f"{config.out}: --out must end in .pt")
+    state, changes = _check_outputs(config, paths, dist_info, warn)
+    data, train_set, val_set = _load_data(config, warn)
+    scales = _denoise_scales(config, data.kind, train_set)
+    if state is not None:
+        config = _check_state(state, config, data.kind, paths["state"])
+    run = _Run(config=config, device=device, dist_info=dist_info, t_start=t_start,
+               on_record=on_record, warn=warn, paths=paths, data=data, train_set=train_set,
+               val_set=val_set, changes=changes, scales=scales)
+    _setup(run, state)
+    _prepare(run)
+    _start(run)
+    _run_steps(run)
+    return TrainResult(out=paths["best"], steps=run.s,
+                       best_val_psnr=None if run.best == -math.inf else run.best,
+                       val_sense_psnr=run.best_sense, log=paths["log"],
+                       skipped_files=data.skipped, stopped=run.stopped,
+                       skipped_steps=run.skipped_here, train_files=list(train_set.files),
+                       val_files=list(val_set.files), main_process=dist_info.main)
+
+
+# ------------------------------------------------------------------------------- setup
+def _load_data(config: TrainConfig, warn: WarnFn
+               ) -> tuple[FolderDataset, FolderDataset, FolderDataset]:
+    """The usable scans of ``config.data`` and the (training, validation) split of them, or
+    the whole of them and the scans of ``config.val_data``."""
+    files = list_raw_files(config.data)
+    if not files:
+        raise InputDataError("no raw files (*.h5, *.hdf5, *.mrd) in this folder", path=config.data)
+    data = load_folder(files, config.kind, warn=warn)
+    if not data.samples:
+        what = f"{config.kind} " if config.kind else ""
+        raise InputDataError(f"no usable fully sampled {what}scans: all {len(files)} raw file(s) "
+                             "were skipped (see the warnings above)", path=config.data)
+    if data.skipped:
+        warn(f"using {len(data.files)} of {len(files)} raw files ({len(data.skipped)} skipped)")
+    kind = data.kind
+    check_masks(data, config.mask)
+    if config.val_data is None:
+        train_set, val_set = split_dataset(data, config.val_fraction, config.seed)
+    else:
+        train_set, val_set = data, _load_validation(config.val_data, kind, config.data, warn)
+    return data, train_set, val_set
+
+
+def _denoise_scales(config: TrainConfig, kind: str, train_set: FolderDataset) -> list[float]:
+    """Stage 0: reconstruction's intensity scale of every training sample (else none)."""
+    if config.stage != "denoise":
+        return []
+    if kind != "2d":
+        raise ConfigError(f"--stage denoise pretrains a 2D prior on 2d data; this folder "
+                          f"holds {kind} data")
+    return sample_scales(train_set.samples, kind, config.mask, config.seed)
+
+
+def _setup(run: _Run, state: dict[str, Any] | None) -> None:
+    """The model and its optimiser: seeded initial weights (or ``--init``'s), then the resume
+    state's, the same on every process."""
+    config = run.config
+    torch.manual_seed(config.seed)
+    run.step, run.cnn = _build(config, run.kind, run.device)
+    params = [p for n, p in run.step.named_parameters() if n != "log_lam"]
+    run.optim = torch.optim.Adam([{"params": params, "lr": config.lr},
+                                  {"params": [run.step.log_lam], "lr": config.lam_lr}])
+    run.all_params = [p for p in run.step.parameters() if p.requires_grad]
+    if state is not None:
+        run.start_step, run.best, run.skips, run.elapsed_before = _restore_state(
+            state, run.step, run.optim, config, run.changes, run.paths["state"])
+    _broadcast_parameters(run.step, run.dist_info)
+
+
+def _prepare(run: _Run) -> None:
+    """Stage 0's degraded images, the log (rank 0), the validation problems (rank 0) and the
+    fixed-point solvers' settings."""
+    config = run.config
+    if config.stage == "denoise" and config.patch.sense_fraction > 0:
+        run.bank = degraded_bank(run.train_set.samples, run.kind, config.mask,
+                                 float(run.step.lam.detach()), config.init_iters,
+                                 config.patch.sense_masks, config.seed)
+    if run.dist_info.main:
+        _remove_stale_temporaries(run.paths)
+    run.log = _RunLog(run.paths["log"], resume_at=run.start_step if config.resume else None) \
+        if run.dist_info.main else None
+    run.val_problems = _val_problems(run.val_set, config, run.device) \
+        if run.dist_info.main else []
+    run.fwd = FixedPointConfig(tol=config.fwd_tol, max_iter=config.fwd_max_iter, warn=False)
+    run.bwd = FixedPointConfig(tol=config.bwd_tol, max_iter=config.bwd_max_iter, warn=False)
+
+
+def _start(run: _Run) -> None:
+    """The ``start`` record, and a new run's validation of its untrained model (step 0)."""
+    config = run.config
+    run.emit({"event": "start", "step": run.start_step, "kind": run.kind,
+              "model_dims": _model_dims(run.kind), "constraint": config.constraint,
+              "resumed": bool(config.resume), "train_files": len(run.train_set.files),
+              "val_files": len(run.val_set.files), "train_samples": run.n_train,
+              "val_samples": len(run.val_set), "skipped_files": len(run.data.skipped),
+              "device": str(run.device), "world_size": run.dist_info.world,
+              "max_steps": config.max_steps, "stage": config.stage,
+              "threads": torch.get_num_threads(), "elapsed_s": run.elapsed(),
+              **({"resumed_elapsed_s": round(run.elapsed_before, 1),
+                  "best_val_psnr": None if run.best == -math.inf else run.best,
+                  "changed": [str(c) for c in run.changes]} if config.resume else {})})
+    if run.val_problems and not config.resume:
+        t0 = time.perf_counter()
+        vm = evaluate(run.step, run.val_problems, config,
+                      run.val_fixed_points if config.init_weights else None)
+        run.timing["val"] = time.perf_counter() - t0
+        run.emit({"event": "validation", "step": 0, **vm})
+        if config.init_weights and vm.get("val_psnr") is not None:
+            # Started from trained weights: they are the model to beat, and the best model
+            # until a step beats them (a fine-tuning run never ends worse than it began).
+            run.best = float(vm["val_psnr"])
+            _timed_save(run, 0, {"step": 0, **vm}, True)
+
+
+# ------------------------------------------------------------------------------- the loop
+def _run_steps(run: _Run) -> None:
+    """Steps up to ``max_steps`` (or the time budget), then a save of the last step; Ctrl-C
+    saves the state of the last completed step before stopping."""
+    config = run.config
+    run.s = run.start_step
+    run.saved_at = run.start_step if config.resume else -1
+    run.updating = False
+    run.order_epoch, run.order = -1, np.arange(run.n_train)
+    try:
+        run.step.train()
+        while run.s < config.max_steps:
+            if _out_of_time(run):
+                run.stopped = "time_budget"
+                break
+            epoch, within = divmod(run.s, run.steps_per_epoch)
+            if epoch != run.order_epoch:
+                run.order = np.random.default_rng([config.seed, 1, epoch]).permutation(run.n_train)
+                run.order_epoch = epoch
+            t_step = time.perf_counter()
+            reason, outcome, stats = _gradients(run, within)
+            if reason is not None:
+                _skip(run, reason, t_step)
+                continue
+            _update(run, epoch, outcome, stats, t_step)
+        if run.s != run.saved_at and (run.s > run.start_step or not run.paths["best"].exists()):
+            _save_all(run, run.s, run.last_record, False)
+            run.saved_at = run.s
+    except KeyboardInterrupt:
+        if run.dist_info.main and not run.updating and run.s != run.saved_at:
+            _save_all(run, run.s, run.last_record, False)
+            run.warn(f"interrupted: state saved after step {run.s}; continue with --resume")
+        raise
+    finally:
+        if run.log is not None:
+            run.log.close()
+
+
+def next_step_fits(used_s: float, budget_s: float, recent_steps_s: list[float],
+                   extra_s: float = 0.0) -> bool:
+    """Whether one more step can end within the time budget: ``used_s`` seconds spent, plus
+    the slowest of the recent steps (none yet: nothing), plus ``extra_s`` (the validation
+    the step would run and the save that follows) must not exceed ``budget_s``."""
+    step_s = max(recent_steps_s) if recent_steps_s else 0.0
+    return used_s + step_s + extra_s <= budget_s
+
+
+def _out_of_time(run: _Run) -> bool:
+    """Whether the time budget (read by rank 0, agreed by all) leaves no room for step s + 1."""
+    config, s = run.config, run.s
+    validates = bool(run.val_problems) and ((s + 1) % config.val_every == 0
+                                            or s + 1 == config.max_steps)
+    over = (run.dist_info.main and config.time_budget_s is not None
+            and not next_step_fits(time.perf_counter() - run.t_start, config.time_budget_s,
+                                   list(run.recent_steps),
+                                   (run.timing["val"] if validates else 0.0)
+                                   + run.timing["save"]))
+    return _agree(over, run.dist_info, run.device)
+
+
+def _gradients(run: _Run, within: int
+               ) -> tuple[str | None, _StepOutcome, dict[str, float | None]]:
+    """This process's samples of step ``s`` forward and backward, and the gradients averaged
+    over the processes. Returns why the step must be skipped (None: it may step), this
+    process's outcome and the global batch's statistics."""
+    config, dist_info = run.config, run.dist_info
+    run.optim.zero_grad(set_to_none=True)
+    if config.stage == "denoise":
+        outcome = _denoise_step(run.cnn, config, run.train_set, run.scales, run.bank, run.order,
+                                run.s, within, run.global_batch, dist_info, run.device)
+    else:
+        outcome = _local_step(run.step, run.cnn, config, run.train_set, run.order, run.s,
+                              within, run.global_batch, dist_info, run.device, run.fwd, run.bwd)
+    bad = outcome.bad
+    if bad is None and dist_info.world == 1:
+        grads = [p.grad for p in run.all_params if p.grad is not None]
+        if any(not bool(torch.isfinite(g).all()) for g in grads):
+            bad = "non-finite gradient"
+    outcome.bad = bad
+    any_bad, stats = _reduce_gradients(run.all_params, outcome, dist_info)
+    loss_mean = stats["loss"]
+    if any_bad or loss_mean is None or not math.isfinite(loss_mean) or not all(
+            bool(torch.isfinite(p.grad).all()) for p in run.all_params if p.grad is not None):
+        reason = bad or ("non-finite gradient" if dist_info.world == 1
+                         else "a sample failed on another process")
+        return reason, outcome, stats
+    return None, outcome, stats
+
+
+def _skip(run: _Run, reason: str, t_step: float) -> None:
+    """A failed step: no optimiser step, every learning rate halved, the skip logged; after
+    ``max_skips`` consecutive ones the state of the last good step is saved and the run stops."""
+    run.skips += 1
+    run.skipped_here += 1
+    for group in run.optim.param_groups:
+        group["lr"] *= 0.5
+    run.s += 1
+    run.recent_steps.append(time.perf_counter() - t_step)
+    lr = run.optim.param_groups[0]["lr"]
+    run.warn(f"step {run.s}: skipped: {reason}; learning rates halved (H: {lr:.3g})")
+    run.emit({"step": run.s, "skipped": reason, "lr": lr, "consecutive_skips": run.skips})
+    if run.skips >= run.config.max_skips:
+        _save_all(run, run.s, run.last_record, False)
+        raise MolreconError(
+            f"training stopped: {run.skips} consecutive steps failed (last: {reason}); "
+            f"the state of the last good step is saved in {run.paths['state']}. Lower "
+            "--lr, raise --fwd-max-iter, or check the data")
+
+
+def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float | None],
+            t_step: float) -> None:
+    """A good step: clip and apply the gradients, log the step (with a validation on its
+    cadence and at the last step), save on the checkpoint cadence, at a new best and at the
+    last step."""
+    config, cnn = run.config, run.cnn
+    run.skips = 0
+    torch.nn.utils.clip_grad_norm_(run.all_params, config.grad_clip)
+    run.updating = True
+    run.optim.step()
+    run.s += 1
+    run.updating = False
+    if hasattr(cnn, "clear_spectral_cache"):
+        cnn.clear_spectral_cache()
+    rec: dict[str, Any] = {
+        "step": run.s, "epoch": epoch, "loss": stats["loss"],
+        "fwd_iterations": stats["fwd_iterations"],
+        "bwd_iterations": stats["bwd_iterations"],
+        "lambda": float(run.step.lam.detach()), "lr": run.optim.param_groups[0]["lr"],
+        "step_s": round(time.perf_counter() - t_step, 3), "elapsed_s": run.elapsed()}
+    run.recent_steps.append(time.perf_counter() - t_step)
+    if outcome.lipschitz:
+        rec["lipschitz_local"] = float(np.max(outcome.lipschitz))
+    is_best = _validate(run, rec)
+    run.last_record = rec
+    run.emit(rec)
+    s = run.s
+    if s % config.checkpoint_every == 0 or is_best or s == config.max_steps:
+        _timed_save(run, s, rec, is_best)
+        run.saved_at = s
+
+
+def _validate(run: _Run, rec: dict[str, Any]) -> bool:
+    """On a validation step, evaluate (keeping the fixed points for the certificate) into
+    ``rec``; whether the model is the best so far."""
+    config, s = run.config, run.s
+    if not (run.val_problems and (s % config.val_every == 0 or s == config.max_steps)):
+        return False
+    run.val_fixed_points.clear()
+    t0 = time.perf_counter()
+    vm = evaluate(run.step, run.val_problems, config, run.val_fixed_points)
+    run.timing["val"] = time.perf_counter() - t0
+    rec.update(vm)
+    run.best_sense = vm.get("val_sense_psnr")
+    if vm["val_psnr"] is not None and vm["val_psnr"] > run.best:
+        run.best = float(vm["val_psnr"])
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------- saving
+def _timed_save(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool) -> None:
+    t0 = time.perf_counter()
+    _save_all(run, steps_done, metrics, is_best)
+    run.timing["save"] = time.perf_counter() - t0
+
+
+def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool) -> None:
+    """Rank 0 writes the latest model, the best one (when ``is_best``, or when there is no
+    validation, or no best file yet) and the resume state."""
+    if not run.dist_info.main:
+        return
+    config, cnn, kind, paths = run.config, run.cnn, run.kind, run.paths
+    meta = _metadata(config, kind, run.train_set, run.val_set, steps_done, metrics,
+                     run.dist_info)
+    cert = _certificate(cnn, run.val_fixed_points, config.seed,
+                        data=[Path(f).name for f in run.val_set.files])
+    model_cfg = run.step.to_config()
+    _write(paths["last"], "latest model", steps_done,
+           lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
+                                   certificate=cert, kinds=_kinds(kind), force=True))
+    if is_best or not run.val_problems or not paths["best"].exists():
+        _write(paths["best"], "best model", steps_done,
+               lambda: save_checkpoint(paths["best"], cnn, model_cfg, metadata=meta,
+                                       certificate=cert, kinds=_kinds(kind), force=True))
+    state = _state_record(kind, config, steps_done, run.best, run.skips, run.elapsed(),
+                          run.step, run.optim)
+    _write(paths["state"], "resume state", steps_done,
+           lambda: _save_state(paths["state"], state))
+
+
+def _metadata(config: TrainConfig, kind: str, train_set: FolderDataset, val_set: FolderDataset,
+              steps: int, metrics: dict[str, Any], dist_info: Dist) -> dict[str, Any]:
+    return {
+        "trained_with": "molrecon train",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kind": kind,
+        "steps": steps,
+        "train_files": [Path(f).name for f in train_set.files],
+        "val_files": [Path(f).name for f in val_set.files],
+        "train_samples": len(train_set),
+        "val_samples": len(val_set),
+        "world_size": dist_info.world,
+        "mask": _plain(asdict(config.mask)),
+        "config": _plain(asdict(config)),
+        "last_metrics": _plain(metrics),
+    }

@@ -1,0 +1,249 @@
+"""One training step on one process, and the model it trains.
+
+:func:`_build` makes the MOL step T (the prior H and a learnable λ) as a run starts: H's last
+layer at zero and λ = 100 (so the untrained model is the regularised SENSE solution), or the
+weights and λ of ``--init`` (a 2D prior may start a 3D one, :func:`inflate_state_2d_to_3d`).
+
+:func:`_local_step` is a deep-equilibrium step's share of this process: for each of its
+samples a fresh problem, the regularised SENSE start, the fixed point with its implicit
+gradient (or the unrolled baseline), the loss and the MOL-LR penalty, gradients accumulated
+in the parameters; :func:`_denoise_step` is stage 0's (H alone on noisy patches). Every
+random draw comes from a generator seeded with the run's seed, the step and the sample's
+place in the global batch, so a step is the same whichever process computes it and whenever.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..deq.implicit import deq_solve, unrolled
+from ..deq.mol import MolConfig, MolStep, regularised_sense
+from ..errors import CheckpointError
+from ..models.bundled import resolve_weights
+from ..models.checkpoint import load_checkpoint
+from ..models.cnn import CNNConfig, MolCNN
+from ..models.lipschitz import local_lipschitz_ratio
+from ..problem import Problem
+from .config import DEFAULT_LAM, Loss, TrainConfig
+from .data import FolderDataset, make_problem
+from .patches import draw_patch
+
+if TYPE_CHECKING:
+    from .distributed import Dist
+
+
+@dataclass
+class _StepOutcome:
+    """One process's share of a step."""
+
+    bad: str | None = None
+    loss_sum: float = 0.0
+    count: int = 0
+    fwd_iterations: list[int] = field(default_factory=list)
+    bwd_iterations: list[int] = field(default_factory=list)
+    lipschitz: list[float] = field(default_factory=list)   # this process's estimates only
+
+
+# ------------------------------------------------------------------------------- the model
+def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
+    """The MOL step (prior + learnable λ) on ``device``, and its prior."""
+    cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels),
+                 constraint=config.constraint, lipschitz_target=config.lipschitz_target,
+                 spectral_grid=config.spectral_grid)
+    lam = DEFAULT_LAM if config.lam_init is None else config.lam_init
+    step = MolStep(cnn, MolConfig(alpha=config.alpha, lam=lam,
+                                  cg_iters=config.cg_iters, learn_lam=True))
+    if not config.init_weights:
+        # H ≡ 0 at the start: the untrained model is the regularised SENSE solution.
+        last = cnn.convs[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            if last.bias is not None:
+                last.bias.zero_()
+    else:
+        loaded = load_checkpoint(resolve_weights(config.init_weights))
+        source = loaded.model.config
+        if source == cnn.config:
+            cnn.load_state_dict(loaded.model.state_dict())
+        elif replace(source, dims=cnn.config.dims) == cnn.config and source.dims == 2:
+            # A 2D prior starts a 3D (or 2D+time) one: every kernel goes to the centre
+            # plane of a 3D kernel, so the new network is exactly the 2D one applied plane
+            # by plane (same operator norm per layer) until training mixes the planes.
+            cnn.load_state_dict(inflate_state_2d_to_3d(loaded.model.state_dict()))
+        else:
+            raise CheckpointError(f"architecture {source} differs from the one asked "
+                                  f"for ({cnn.config})", path=config.init_weights)
+        if config.lam_init is None:       # λ continues from the checkpoint unless given
+            with torch.no_grad():
+                step.log_lam.fill_(math.log(loaded.mol_config.lam))
+    # Implicit gradients at the fixed point: differentiate data consistency as the exact
+    # inverse (deq/mol.py, _ExactSolveGrad); the unrolled baseline differentiates what it ran.
+    step.exact_dc_grad = config.unroll == 0
+    return step.to(device), cnn
+
+
+def inflate_state_2d_to_3d(state: dict[str, Any]) -> dict[str, Any]:
+    """2D convolution weights (O, I, k, k) as 3D ones (O, I, k, k, k), zero off the centre plane."""
+    out: dict[str, Any] = {}
+    for name, value in state.items():
+        if name.endswith("weight") and value.ndim == 4:
+            k = value.shape[-1]
+            w = torch.zeros((*value.shape[:2], k, *value.shape[2:]), dtype=value.dtype)
+            w[:, :, k // 2] = value
+            out[name] = w
+        else:
+            out[name] = value.clone()
+    return out
+
+
+def _model_dims(kind: str) -> int:
+    """2D convolutions for 2d data; 3D for 3d and 2dt data (time as the third axis)."""
+    return 2 if kind == "2d" else 3
+
+
+def _kinds(kind: str) -> list[str]:
+    """The data kinds a model trained on ``kind`` is declared for in its checkpoint: a 2D
+    prior also serves 2D+time frame by frame and 3D partition by partition (as the bundled
+    2D models do); a 3D network only the kind it was trained on."""
+    return ["2d", "2dt", "3d"] if kind == "2d" else [kind]
+
+
+def _loss(x: Any, target: Any, kind: Loss) -> Any:
+    """Loss relative to the target's energy (mse, mse_mag) or mean magnitude (l1)."""
+    if kind == "mse":
+        return torch.mean((x - target).abs() ** 2) / torch.mean(target.abs() ** 2)
+    if kind == "mse_mag":
+        return torch.mean((x.abs() - target.abs()) ** 2) / torch.mean(target.abs() ** 2)
+    return torch.mean((x - target).abs()) / torch.mean(target.abs())
+
+
+def _penalty(lip: Any, threshold: float, delta: float = 1e-3) -> Any:
+    """Log barrier −log(T − L), continued linearly beyond L = T − δ."""
+    edge = threshold - delta
+    if float(lip.detach()) < edge:
+        return -torch.log(threshold - lip)
+    return -math.log(delta) + (lip - edge) / delta
+
+
+# ------------------------------------------------------------------------------- one step
+def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDataset,
+                order: np.ndarray, s: int, within: int, global_batch: int, dist_info: Dist,
+                device: Any, fwd: Any, bwd: Any) -> _StepOutcome:
+    """Forward and backward passes of this process's samples of step ``s``.
+
+    Gradients accumulate in the parameters (each sample's loss divided by the batch size).
+    """
+    out = _StepOutcome()
+    n_train = len(train_set)
+    kind = train_set.kind
+    for j in range(config.batch_size):
+        g_index = dist_info.rank * config.batch_size + j         # position in the global batch
+        gi = (within * global_batch + g_index) % n_train
+        sample = train_set.samples[int(order[gi])]
+        rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
+        prob = make_problem(sample, kind, config.mask, rng, config.extra_noise, device,
+                            config.readout_block)
+        with torch.no_grad():
+            x0 = regularised_sense(prob.op.normal, prob.aty, lam=step.lam.detach(),
+                                   iters=config.init_iters)         # (1, D, Y, X)
+
+        support = prob.op.support()                                  # (1, D|1, Y, X)
+
+        def fn(x: Any, _p: Problem = prob, _s: Any = support) -> Any:
+            return step(x, normal=_p.op.normal, aty=_p.aty, support=_s)
+
+        stats = None
+        if config.unroll > 0:
+            x = unrolled(fn, x0, config.unroll)
+            out.fwd_iterations.append(config.unroll)
+        else:
+            res = deq_solve(fn, x0, forward=fwd, backward=bwd, gradient=config.gradient)
+            r = float(res.forward.final_residual.max())
+            if not math.isfinite(r) or r > config.diverge_tol:
+                out.bad = (f"forward fixed point diverged (relative residual {r:.3g} after "
+                           f"{res.forward.iterations} iterations)")
+                return out
+            x, stats = res.x, res.backward
+            out.fwd_iterations.append(res.forward.iterations)
+        loss = _loss(x, prob.target, config.loss)
+        penalty = _lipschitz_penalty(
+            cnn, config, s, rng, out,
+            lambda _x=x, _r=rng: _random_crop(_x.detach(), config.penalty_crop, _r))
+        if penalty is not None:
+            loss = loss + penalty
+        if not bool(torch.isfinite(loss)):
+            out.bad = "non-finite loss"
+            return out
+        (loss / config.batch_size).backward()
+        out.loss_sum += float(loss.detach())
+        out.count += 1
+        if stats is not None:
+            out.bwd_iterations.extend(stats.iterations)
+    return out
+
+
+def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scales: list[float],
+                  bank: list[Any], order: np.ndarray, s: int, within: int, global_batch: int,
+                  dist_info: Dist, device: Any) -> _StepOutcome:
+    """Stage 0: this process's ``batch_size`` degraded patches through H, loss against the
+    clean patches (``config.loss``, over the whole batch), plus the LR penalty on one patch.
+    ``bank``: the regularised SENSE images per sample (empty: noise patches only)."""
+    out = _StepOutcome()
+    n_train = len(train_set)
+    noisy, clean = [], []
+    rng = np.random.default_rng([config.seed, 3, s, dist_info.rank])
+    for j in range(config.batch_size):
+        g_index = dist_info.rank * config.batch_size + j
+        gi = int(order[(within * global_batch + g_index) % n_train])
+        pair_rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
+        a, b = draw_patch(train_set.samples[gi], scales[gi], config.patch, pair_rng,
+                          bank[gi] if bank else None)
+        noisy.append(a)
+        clean.append(b)
+    p = min(min(x.shape[-2:]) for x in noisy)         # images smaller than the patch size
+    x_in = torch.stack([x[..., :p, :p] for x in noisy]).to(device)        # (B, 1, P, P)
+    target = torch.stack([x[..., :p, :p] for x in clean]).to(device)      # (B, 1, P, P)
+    loss = _loss(cnn(x_in), target, config.loss)
+    penalty = _lipschitz_penalty(cnn, config, s, rng, out,
+                                 lambda: x_in[int(rng.integers(x_in.shape[0]))][None])  # (1, 1, P, P)
+    if penalty is not None:
+        loss = loss + penalty
+    if not bool(torch.isfinite(loss)):
+        out.bad = "non-finite loss"
+        return out
+    loss.backward()
+    out.loss_sum = float(loss.detach())
+    out.count = 1
+    return out
+
+
+def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Generator,
+                       out: _StepOutcome, point: Callable[[], Any]) -> Any | None:
+    """MOL-LR's penalty term on step ``s`` (None when the step has none): the adversarial
+    local Lipschitz estimate at ``point()`` through the log barrier; the estimate is recorded
+    in ``out``."""
+    if not (config.constraint == "lr" and config.penalty_weight > 0
+            and s % config.penalty_every == 0):
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
+    lip, _ = local_lipschitz_ratio(cnn, point(), steps=config.penalty_steps, generator=gen)
+    out.lipschitz.append(float(lip.detach()))
+    return config.penalty_weight * _penalty(lip, config.penalty_threshold)
+
+
+def _random_crop(x: Any, size: int | None, rng: np.random.Generator) -> Any:
+    """A random (Y, X) window of ``size`` pixels of a (B, D, Y, X) image (all of it if smaller)."""
+    if size is None:
+        return x
+    ny, nx = x.shape[-2:]
+    cy, cx = min(size, ny), min(size, nx)
+    y0 = int(rng.integers(ny - cy + 1))
+    x0 = int(rng.integers(nx - cx + 1))
+    return x[..., y0:y0 + cy, x0:x0 + cx].contiguous()
+

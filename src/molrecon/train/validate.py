@@ -1,0 +1,137 @@
+"""Validation of a training run: the held-out scans, the fixed problems made of them, and
+:func:`evaluate` — full MOL reconstructions of those problems against CG-SENSE.
+
+The validation problems are drawn once per run with masks seeded per item (the highest of
+several accelerations), so every evaluation of a run sees the same problems; the fixed points
+of the last evaluation give the local Lipschitz estimates of the checkpoint's certificate.
+Only rank 0 of a distributed run validates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..deq.fixed_point import FixedPointConfig, solve_fixed_point
+from ..deq.mol import regularised_sense
+from ..errors import ConfigError, InputDataError
+from ..metrics import compare
+from ..physics.sense import cg_sense
+from ..problem import SENSE_ITERS, SENSE_LAMBDA, Problem
+from .config import TrainConfig, WarnFn
+from .data import FolderDataset, list_raw_files, load_folder, make_problem
+
+
+def _load_validation(folder: str, kind: str, train_folder: str,
+                     warn: WarnFn | None) -> FolderDataset:
+    """The scans of a separate validation folder; their kind must be the training data's."""
+    if Path(folder).resolve() == Path(train_folder).resolve():
+        raise ConfigError(f"--val-data {folder} is the training folder: validation scans must be "
+                          "held out")
+    files = list_raw_files(folder)
+    if not files:
+        raise InputDataError("no raw files (*.h5, *.hdf5, *.mrd) in the validation folder",
+                             path=folder)
+    val = load_folder(files, kind, warn=warn)
+    if not val.samples:
+        raise InputDataError(f"no usable fully sampled {kind} scans among {len(files)} validation "
+                             "file(s)", path=folder)
+    return val
+
+
+def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[Problem]:
+    """Fixed validation problems (masks seeded per item, the same for every evaluation).
+
+    With several accelerations the highest is used.
+    """
+    out = []
+    n = min(config.val_samples, len(val))
+    idx = np.linspace(0, len(val) - 1, n).round().astype(int) if n else []
+    spec = config.mask
+    if spec.accelerations:
+        spec = replace(spec, acceleration=max(spec.accelerations), accelerations=())
+    for j, i in enumerate(idx):
+        rng = np.random.default_rng([config.seed, 7_777_777, j])
+        out.append(make_problem(val.samples[int(i)], val.kind, spec, rng, 0.0, device))
+    return out
+
+
+def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
+             fixed_points: list[Any] | None = None) -> dict[str, float | None]:
+    """Mean PSNR/SSIM of MOL and of CG-SENSE on fixed validation problems (magnitudes).
+
+    CG-SENSE uses the settings of ``molrecon reconstruct --method sense``
+    (:data:`~molrecon.problem.SENSE_LAMBDA`, :data:`~molrecon.problem.SENSE_ITERS`).
+    MOL solves the fixed point to ``fwd_tol`` (at most max(fwd_max_iter, 100)
+    iterations). A problem whose MOL image is not finite counts in
+    ``val_failed`` and makes ``val_psnr``/``val_ssim`` None. The fixed points are
+    appended to ``fixed_points`` when a list is given.
+    """
+    if not problems:
+        return {}
+    psnr, ssim, s_psnr, s_ssim, iters = [], [], [], [], []
+    failed = 0
+    was_training = step.training
+    step.eval()
+    fp = FixedPointConfig(tol=config.fwd_tol, max_iter=max(config.fwd_max_iter, 100), warn=False)
+    try:
+        with torch.no_grad():
+            for p in problems:
+                x0 = regularised_sense(p.op.normal, p.aty, lam=step.lam, iters=config.init_iters)
+                res = solve_fixed_point(step.bind(normal=p.op.normal, aty=p.aty,
+                                                  support=p.op.support()), x0, config=fp)
+                sense = cg_sense(p.op, p.kspace, lam=SENSE_LAMBDA, max_iter=SENSE_ITERS).x
+                tgt = p.target.cpu().numpy()
+                ms = compare(sense.cpu().numpy(), tgt)
+                s_psnr.append(ms.psnr)
+                s_ssim.append(ms.ssim)
+                iters.append(res.iterations)
+                if not bool(torch.isfinite(res.x).all()):
+                    failed += 1
+                    continue
+                m = compare(res.x.cpu().numpy(), tgt)
+                psnr.append(m.psnr)
+                ssim.append(m.ssim)
+                if fixed_points is not None:
+                    fixed_points.append(res.x)
+    finally:
+        if was_training:
+            step.train()
+    ok = failed == 0
+    return {"val_psnr": float(np.mean(psnr)) if ok else None,
+            "val_ssim": float(np.mean(ssim)) if ok else None,
+            "val_sense_psnr": float(np.mean(s_psnr)), "val_sense_ssim": float(np.mean(s_ssim)),
+            "val_iterations": float(np.mean(iters)), "val_failed": failed}
+
+
+def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
+                 data: list[str] | None = None) -> dict[str, Any]:
+    """The checkpoint's certificate: the global bound and local estimates at validation fixed
+    points, computed by the same code as ``molrecon check-lipschitz``."""
+    from ..models.certificate import certificate_for
+
+    if not fixed_points:
+        return {}
+    points = [x.detach() for x in fixed_points[:4]]
+    power_iters = 10
+    if cnn.config.dims == 3:
+        # 3D and 2D+time volumes: the local estimate at every best-model save would cost
+        # minutes on a CPU; measure at two points, on their central 64 × 64 in-plane crop
+        # (a point of its own), with fewer power iterations. `check-lipschitz` and the
+        # bundling script measure whole volumes.
+        points = [_centre_crop(x, 64) for x in points[:2]]
+        power_iters = 6
+    return certificate_for(cnn, points, data=data or [], power_iters=power_iters,
+                           ratio_steps=0, seed=seed)
+
+
+def _centre_crop(x: Any, size: int) -> Any:
+    """The central ``size`` × ``size`` of the last two axes (whole axes when smaller)."""
+    y0 = max(0, (x.shape[-2] - size) // 2)
+    x0 = max(0, (x.shape[-1] - size) // 2)
+    return x[..., y0:y0 + size, x0:x0 + size].contiguous()
+
