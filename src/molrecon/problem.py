@@ -34,7 +34,7 @@ import torch
 
 from .config import SENSE_ITERS, SENSE_LAMBDA
 from .io.types import RawScan
-from .physics.espirit import estimate_maps
+from .physics.espirit import EspiritConfig, estimate_maps
 from .physics.fft import ifftc
 from .physics.scaling import scale_factor
 from .physics.sense import SenseOperator, cg_sense
@@ -92,24 +92,25 @@ class Problem:
 
 
 def prepare(kspace: torch.Tensor, mask: torch.Tensor, calib: torch.Tensor | None, kind: str,
-            *, maps: torch.Tensor | None = None) -> Problem:
+            *, maps: torch.Tensor | None = None, espirit: EspiritConfig | None = None) -> Problem:
     """Normalise the intensity, estimate ESPIRiT maps, build A = M F S (no start yet).
 
     Tensors in, on any device: ``kspace`` (b, C, D, Y, X), ``mask`` and ``calib``
     (b, 1, D, Y, 1); ``calib`` None calibrates on the whole acquired centre (fully
     sampled reference data). ``maps`` (b, C, D|1, Y, X), when given, are used instead
-    of the ESPIRiT estimate.
+    of the ESPIRiT estimate; ``espirit`` sets its options (default: BART ``ecalib -m1``'s).
     """
     scale = torch.as_tensor(scale_factor(kspace, mask, kind), device=kspace.device,
                             dtype=kspace.real.dtype).reshape(-1)            # (b,)
     kn = kspace / scale.reshape(-1, 1, 1, 1, 1).to(kspace.dtype)
     if maps is None:
-        maps = estimate_maps(kn, calib, kind)                              # (b, C, D|1, Y, X)
+        maps = estimate_maps(kn, calib, kind, config=espirit or EspiritConfig())
     return Problem(op=SenseOperator(maps, mask, kind), kspace=kn, kind=kind, scale=scale)
 
 
 def from_scan(scan: RawScan, items: slice | Sequence[int], device: torch.device | str, *,
-              maps: NDArray[np.complexfloating] | None = None, source: str = "") -> Problem:
+              maps: NDArray[np.complexfloating] | None = None, source: str = "",
+              espirit: EspiritConfig | None = None) -> Problem:
     """:func:`prepare` for the batch items ``items`` of ``scan`` (a slice or indices).
 
     ``maps``: the user's coil maps for the whole scan (B, C, D|1, Y, X), or None.
@@ -120,7 +121,7 @@ def from_scan(scan: RawScan, items: slice | Sequence[int], device: torch.device 
     user = None if maps is None else torch.from_numpy(
         np.ascontiguousarray(maps[items])).to(device)
     idx = range(scan.shape[0])[items] if isinstance(items, slice) else items
-    problem = prepare(k, mask, calib, scan.kind, maps=user)
+    problem = prepare(k, mask, calib, scan.kind, maps=user, espirit=espirit)
     return replace(problem, source=source, items=tuple(int(i) for i in idx))
 
 

@@ -55,6 +55,8 @@ class ReconConfig:
     ``compile``/``precision`` select MOL's fast step (:mod:`molrecon.deq.accel`):
     a compiled step, and the prior in bf16 (``auto``: only on CUDA where the model
     records a passed accuracy gate); both off by default.
+    ``espirit_crop`` zeroes the ESPIRiT maps where the eigenvalue is below it (BART
+    ``ecalib -c``, default 0.8 as ``ecalib -m1``; 0 keeps the maps everywhere).
     """
 
     method: Method = "mol"
@@ -67,6 +69,7 @@ class ReconConfig:
     cg_iters: int | None = None
     sense_lambda: float = SENSE_LAMBDA
     sense_iters: int = SENSE_ITERS
+    espirit_crop: float = 0.8
     batch_size: int | None = None
     keep_baselines: bool = False
     seed: int = 0
@@ -91,6 +94,8 @@ class ReconConfig:
             raise ConfigError("--sense-lambda must be >= 0")
         if self.sense_iters < 1:
             raise ConfigError("--sense-iters must be at least 1")
+        if not (0.0 <= self.espirit_crop < 1.0):
+            raise ConfigError("--espirit-crop must lie in [0, 1)")
         if self.cg_iters is not None and self.cg_iters < 1:
             raise ConfigError("--cg-iters must be at least 1")
         if self.coils is not None and self.coils != "auto" and (
@@ -341,7 +346,10 @@ def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str
         return chunk_info
     progress(("coil maps" if run.user_maps is None else "coil maps (yours)") + part, ci, n_chunks)
     t0 = time.perf_counter()
-    prob = from_scan(scan, sl, run.device, maps=run.user_maps)
+    from .physics.espirit import EspiritConfig
+
+    espirit = EspiritConfig(crop=config.espirit_crop)
+    prob = from_scan(scan, sl, run.device, maps=run.user_maps, espirit=espirit)
     run.timings["maps_s"] += time.perf_counter() - t0
     scale, kn, op = prob.scale, prob.kspace, prob.op
     progress("CG-SENSE" + part, ci, n_chunks)

@@ -57,6 +57,8 @@ def reconstruct_cmd(
         "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.", min=0.0, metavar="LAMBDA")] = SENSE_LAMBDA,
     sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.",
                                              min=1, metavar="N")] = SENSE_ITERS,
+    espirit_crop: Annotated[float, typer.Option(
+        "--espirit-crop", help="Zero the ESPIRiT coil maps where their eigenvalue is below this (BART ecalib -c; 0.8 as ecalib -m1): removes the noise outside the object, and can cut into an object that fills the field of view; 0 keeps the maps everywhere.", min=0.0, max=0.99, metavar="C")] = 0.8,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Slices per batch on the device (default: as many as fit).",
         min=1, metavar="N")] = None,
@@ -112,7 +114,8 @@ def reconstruct_cmd(
             method=method, weights=None if weights is None else str(weights), device=device,  # type: ignore[arg-type]
             max_iter=max_iter, tol=tol, alpha=alpha, solver=solver,  # type: ignore[arg-type]
             batch_size=batch_size, keep_baselines=compare, cg_iters=cg_iters,
-            sense_lambda=sense_lambda, sense_iters=sense_iters, coils=n_coils,
+            sense_lambda=sense_lambda, sense_iters=sense_iters, espirit_crop=espirit_crop,
+            coils=n_coils,
             coil_compression=coil_compression, maps=None if maps is None else str(maps),
             compile=compile_step, precision=precision,  # type: ignore[arg-type]
         )
