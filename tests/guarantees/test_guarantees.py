@@ -347,3 +347,25 @@ def test_load_problems_from_file(tmp_path: Path) -> None:
     assert both.items == (0, 2) and both.kspace.dtype == torch.complex128
     with pytest.raises(ConfigError):
         load_problems([path], kinds=("3d",))
+
+
+def test_load_problems_plans_batches_by_free_memory(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices that do not fit together become several problems; a slice that cannot fit at
+    all is refused before any work."""
+    from molrecon import memory
+    from molrecon.errors import ResourceError
+    from molrecon.sim import SimulationConfig, simulate_to_file
+
+    path = tmp_path / "s.h5"
+    simulate_to_file(SimulationConfig(matrix=(32, 32), coils=4, slices=3, acceleration=2.0,
+                                      acs=8), path)
+    shape = (3 * 2, 4, 1, 32, 32)                   # three slices, room for the gradients
+    two = memory.estimate_recon_memory(shape, "2d", "mol", "cpu", batch_size=2 * 2)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device="cpu": int(two / 0.8) + 1)
+    probs = load_problems([path], points=3)
+    assert [p.items for p in probs] == [(0, 1), (2,)]
+    assert all(p.source == "s.h5" for p in probs)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device="cpu": 1000)
+    with pytest.raises(ResourceError):
+        load_problems([path], points=3)

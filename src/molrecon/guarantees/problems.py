@@ -25,6 +25,8 @@ from ..deq.fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_po
 from ..deq.mol import MolStep, support_of
 from ..errors import ConfigError, InputDataError
 from ..io.detect import read_raw
+from ..io.types import RawScan
+from ..memory import plan_batches
 from ..models.certificate import seeded_generator
 from ..problem import Problem, from_scan, with_sense_start
 
@@ -58,7 +60,11 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
     :mod:`molrecon.physics.scaling`, ESPIRiT maps, the SENSE operator and the
     CG-SENSE start. ``kinds``: the data kinds the model applies to (a file of
     another kind is refused with :class:`~molrecon.errors.ConfigError`).
-    ``double`` builds everything in complex128.
+    ``double`` builds everything in complex128. The slices of a file are one problem
+    when they fit the free memory together, else several (planned like
+    ``reconstruct``'s batches, with room for the gradients of the local estimates);
+    a scan of which not even one slice fits is refused before any work
+    (:class:`~molrecon.errors.ResourceError`).
     """
     if points is not None and points < 1:
         raise ConfigError(f"points must be at least 1, got {points}")
@@ -73,13 +79,26 @@ def load_problems(paths: Sequence[str | os.PathLike[str]], *, kinds: Sequence[st
             raise ConfigError(f"the scan is {scan.kind} data, the model applies to "
                               f"{'/'.join(kinds)} data", path=p)
         idx = _pick_items(scan.shape[0], points)
-        prep = from_scan(scan, idx, dev)
-        op, kn = prep.op, prep.kspace
-        if double:
-            op = op.to(dtype=torch.complex128)
-            kn = kn.to(torch.complex128)
-        out.append(with_sense_start(op, kn, kind=scan.kind, source=p.name, items=idx))
+        for part in _batches(idx, scan, dev, double=double):
+            prep = from_scan(scan, part, dev)
+            op, kn = prep.op, prep.kspace
+            if double:
+                op = op.to(dtype=torch.complex128)
+                kn = kn.to(torch.complex128)
+            out.append(with_sense_start(op, kn, kind=scan.kind, source=p.name, items=part))
     return out
+
+
+def _batches(idx: list[int], scan: RawScan, device: torch.device, *,
+             double: bool) -> list[list[int]]:
+    """``idx`` cut into batches that fit the free memory: the reconstruction's plan for MOL
+    with twice the room (the local estimates differentiate through the prior), and twice
+    again in double precision."""
+    shape = (len(idx), *scan.shape[1:])
+    factor = 2 * (2 if double else 1)
+    planned = plan_batches((len(idx) * factor, *shape[1:]), scan.kind, "mol", device)
+    size = max(1, planned // factor)
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
 def solve_mol(step: MolStep, problem: Problem, x0: torch.Tensor, *, tol: float,
