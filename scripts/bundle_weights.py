@@ -109,8 +109,10 @@ def main() -> None:
             png = out_dir / f"{args.name}_curve.png"
             learning_curve.draw(rows, png, f"{args.name}: validation during training")
             curve = (f"![learning curve]({png.name})\n\n"
-                     f"Total: {rows[-1]['core_hours']:.2f} core-hours over {len(stages)} stage(s) "
-                     "(wall-clock × torch threads).\n\n" + learning_curve.markdown(rows))
+                     f"Core-hours (wall-clock × torch threads) on the path to this model's last "
+                     f"stage: {rows[-1]['core_hours']:.2f}; spent by the {len(stages)} stage(s) in "
+                     f"all, branches included: {learning_curve.spent_core_hours(stages):.2f}."
+                     "\n\n" + learning_curve.markdown(rows))
     cfg = meta.get("config", {})
     kind = str(meta.get("kind", "2d"))
     served_note = (" (2D+time frame by frame, 3D partition by partition, with a 2D model)"

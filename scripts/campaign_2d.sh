@@ -43,8 +43,9 @@ stage0() {
 }
 
 stage1() {
-  # Deep-equilibrium training of the whole-image MOL, from the bundled model (stage 0b's
-  # step 3900 with λ = 60 and its last layer × 0.94, the operating point the λ tuning chose).
+  # Deep-equilibrium training of the whole-image MOL, from the then bundled model (stage 0b's
+  # step 3900 with λ = 60 and its last layer × 0.94, the operating point the λ tuning chose;
+  # sha256 42224240…, in git history: set INIT1 to that file to repeat this stage exactly).
   # λ stays fixed (--lam-lr 0): the readout-block variant with a learned λ lost 1.1 dB of
   # validation PSNR in 100 steps as λ drifted down (campaign/2d_lr/experiments/); whole
   # images at batch 1 and lr 5e-5 gained 0.25 dB in 50 steps from stage 0a's step 2400,
@@ -66,7 +67,13 @@ stage1b() {
   # the gain (12 problems: 34.40 dB against the bundled model's 34.49). A penalty ten times
   # stronger (1e-3 above 0.95, every step) overshot: the training-point estimate fell to 0.86
   # and validation to 31.34 dB in 40 steps (campaign/2d_lr/experiments/s1b_*). Next: between
-  # the two, 3e-4 above 0.97 every step, from stage 1's best.
+  # the two, 3e-4 above 0.97 every step, from stage 1's best. Result (122 steps, 2026-12-05):
+  # validation 32.20 (step 40) → 32.64 dB (step 100), 32.25 at step 120 (noisy); the training-
+  # point estimate stayed at 0.92-0.95 but the estimate at validation fixed points crept to
+  # 0.98-0.9997 at step 100 (1.001 at step 80): the penalty at training points under-reads the
+  # data. Step 100 with its last layer x 0.99 is the bundled mol_2d_lr since 2026-12-05 (12
+  # tuning problems 35.03 dB, the model before 34.49). Next: measure the penalty at
+  # validation-like fixed points, or a threshold of 0.95 at training points.
   local secs=$1 out=$RUNS/s1b/s1b.pt resume=() init=${INIT1B:-$RUNS/s1lr/s1lr.pt}
   mkdir -p "$RUNS/s1b"
   [ -f "$RUNS/s1b/s1b.state.pt" ] && resume=(--resume)

@@ -67,11 +67,33 @@ def campaign(stages: list[tuple[str, Path, int | None]]) -> list[dict]:
         mine = [{**p, "stage": label, "core_hours": start + p["hours"] * threads,
                  "clock": "wall" if wall else "steps"} for p in points]
         rows.extend(mine)
-        if branch is None:
-            previous = mine
-            if mine:
-                offset = mine[-1]["core_hours"]
+        previous = mine
+        if mine:
+            offset = mine[-1]["core_hours"]
     return rows
+
+
+def spent_core_hours(stages: list[tuple[str, Path, int | None]]) -> float:
+    """All the compute the stages' logs record (core-hours), the steps after a branch
+    point included: what the campaign cost, not only the path to the last model."""
+    total = 0.0
+    for _, path, _ in stages:
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        starts = [r for r in recs if r.get("event") == "start"]
+        threads = int(starts[-1].get("threads", 1)) if starts else 1
+        clock, base, first = 0.0, 0.0, None
+        for r in recs:
+            if r.get("event") == "start":
+                base, first = clock, None
+            if "loss" in r:
+                if "elapsed_s" in r:
+                    if first is None:
+                        first = float(r["elapsed_s"]) - float(r.get("step_s", 0.0))
+                    clock = base + float(r["elapsed_s"]) - first
+                else:
+                    clock += float(r.get("step_s", 0.0))
+        total += clock / 3600.0 * threads
+    return total
 
 
 def draw(rows: list[dict], path: Path, title: str) -> None:
