@@ -28,11 +28,28 @@ def read_stage(path: Path) -> tuple[list[dict], int, bool]:
     Each invocation (a ``start`` record) is a segment: within it the wall clock is the
     difference of ``elapsed_s`` (validation included); without ``elapsed_s`` (logs from
     before it existed) the step times are summed."""
+    recs, threads = _records(path)
+    wall = all("elapsed_s" in r for r in recs if "loss" in r)
+    points = []
+    for r, clock in _clocked(recs):
+        if r.get("val_psnr") is not None:
+            points.append({"step": int(r["step"]), "hours": clock / 3600.0,
+                           "psnr": float(r["val_psnr"]), "ssim": float(r["val_ssim"]),
+                           "sense": float(r["val_sense_psnr"]),
+                           "iterations": float(r["val_iterations"])})
+    return points, threads, wall
+
+
+def _records(path: Path) -> tuple[list[dict], int]:
+    """The records of a log and the torch threads of its last invocation."""
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     starts = [r for r in recs if r.get("event") == "start"]
-    threads = int(starts[-1].get("threads", 1)) if starts else 1
-    wall = all("elapsed_s" in r for r in recs if "loss" in r)
-    points, clock, base, first = [], 0.0, 0.0, None
+    return recs, int(starts[-1].get("threads", 1)) if starts else 1
+
+
+def _clocked(recs: list[dict]) -> list[tuple[dict, float]]:
+    """Every record with the stage's clock (seconds) after it (see :func:`read_stage`)."""
+    out, clock, base, first = [], 0.0, 0.0, None
     for r in recs:
         if r.get("event") == "start":
             base, first = clock, None
@@ -43,12 +60,8 @@ def read_stage(path: Path) -> tuple[list[dict], int, bool]:
                 clock = base + float(r["elapsed_s"]) - first
             else:
                 clock += float(r.get("step_s", 0.0))
-        if r.get("val_psnr") is not None:
-            points.append({"step": int(r["step"]), "hours": clock / 3600.0,
-                           "psnr": float(r["val_psnr"]), "ssim": float(r["val_ssim"]),
-                           "sense": float(r["val_sense_psnr"]),
-                           "iterations": float(r["val_iterations"])})
-    return points, threads, wall
+        out.append((r, clock))
+    return out
 
 
 def campaign(stages: list[tuple[str, Path, int | None]]) -> list[dict]:
@@ -78,21 +91,9 @@ def spent_core_hours(stages: list[tuple[str, Path, int | None]]) -> float:
     point included: what the campaign cost, not only the path to the last model."""
     total = 0.0
     for _, path, _ in stages:
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        starts = [r for r in recs if r.get("event") == "start"]
-        threads = int(starts[-1].get("threads", 1)) if starts else 1
-        clock, base, first = 0.0, 0.0, None
-        for r in recs:
-            if r.get("event") == "start":
-                base, first = clock, None
-            if "loss" in r:
-                if "elapsed_s" in r:
-                    if first is None:
-                        first = float(r["elapsed_s"]) - float(r.get("step_s", 0.0))
-                    clock = base + float(r["elapsed_s"]) - first
-                else:
-                    clock += float(r.get("step_s", 0.0))
-        total += clock / 3600.0 * threads
+        recs, threads = _records(path)
+        clocked = _clocked(recs)
+        total += (clocked[-1][1] if clocked else 0.0) / 3600.0 * threads
     return total
 
 
