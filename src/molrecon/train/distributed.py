@@ -50,6 +50,15 @@ def _init_distributed(device: Any) -> tuple[Dist, bool]:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size()), created
 
 
+def _finish_together(dist_info: Dist) -> None:
+    """Wait until every process has finished training (rank 0 writes the outputs last), so
+    that none tears the process group down while another still uses it: gloo aborts a
+    process whose group is destroyed under it ("terminate called without an active
+    exception")."""
+    if dist_info.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def _leave(created: bool) -> None:
     """Destroy the process group if :func:`_init_distributed` created it."""
     if created:

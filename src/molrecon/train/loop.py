@@ -38,6 +38,7 @@ from .distributed import (
     Dist,
     _agree,
     _broadcast_parameters,
+    _finish_together,
     _init_distributed,
     _leave,
     _process_device,
@@ -142,9 +143,11 @@ def train(config: TrainConfig, *, on_record: RecordFn | None = None,
     device = resolve_device(config.device)
     dist_info, created = _init_distributed(device)
     try:
-        return _train(config, device, dist_info, t_start,
-                      on_record if (on_record and dist_info.main) else (lambda rec: None),
-                      warn if (warn and dist_info.main) else (lambda msg: None))
+        result = _train(config, device, dist_info, t_start,
+                        on_record if (on_record and dist_info.main) else (lambda rec: None),
+                        warn if (warn and dist_info.main) else (lambda msg: None))
+        _finish_together(dist_info)
+        return result
     finally:
         _leave(created)
 
