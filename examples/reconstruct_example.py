@@ -54,7 +54,7 @@ def run(raw: Path, examples: Path | None, out: Path, force: bool) -> None:
 
     methods = ["zf", "sense"]
     try:
-        from molrecon.weights import bundled_checkpoint
+        from molrecon.models.bundled import bundled_checkpoint
 
         bundled_checkpoint(scan.kind)
         methods.append("mol")

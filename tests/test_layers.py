@@ -90,3 +90,38 @@ def test_the_parser_sees_imports_inside_functions() -> None:
     found = _imports_of(text, "molrecon.physics.probe")
     assert found == {"molrecon.recon", "molrecon.physics.fft", "molrecon.cli"}
     assert all(LAYERS[_group(t)] > LAYERS["physics"] for t in ("molrecon.recon", "molrecon.cli"))
+
+
+ROOT = SRC.parents[1]
+
+
+@pytest.mark.parametrize("folder", ["examples", "scripts", "benchmarks"])
+def test_every_molrecon_import_outside_the_package_resolves(folder: str) -> None:
+    """Scripts, benchmarks and examples are not imported by the suite: a moved module would
+    break them silently. Every ``from molrecon.x import name`` in them must resolve."""
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module \
+                    and node.module.split(".")[0] == "molrecon":
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError:
+                    missing.append(f"{path.name}: {node.module}")
+                    continue
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{path.name}: {node.module}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "molrecon":
+                        try:
+                            importlib.import_module(alias.name)
+                        except ImportError:
+                            missing.append(f"{path.name}: {alias.name}")
+    assert missing == []
