@@ -43,6 +43,19 @@ stage0() {
     --checkpoint-every 300 --seed $SEED --time-budget "$secs" --quiet "${resume[@]}"
 }
 
+deq_stage() {
+  # Deep-equilibrium training of whole images (stages 1, 1b, 1c): NAME INIT PENALTY_WEIGHT
+  # PENALTY_EVERY PENALTY_THRESHOLD SECS; λ fixed, batch 4, lr 2e-5, all 8 validation files.
+  local name=$1 init=$2 weight=$3 every=$4 threshold=$5 secs=$6 resume=()
+  mkdir -p "$RUNS/$name"
+  [ -f "$RUNS/$name/$name.state.pt" ] && resume=(--resume)
+  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$RUNS/$name/$name.pt" \
+    --init "$init" --constraint lr --cg-iters 10 --lr 2e-5 --lam-lr 0 \
+    --penalty-weight "$weight" --penalty-every "$every" --penalty-threshold "$threshold" \
+    --max-steps 100000 --batch-size 4 --val-every 20 --val-samples 8 --checkpoint-every 5 \
+    --seed $SEED --time-budget "$secs" --quiet "${GRADIENT[@]}" "${resume[@]}"
+}
+
 stage1() {
   # Deep-equilibrium training of the whole-image MOL, from the then bundled model (stage 0b's
   # step 3900 with λ = 60 and its last layer × 0.94, the operating point the λ tuning chose;
@@ -51,14 +64,7 @@ stage1() {
   # validation PSNR in 100 steps as λ drifted down (campaign/2d_lr/experiments/); whole
   # images at batch 1 and lr 5e-5 gained 0.25 dB in 50 steps from stage 0a's step 2400,
   # then swung by ±0.5 dB: hence batch 4, lr 2e-5 and all 8 validation problems.
-  local secs=$1 out=$RUNS/s1lr/s1lr.pt resume=() init=${INIT1:-mol_2d_lr}
-  mkdir -p "$RUNS/s1lr"
-  [ -f "$RUNS/s1lr/s1lr.state.pt" ] && resume=(--resume)
-  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --init "$init" \
-    --constraint lr --cg-iters 10 --lr 2e-5 --lam-lr 0 --penalty-weight 1e-4 \
-    --penalty-every 2 --penalty-threshold 0.98 --max-steps 100000 --batch-size 4 \
-    --val-every 20 --val-samples 8 --checkpoint-every 5 --seed $SEED --time-budget "$secs" \
-    --quiet "${GRADIENT[@]}" "${resume[@]}"
+  deq_stage s1lr "${INIT1:-mol_2d_lr}" 1e-4 2 0.98 "$1"
 }
 
 stage1b() {
@@ -75,14 +81,7 @@ stage1b() {
   # data. Step 100 with its last layer x 0.99 is the bundled mol_2d_lr since 2026-12-05 (12
   # tuning problems 35.03 dB, the model before 34.49). Next: measure the penalty at
   # validation-like fixed points, or a threshold of 0.95 at training points.
-  local secs=$1 out=$RUNS/s1b/s1b.pt resume=() init=${INIT1B:-$RUNS/s1lr/s1lr.pt}
-  mkdir -p "$RUNS/s1b"
-  [ -f "$RUNS/s1b/s1b.state.pt" ] && resume=(--resume)
-  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --init "$init" \
-    --constraint lr --cg-iters 10 --lr 2e-5 --lam-lr 0 --penalty-weight 3e-4 \
-    --penalty-every 1 --penalty-threshold 0.97 --max-steps 100000 --batch-size 4 \
-    --val-every 20 --val-samples 8 --checkpoint-every 5 --seed $SEED --time-budget "$secs" \
-    --quiet "${GRADIENT[@]}" "${resume[@]}"
+  deq_stage s1b "${INIT1B:-$RUNS/s1lr/s1lr.pt}" 3e-4 1 0.97 "$1"
 }
 
 stage1c() {
@@ -90,14 +89,7 @@ stage1c() {
   # sha256 5f994671…; set INIT1C to that file to repeat this stage exactly). Stage 1b's
   # penalty (3e-4 above 0.97 at training points) kept those points at 0.92-0.95 while the
   # estimate at validation fixed points reached 0.98-1.00: the threshold here is 0.95.
-  local secs=$1 out=$RUNS/s1c/s1c.pt resume=() init=${INIT1C:-mol_2d_lr}
-  mkdir -p "$RUNS/s1c"
-  [ -f "$RUNS/s1c/s1c.state.pt" ] && resume=(--resume)
-  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$out" --init "$init" \
-    --constraint lr --cg-iters 10 --lr 2e-5 --lam-lr 0 --penalty-weight 3e-4 \
-    --penalty-every 1 --penalty-threshold 0.95 --max-steps 100000 --batch-size 4 \
-    --val-every 20 --val-samples 8 --checkpoint-every 5 --seed $SEED --time-budget "$secs" \
-    --quiet "${GRADIENT[@]}" "${resume[@]}"
+  deq_stage s1c "${INIT1C:-mol_2d_lr}" 3e-4 1 0.95 "$1"
 }
 
 save() {
