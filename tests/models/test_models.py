@@ -14,6 +14,7 @@ from molrecon.models import (
     local_lipschitz_power,
     local_lipschitz_ratio,
 )
+from molrecon.models.lipschitz import jacobian_norm, tracked_jacobian_norm
 
 
 def test_reference_architecture_parameter_count() -> None:
@@ -169,3 +170,48 @@ def test_ratio_search_is_differentiable_and_reproducible() -> None:
     assert float(v1.detach()) <= certified_bound(model)
     assert local_lipschitz_power(model, u, generator=torch.Generator().manual_seed(7)) <= \
         certified_bound(model)
+
+
+def test_converged_power_iteration_stops_itself_and_reads_the_linear_norm() -> None:
+    model = _linear_model()
+    shape = (1, 7, 6)
+    exact = float(torch.linalg.matrix_norm(_dense_matrix(model, shape), ord=2))
+    x = torch.randn(2, *shape, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    est = jacobian_norm(model, x, max_iters=2000, rtol=1e-9,
+                        generator=torch.Generator().manual_seed(0))
+    assert est.converged and 10 < est.iterations < 2000
+    assert exact * (1 - 1e-4) <= est.value <= exact * (1 + 1e-9)
+    # A cap it cannot meet: not converged, and a lower reading than the converged one.
+    capped = jacobian_norm(model, x, max_iters=2, rtol=1e-9,
+                           generator=torch.Generator().manual_seed(0))
+    assert not capped.converged and capped.iterations == 2 and capped.value < est.value
+    # The fixed-count form runs exactly its iterations.
+    assert local_lipschitz_power(model, x, iters=2, generator=torch.Generator().manual_seed(0)) \
+        == capped.value
+
+
+def test_tracked_jacobian_norm_converges_over_calls_and_its_gradient_lowers_it() -> None:
+    torch.manual_seed(5)
+    model = MolCNN(CNNConfig(layers=3, channels=6), "lr").double()
+    x = torch.randn(1, 1, 12, 11, dtype=torch.complex128)
+    target = jacobian_norm(model, x, max_iters=3000, rtol=1e-10,
+                           generator=torch.Generator().manual_seed(1)).value
+    v = None
+    first = None
+    for _ in range(150):                 # 150 visits of 3 iterations, as a training run does
+        value, v = tracked_jacobian_norm(model, x, v, iters=3,
+                                         generator=torch.Generator().manual_seed(2))
+        first = float(value.detach()) if first is None else first
+    assert first < float(value.detach())
+    assert float(value.detach()) == pytest.approx(target, rel=1e-3)
+    # The estimate carries gradients to H's kernels, and a small step against them lowers it.
+    model.zero_grad()
+    value.backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in model.convs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(1e-3 * p.grad)
+    after = jacobian_norm(model, x, max_iters=3000, rtol=1e-10,
+                          generator=torch.Generator().manual_seed(1)).value
+    assert after < target

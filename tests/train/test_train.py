@@ -130,11 +130,15 @@ def test_reconstruct_accepts_the_trained_weights(data: dict[str, Path], tmp_path
 
 
 # ----------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("estimator", ["ratio", "power"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str, Path],
-                                                                  tmp_path: Path) -> None:
-    """Bitwise equality on the CPU (torch.equal), the LR penalty's randomness included."""
+                                                                  tmp_path: Path,
+                                                                  estimator: str) -> None:
+    """Bitwise equality on the CPU (torch.equal), the LR penalty's randomness included (and,
+    for the "power" estimator, the probes' power-iteration vectors carried in the state)."""
     common = {"constraint": "lr", "penalty_crop": 16, "max_steps": 6, "val_every": 2,
-              "checkpoint_every": 2}
+              "checkpoint_every": 2, "penalty_estimator": estimator, "penalty_probes": 2,
+              "penalty_steps": 3}
     full = tmp_path / "full" / "m.pt"
     full.parent.mkdir()
     train(tiny(data["2d"], full, **common))
@@ -159,6 +163,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
     la, lb = step_records(output_paths(full)["log"]), step_records(output_paths(part)["log"])
     assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["lipschitz_local"] for r in la] == [r["lipschitz_local"] for r in lb]
+    if estimator == "power":
+        probes = sb["probes"]
+        assert len(probes["samples"]) == 2 and all(v is not None for v in probes["vectors"])
+        for va, vb in zip(sa["probes"]["vectors"], probes["vectors"]):
+            assert torch.equal(va, vb)
 
 
 def test_resume_keeps_the_model_of_the_state(data: dict[str, Path], tmp_path: Path) -> None:

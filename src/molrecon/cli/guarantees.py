@@ -107,7 +107,11 @@ def check_lipschitz_cmd(
         "--uniqueness", help="Also solve from zero, zero-filled, CG-SENSE and random starts "
                              "and compare the fixed points.")] = False,
     power_iters: Annotated[int, typer.Option(
-        "--power-iters", help="Power iterations on JᵀJ per point.")] = 20,
+        "--power-iters", help="Most power iterations on JᵀJ per point.")] = 300,
+    power_tol: Annotated[float, typer.Option(
+        "--power-tol", help="Stop a point's power iteration when its estimate rose by less "
+                            "than this (relative) over 10 iterations; 0: run exactly "
+                            "--power-iters.")] = 1e-4,
     ratio_steps: Annotated[int, typer.Option(
         "--ratio-steps", help="Ascent steps of the ratio search per point.")] = 10,
     tol: Annotated[float, typer.Option(
@@ -138,6 +142,7 @@ def check_lipschitz_cmd(
     size_t = _parse_size(size)
     check_option(points >= 1, "must be at least 1", "--points")
     check_option(power_iters >= 1, "must be at least 1", "--power-iters")
+    check_option(0.0 <= power_tol < 1.0, "must lie in [0, 1)", "--power-tol")
     check_option(ratio_steps >= 0, "must be >= 0", "--ratio-steps")
     check_option(0.0 < tol < 1.0, "must lie in (0, 1)", "--tol")
     check_option(max_iter >= 1, "must be at least 1", "--max-iter")
@@ -145,7 +150,8 @@ def check_lipschitz_cmd(
     with user_errors(debug):
         from ..guarantees import CheckConfig, check_lipschitz
 
-        config = CheckConfig(power_iters=power_iters, ratio_steps=ratio_steps, tol=tol,
+        config = CheckConfig(power_iters=power_iters, power_tol=power_tol or None,
+                             ratio_steps=ratio_steps, tol=tol,
                              max_iter=max_iter, uniqueness=uniqueness, size=size_t, seed=seed)
         loaded, problems = _model_and_problems(model, data, device, points, double, full=full)
         with _live(f"measuring the prior at {len(problems)} MOL problem(s)") as say:
@@ -229,6 +235,11 @@ def _print_check(r: LipschitzReport) -> None:
     pw, ra = r.local.power, r.local.ratio
     t.add_row("local ‖J_H(x*)‖", f"{pw.min:.4f} / {pw.median:.4f} / {pw.max:.4f}",
               f"min/med/max, {len(r.local.points)} pt(s)")
+    its = [p.power_iterations for p in r.local.points if p.power_iterations is not None]
+    if its:
+        state = {True: "converged", False: "NOT converged (raise --power-iters)",
+                 None: "fixed count"}[r.local.power_converged]
+        t.add_row("power iterations", f"{min(its)}–{max(its)}", state)
     t.add_row("local ratio search", f"{ra.min:.4f} / {ra.median:.4f} / {ra.max:.4f}",
               "min/med/max")
     fallback = sum(p.point != "fixed point" for p in r.local.points)

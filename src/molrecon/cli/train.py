@@ -7,7 +7,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -137,6 +137,9 @@ def train_cmd(
     penalty_weight: Annotated[float, typer.Option("--penalty-weight", help="LR: weight of the log-barrier penalty.")] = 1e-6,
     penalty_threshold: Annotated[float, typer.Option("--penalty-threshold", help="LR: barrier threshold T.")] = 0.98,
     penalty_every: Annotated[int, typer.Option("--penalty-every", help="LR: apply the penalty every n-th step.")] = 1,
+    penalty_estimator: Annotated[Literal["ratio", "power"], typer.Option("--penalty-estimator", help="LR: what the penalty measures: ratio (a ratio search on a crop of each training fixed point; reads low) or power (the Jacobian norm at the fixed points of a few fixed probe problems, its power iteration carried from step to step; deep-equilibrium stage only).")] = "ratio",
+    penalty_steps: Annotated[int, typer.Option("--penalty-steps", min=0, help="LR: ascent steps of the ratio search, or power iterations per probe visit.")] = 10,
+    penalty_probes: Annotated[int, typer.Option("--penalty-probes", min=1, help="LR, power estimator: fixed probe problems, visited in turn.")] = 4,
     val_samples: Annotated[int, typer.Option("--val-samples", help="Validation problems per evaluation.")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step (per process).")] = 1,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimiser steps in all; a resumed run continues up to this count (raise it to train on).")] = 1000,
@@ -197,7 +200,8 @@ def train_cmd(
             mask=MaskSpec(family=families, acceleration=r, acs=acs, accelerations=rs),
             extra_noise=noise, loss=loss, lr=lr, lam_lr=lam_lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
             cg_iters=cg_iters, penalty_weight=penalty_weight, penalty_threshold=penalty_threshold,
-            penalty_every=penalty_every, val_samples=val_samples,
+            penalty_every=penalty_every, penalty_estimator=penalty_estimator,
+            penalty_steps=penalty_steps, penalty_probes=penalty_probes, val_samples=val_samples,
             batch_size=batch_size, max_steps=max_steps, time_budget_s=time_budget,
             val_fraction=val_fraction, val_data=None if val_data is None else str(val_data),
             readout_block=readout_block,

@@ -145,6 +145,9 @@ def check_lipschitz(loaded: LoadedModel, problems: Sequence[Problem],
         uniq = _merge_uniqueness(results)
     verdict, reasons = decide(certified_bound=gb.bound, local_max=local_max,
                               uniqueness_consistent=None if uniq is None else uniq.consistent)
+    if est.power_converged is False:
+        reasons = (*reasons, f"a power iteration stopped at its cap ({cfg.power_iters}) before "
+                             "converging: the local estimates may read low")
     return LipschitzReport(
         model=str(loaded.path), sha256=loaded.sha256, constraint=loaded.constraint,
         alpha=float(mol_cfg.alpha), lam=float(mol_cfg.lam), cg_iters=int(mol_cfg.cg_iters),
@@ -189,6 +192,7 @@ def _estimates_at_fixed_points(model: MolCNN, mol_cfg: MolConfig, problems: Sequ
         say(f"local estimates: point {i + 1}/{total} ({labels[i][0]}, slice {labels[i][1]})")
 
     est = local_estimates(model, points, labels=labels, power_iters=cfg.power_iters,
+                          power_tol=cfg.power_tol,
                           ratio_steps=cfg.ratio_steps, seed=cfg.seed, on_point=on_point)
     est = LocalEstimates(tuple(replace(p, residual=f[0], iterations=f[1], converged=f[2])
                                for p, f in zip(est.points, facts)))

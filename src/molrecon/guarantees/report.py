@@ -241,7 +241,9 @@ class RobustnessReport:
 class CheckConfig:
     """Options of :func:`check_lipschitz`.
 
-    power_iters       power iterations on JᵀJ per point
+    power_iters       most power iterations on JᵀJ per point
+    power_tol         stop a power iteration when it rose by less than this (relative)
+                      over 10 iterations; None: exactly ``power_iters``
     ratio_steps       ascent steps of the ratio search per point
     tol, max_iter     MOL fixed-point solve: relative residual ‖T(x) − x‖/‖x‖ ≤ tol
     norm_iters        power iterations on AᴴA for ‖A‖
@@ -251,7 +253,8 @@ class CheckConfig:
     seed              seed of every random start / probe
     """
 
-    power_iters: int = 20
+    power_iters: int = 300
+    power_tol: float | None = 1e-4
     ratio_steps: int = 10
     tol: float = 1e-5
     max_iter: int = 200
@@ -271,6 +274,7 @@ class CheckConfig:
             raise ConfigError(f"ratio_steps must be an integer >= 0, got {self.ratio_steps!r}")
         if not (isinstance(self.tol, (int, float)) and 0.0 < self.tol < 1.0):
             raise ConfigError(f"tol must lie in (0, 1), got {self.tol!r}")
+        _check_power_tol(self.power_tol)
         if self.size is not None and (len(self.size) not in (2, 3)
                                       or any(int(s) != s or s < 1 for s in self.size)):
             raise ConfigError(f"size must be 2 or 3 positive integers, got {self.size!r}")
@@ -289,7 +293,8 @@ class RobustnessConfig:
                  single precision, 1e-10 in double
     backward_tol tolerance of the implicit-gradient solve (only the direction matters)
     max_iter     cap of each forward and backward solve
-    power_iters  power iterations for the local Lipschitz estimate at the fixed point
+    power_iters  most power iterations for the local Lipschitz estimate at the fixed point
+    power_tol    its stopping rule (as in :class:`CheckConfig`)
     norm_iters   power iterations on AᴴA for ‖A‖
     seed         seed of the initial perturbation
     """
@@ -301,7 +306,8 @@ class RobustnessConfig:
     tol: float | None = None
     backward_tol: float = 1e-4
     max_iter: int = 200
-    power_iters: int = 20
+    power_iters: int = 300
+    power_tol: float | None = 1e-4
     norm_iters: int = 30
     seed: int = 0
 
@@ -325,3 +331,10 @@ class RobustnessConfig:
             raise ConfigError(f"tol must lie in (0, 1), got {self.tol!r}")
         if not 0.0 < self.backward_tol < 1.0:
             raise ConfigError(f"backward_tol must lie in (0, 1), got {self.backward_tol!r}")
+        _check_power_tol(self.power_tol)
+
+
+def _check_power_tol(value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and 0.0 < value < 1.0):
+        raise ConfigError(f"power_tol must lie in (0, 1) or be None, got {value!r}")

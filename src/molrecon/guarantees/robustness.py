@@ -22,7 +22,7 @@ from ..deq.implicit import deq_solve, unrolled
 from ..deq.mol import support_of
 from ..errors import ConfigError
 from ..models.certificate import global_bound, prior_in_precision, seeded_generator
-from ..models.lipschitz import local_lipschitz_power
+from ..models.lipschitz import jacobian_norm
 from .problems import (
     _bcast,
     _complex_noise,
@@ -182,7 +182,13 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
     for i in range(x_star.shape[0]):
         xi = x_star[i:i + 1]
         if bool(torch.isfinite(torch.view_as_real(xi)).all()):
-            powers.append(local_lipschitz_power(prior, xi, iters=cfg.power_iters, generator=gen))
+            if cfg.power_tol is None:
+                est = jacobian_norm(prior, xi, max_iters=cfg.power_iters, rtol=0.0,
+                                    window=cfg.power_iters + 1, generator=gen)
+            else:
+                est = jacobian_norm(prior, xi, max_iters=cfg.power_iters, rtol=cfg.power_tol,
+                                    generator=gen)
+            powers.append(est.value)
     op_norm = operator_norm(prob.op, iters=cfg.norm_iters, seed=cfg.seed)
     direction = _complex_noise(prob.kspace.shape, prob.dtype, prob.kspace.device, gen)
     d_mol, d_unr = direction, direction

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as nnf
 
 from ..errors import ConfigError
-from .lipschitz import local_lipschitz_power, local_lipschitz_ratio
+from .lipschitz import jacobian_norm, local_lipschitz_ratio
 from .spectral import layer_bounds
 
 if TYPE_CHECKING:
@@ -127,6 +127,8 @@ class PointEstimate:
     residual: float | None = None
     iterations: int | None = None
     converged: bool | None = None
+    power_iterations: int | None = None
+    power_converged: bool | None = None
 
     @property
     def max(self) -> float:
@@ -138,7 +140,8 @@ class PointEstimate:
         return {"source": self.source, "item": self.item, "point": self.point,
                 "power": finite_or_none(self.power), "ratio": finite_or_none(self.ratio),
                 "fixed_point_residual": finite_or_none(self.residual), "iterations": self.iterations,
-                "converged": self.converged}
+                "converged": self.converged, "power_iterations": self.power_iterations,
+                "power_converged": self.power_converged}
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,12 @@ class LocalEstimates:
     @property
     def max(self) -> float:
         return max(p.max for p in self.points)
+
+    @property
+    def power_converged(self) -> bool | None:
+        """Whether every power iteration met its tolerance (None: fixed counts were run)."""
+        flags = [p.power_converged for p in self.points]
+        return None if any(f is None for f in flags) else all(flags)
 
     def as_dict(self) -> dict[str, Any]:
         return {"max": finite_or_none(self.max), "power": self.power.as_dict(),
@@ -220,9 +229,14 @@ def layer_norms_at_size(model: MolCNN, size: Sequence[int], *, iters: int = 50,
 
 def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
                     labels: Sequence[tuple[str, int, str]] | None = None,
-                    power_iters: int = 20, ratio_steps: int = 10, seed: int = 0,
+                    power_iters: int = 20, power_tol: float | None = None,
+                    ratio_steps: int = 10, seed: int = 0,
                     on_point: Callable[[int], None] | None = None) -> LocalEstimates:
     """Power-iteration and ratio-search estimates at every item of every tensor in ``points``.
+
+    ``power_tol``: run each power iteration until it rises by less than this (relative) over
+    10 iterations, at most ``power_iters`` (:func:`~molrecon.models.lipschitz.jacobian_norm`);
+    None: exactly ``power_iters`` iterations.
 
     ``points``: complex ``(B, D, Y, X)`` tensors; ``labels``: (source, item,
     point kind) per item, in order (default: ("", index, "point")). ``on_point(i)`` is
@@ -242,12 +256,19 @@ def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
         if x.dtype not in priors:
             priors[x.dtype] = prior_in_precision(model, x.dtype)
         prior = priors[x.dtype]
-        power = local_lipschitz_power(prior, x, iters=power_iters, generator=gen)
+        if power_tol is None:
+            power = jacobian_norm(prior, x, max_iters=power_iters, rtol=0.0,
+                                  window=power_iters + 1, generator=gen)
+        else:
+            power = jacobian_norm(prior, x, max_iters=power_iters, rtol=power_tol,
+                                  generator=gen)
         with torch.no_grad():
             ratio_t, _ = local_lipschitz_ratio(prior, x, steps=ratio_steps, generator=gen)
         src, item, kind = labels[n] if labels is not None else ("", n, "point")
-        out.append(PointEstimate(source=src, item=item, point=kind, power=float(power),
-                                 ratio=float(ratio_t)))
+        out.append(PointEstimate(source=src, item=item, point=kind, power=power.value,
+                                 ratio=float(ratio_t), power_iterations=power.iterations,
+                                 power_converged=power.converged if power_tol is not None
+                                 else None))
     return LocalEstimates(tuple(out))
 
 
@@ -284,7 +305,8 @@ def prior_in_precision(model: MolCNN, dtype: torch.dtype) -> MolCNN:
 
 
 def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor], *,
-                    data: Sequence[str] = (), power_iters: int = 10, ratio_steps: int = 10,
+                    data: Sequence[str] = (), power_iters: int = 10,
+                    power_tol: float | None = None, ratio_steps: int = 10,
                     seed: int = 0) -> dict[str, Any]:
     """The plain-dict Lipschitz certificate stored in checkpoints.
 
@@ -311,7 +333,7 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
         was_training = model.training
         model.eval()
         try:
-            est = local_estimates(model, usable, power_iters=power_iters,
+            est = local_estimates(model, usable, power_iters=power_iters, power_tol=power_tol,
                                   ratio_steps=ratio_steps, seed=seed)
         finally:
             model.train(was_training)
@@ -320,6 +342,8 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
             "local_power": [finite_or_none(p.power) for p in est.points],
             "local_ratio": [finite_or_none(p.ratio) for p in est.points],
             "local_max": finite_or_none(est.max),
+            "local_power_iterations": [p.power_iterations for p in est.points],
+            "local_power_converged": est.power_converged,
             "points": len(est.points),
             "verdict": verdict,
         })

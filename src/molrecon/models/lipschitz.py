@@ -5,8 +5,8 @@ view (the complex ↔ two-channel map is an isometry), treat every batch item
 separately (H acts on items independently) and take their randomness from an
 explicit ``torch.Generator``.
 
-* :func:`local_lipschitz_power` — the spectral norm of the Jacobian of H at
-  x, by power iteration on JᵀJ (Jacobian–vector and vector–Jacobian
+* :func:`jacobian_norm` / :func:`local_lipschitz_power` — the spectral norm of the
+  Jacobian of H at x, by power iteration on JᵀJ (to convergence, or a fixed count) (Jacobian–vector and vector–Jacobian
   products by reverse-mode autograd). For a ReLU network this is the Lipschitz
   constant of the linear piece containing x.
 * :func:`local_lipschitz_ratio` — the adversarial ratio search used by MOL-LR
@@ -22,6 +22,7 @@ multiplied over layers (``molrecon.models.certified_bound``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -53,19 +54,36 @@ def _complex_noise(like: torch.Tensor, generator: torch.Generator | None) -> tor
     return torch.view_as_complex(noise).to(like.device)
 
 
-def local_lipschitz_power(prior: Prior, x: torch.Tensor, *, iters: int = 20,
-                          generator: torch.Generator | None = None) -> float:
-    """‖J_H(x)‖₂ by ``iters`` power iterations on JᵀJ; the maximum over batch items.
+@dataclass(frozen=True)
+class PowerEstimate:
+    """The Jacobian-norm estimate of :func:`jacobian_norm`: its value (the largest over
+    batch items), the power iterations it took, and whether it met its tolerance."""
 
-    ``x``: complex (B, D, Y, X). The estimate after any number of iterations is
-    a lower bound of the Jacobian norm (it is ‖J v‖ for a unit vector v) and
-    increases towards it. H's parameters receive no gradients.
+    value: float
+    iterations: int
+    converged: bool
+
+
+def jacobian_norm(prior: Prior, x: torch.Tensor, *, max_iters: int = 300, rtol: float = 1e-4,
+                  window: int = 10, generator: torch.Generator | None = None) -> PowerEstimate:
+    """‖J_H(x)‖₂ by power iteration on JᵀJ, run until it stops rising.
+
+    ``x``: complex (B, D, Y, X). Every iterate ‖J v‖ (v a unit vector) is a lower bound of
+    the Jacobian norm and they increase towards it, but slowly where the top of the
+    spectrum is crowded: for a trained 2D prior at a 192² fixed point, 20 iterations read
+    0.982, 40 read 1.005 and 120 read 1.009. The iteration stops when no item's estimate
+    rose by more than ``rtol`` (relative) over the last ``window`` iterations, or after
+    ``max_iters`` (then ``converged`` is False). H's parameters receive no gradients.
     """
-    if iters < 1:
-        raise ValueError("iters must be >= 1")
+    if max_iters < 1:
+        raise ValueError("max_iters must be >= 1")
+    if window < 1:
+        raise ValueError("window must be >= 1")
     f = _real_map(prior)
     v = torch.view_as_real(_complex_noise(x, generator)).clone()       # (B, D, Y, X, 2)
     v = v / _bcast(_item_norm(v), v)
+    history: list[torch.Tensor] = []
+    converged = False
     with torch.enable_grad():
         xr = torch.view_as_real(x.detach()).clone().requires_grad_(True)
         y = f(xr)
@@ -74,17 +92,34 @@ def local_lipschitz_power(prior: Prior, x: torch.Tensor, *, iters: int = 20,
         u = torch.zeros_like(y, requires_grad=True)
         (jt_u,) = torch.autograd.grad(y, xr, u, create_graph=True)
         sigma = torch.zeros(x.shape[0], dtype=xr.dtype, device=xr.device)
-        for it in range(iters + 1):
+        it = 0
+        while True:
             (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)     # J v
             sigma = torch.maximum(sigma, _item_norm(jv.detach()))
-            if it == iters:
+            history.append(sigma)
+            if len(history) > window:
+                before = history[-1 - window]
+                converged = bool(torch.all(sigma <= before * (1.0 + rtol)))
+            if converged or it == max_iters:
                 break
             (w,) = torch.autograd.grad(y, xr, jv.detach(), retain_graph=True)   # Jᵀ J v
             norm_w = _item_norm(w)
             # An item with J v = 0 keeps its vector (its estimate stays 0).
             safe = norm_w > 0
             v = torch.where(_bcast(safe, v), w / _bcast(torch.where(safe, norm_w, 1.0), w), v)
-    return float(sigma.detach().max())
+            it += 1
+    return PowerEstimate(float(sigma.detach().max()), it, converged)
+
+
+def local_lipschitz_power(prior: Prior, x: torch.Tensor, *, iters: int = 20,
+                          generator: torch.Generator | None = None) -> float:
+    """‖J_H(x)‖₂ after exactly ``iters`` power iterations on JᵀJ; the maximum over batch
+    items (a lower bound, see :func:`jacobian_norm` for the estimate run to convergence).
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    return jacobian_norm(prior, x, max_iters=iters, rtol=0.0, window=iters + 1,
+                         generator=generator).value
 
 
 def local_lipschitz_ratio(
@@ -144,3 +179,39 @@ def local_lipschitz_ratio(
             best_v = torch.where(_bcast(better, v), v, best_v)
     value = ratio(prior(u), best_v).max()
     return value, best_v.detach()
+
+
+def tracked_jacobian_norm(prior: Prior, x: torch.Tensor, v: torch.Tensor | None, *,
+                          iters: int, generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training penalty's Jacobian-norm estimate at ``x``, carried from step to step.
+
+    ``x``: complex (1, D, Y, X), a point the estimate follows (e.g. a fixed point that moves
+    slowly as H trains); ``v``: the unit real-view vector (1, D, Y, X, 2) this estimate left
+    last time, or None to start from white noise drawn from ``generator``. ``iters`` power
+    iterations on JᵀJ continue from ``v``, then ‖J v‖ is returned as a 0-dim tensor that
+    carries gradients to H's parameters, with the new unit vector (detached). Continued
+    over training steps, the iteration converges as spectral normalisation's persistent
+    vectors do: after a few visits it reads the converged norm that
+    :func:`jacobian_norm` finds, where a fresh start of a few iterations reads well below it.
+    """
+    if iters < 0:
+        raise ValueError("iters must be >= 0")
+    f = _real_map(prior)
+    xr = torch.view_as_real(x.detach()).clone().requires_grad_(True)
+    if v is None or v.shape != xr.shape:
+        v = torch.view_as_real(_complex_noise(x, generator)).clone()
+    v = (v / _item_norm(v).clamp_min(torch.finfo(v.dtype).tiny)).to(xr)
+    with torch.enable_grad():
+        y = f(xr)
+        u = torch.zeros_like(y, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(y, xr, u, create_graph=True)
+        for _ in range(iters):
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+            (w,) = torch.autograd.grad(y, xr, jv.detach(), retain_graph=True)
+            norm_w = _item_norm(w)
+            if not bool(norm_w.max() > 0):
+                break
+            v = (w / norm_w.reshape(-1, *([1] * (w.ndim - 1)))).detach()
+        (jv,) = torch.autograd.grad(jt_u, u, v, create_graph=True)        # J v, H-differentiable
+    return torch.linalg.vector_norm(jv), v.detach()

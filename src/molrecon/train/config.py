@@ -20,6 +20,7 @@ from .patches import PatchSpec
 
 Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
+PenaltyEstimator = Literal["ratio", "power"]
 STAGES: tuple[str, ...] = ("deq", "denoise")
 #: Initial λ of a run that neither gives one nor starts from a checkpoint.
 DEFAULT_LAM = 100.0
@@ -44,7 +45,11 @@ class TrainConfig:
     init_iters        CG iterations of the regularised-SENSE start
     fwd_*, bwd_*      tolerance (relative residual) and cap of the forward / backward solves
     diverge_tol       a forward residual above this after the cap skips the step
-    penalty_*         MOL-LR penalty (see :mod:`molrecon.train`)
+    penalty_*         MOL-LR penalty (see :mod:`molrecon.train`); penalty_estimator "ratio"
+                      (a ratio search of penalty_steps steps on a penalty_crop crop of each
+                      training fixed point) or "power" (the Jacobian norm at the fixed
+                      points of penalty_probes fixed training problems, penalty_steps power
+                      iterations per visit carried from step to step: :mod:`.probes`)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
     gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward
                       solve) or "jfb" (Jacobian-free: the gradient through one step at x*)
@@ -101,6 +106,8 @@ class TrainConfig:
     penalty_steps: int = 10
     penalty_every: int = 1
     penalty_crop: int | None = 96
+    penalty_estimator: PenaltyEstimator = "ratio"
+    penalty_probes: int = 4
     batch_size: int = 1
     max_steps: int = 1000
     time_budget_s: float | None = None
@@ -160,6 +167,15 @@ class TrainConfig:
             raise ConfigError(f"penalty_steps must be an integer >= 0, got {self.penalty_steps!r}")
         if self.penalty_crop is not None and self.penalty_crop < 8:
             raise ConfigError(f"penalty_crop must be at least 8 pixels, got {self.penalty_crop}")
+        if self.penalty_estimator not in ("ratio", "power"):
+            raise ConfigError("penalty_estimator must be 'ratio' or 'power', got "
+                              f"{self.penalty_estimator!r}")
+        if isinstance(self.penalty_probes, bool) or not isinstance(self.penalty_probes, int) \
+                or self.penalty_probes < 1:
+            raise ConfigError(f"penalty_probes must be an integer >= 1, got {self.penalty_probes!r}")
+        if self.penalty_estimator == "power" and self.stage == "denoise":
+            raise ConfigError("penalty_estimator 'power' measures H at MOL fixed points: it "
+                              "needs the deep-equilibrium stage (stage 0 uses 'ratio')")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("--val-fraction must lie in [0, 1)")
         if self.time_budget_s is not None and not self.time_budget_s > 0:

@@ -56,7 +56,9 @@ from .state import (
     _write,
     output_paths,
 )
-from .step import _build, _denoise_step, _kinds, _local_step, _model_dims, _StepOutcome
+from .probes import PenaltyProbes
+from .step import (_build, _denoise_step, _kinds, _local_step, _model_dims, _probe_penalty,
+                   _StepOutcome)
 from .validate import _certificate, _load_validation, _val_problems, evaluate
 
 
@@ -99,6 +101,8 @@ class _Run:
     last_record: dict[str, Any] = field(default_factory=dict)
     best_sense: float | None = None
     val_fixed_points: list[Any] = field(default_factory=list)
+    probes: PenaltyProbes | None = None   # the "power" penalty's probe problems
+    saved_probes: Any = None              # their vectors in the resume state
     skipped_here: int = 0
     stopped: str = "max_steps"
     # Seconds of the recent steps, of the last validation and of the last save: the time
@@ -225,6 +229,7 @@ def _setup(run: _Run, state: dict[str, Any] | None) -> None:
     if state is not None:
         run.start_step, run.best, run.skips, run.elapsed_before = _restore_state(
             state, run.step, run.optim, config, run.changes, run.paths["state"])
+        run.saved_probes = state.get("probes")
     _broadcast_parameters(run.step, run.dist_info)
 
 
@@ -244,6 +249,10 @@ def _prepare(run: _Run) -> None:
         if run.dist_info.main else []
     run.fwd = FixedPointConfig(tol=config.fwd_tol, max_iter=config.fwd_max_iter, warn=False)
     run.bwd = FixedPointConfig(tol=config.bwd_tol, max_iter=config.bwd_max_iter, warn=False)
+    if (config.stage == "deq" and config.constraint == "lr" and config.penalty_weight > 0
+            and config.penalty_estimator == "power"):
+        run.probes = PenaltyProbes.build(config, run.train_set, run.device)
+        run.probes.restore(run.saved_probes)
 
 
 def _start(run: _Run) -> None:
@@ -346,6 +355,10 @@ def _gradients(run: _Run, within: int
     else:
         outcome = _local_step(run.step, run.cnn, config, run.train_set, run.order, run.s,
                               within, run.global_batch, dist_info, run.device, run.fwd, run.bwd)
+        if outcome.bad is None:
+            # Every process adds the same penalty gradient (its probes are the same), so
+            # the average over processes is that gradient.
+            _probe_penalty(run.step, run.cnn, config, run.probes, run.s, outcome, run.fwd)
     bad = outcome.bad
     if bad is None and dist_info.world == 1:
         grads = [p.grad for p in run.all_params if p.grad is not None]
@@ -458,7 +471,8 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
                lambda: save_checkpoint(paths["best"], cnn, model_cfg, metadata=meta,
                                        certificate=cert, kinds=_kinds(kind), force=True))
     state = _state_record(kind, config, steps_done, run.best, run.skips, run.elapsed(),
-                          run.step, run.optim)
+                          run.step, run.optim,
+                          probes=None if run.probes is None else run.probes.state())
     _write(paths["state"], "resume state", steps_done,
            lambda: _save_state(paths["state"], state))
 

@@ -33,6 +33,7 @@ from ..problem import Problem
 from .config import DEFAULT_LAM, Loss, TrainConfig
 from .data import FolderDataset, make_problem
 from .patches import draw_patch
+from .probes import PenaltyProbes
 
 if TYPE_CHECKING:
     from .distributed import Dist
@@ -229,12 +230,29 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
     local Lipschitz estimate at ``point()`` through the log barrier; the estimate is recorded
     in ``out``."""
     if not (config.constraint == "lr" and config.penalty_weight > 0
-            and s % config.penalty_every == 0):
+            and config.penalty_estimator == "ratio" and s % config.penalty_every == 0):
         return None
     gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
     lip, _ = local_lipschitz_ratio(cnn, point(), steps=config.penalty_steps, generator=gen)
     out.lipschitz.append(float(lip.detach()))
     return config.penalty_weight * _penalty(lip, config.penalty_threshold)
+
+
+def _probe_penalty(step: Any, cnn: Any, config: TrainConfig, probes: PenaltyProbes | None,
+                   s: int, out: _StepOutcome, fwd: Any) -> None:
+    """The "power" estimator's penalty on step ``s`` (:mod:`.probes`): its gradient is added
+    to the parameters' and its estimate recorded in ``out`` (the logged loss leaves it out)."""
+    if probes is None or not (config.constraint == "lr" and config.penalty_weight > 0
+                              and s % config.penalty_every == 0):
+        return
+    lip, _ = probes.estimate(step, cnn, s, iters=config.penalty_steps,
+                             init_iters=config.init_iters, fwd=fwd)
+    value = float(lip.detach())
+    out.lipschitz.append(value)
+    if not math.isfinite(value):
+        out.bad = "non-finite Lipschitz estimate"
+        return
+    (config.penalty_weight * _penalty(lip, config.penalty_threshold)).backward()
 
 
 def _random_crop(x: Any, size: int | None, rng: np.random.Generator) -> Any:
