@@ -7,6 +7,7 @@
 #   scripts/campaign_2d.sh stage1b SECS  # stage 1 continued under a stronger Lipschitz penalty
 #   scripts/campaign_2d.sh stage1c SECS  # from the bundled model, the penalty from 0.95
 #   scripts/campaign_2d.sh stage1d SECS  # the penalty on the converged Jacobian norm (probes)
+#   scripts/campaign_2d.sh stage1e SECS  # the same with 8 probes, from the rescaled bundled model
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -109,9 +110,19 @@ stage1d() {
     --penalty-estimator power --penalty-probes 4 --penalty-steps 10
 }
 
+stage1e() {
+  # Stage 1d's probes read 0.93-0.98 while the validation fixed points rose from 0.99 to
+  # 1.02-1.07 (BENCHMARKS.md): 4 probes did not hold the constant at other images. Here
+  # 8 probes and the threshold at 0.98, from the model bundled on 2026-12-05 (third
+  # session: the rescaled one, converged estimate <= 0.990 at the validation fixed points,
+  # sha256 94b1643d…; set INIT1E to that file to repeat this stage exactly).
+  deq_stage s1e "${INIT1E:-mol_2d_lr}" 3e-4 1 0.98 "$1" \
+    --penalty-estimator power --penalty-probes 8 --penalty-steps 10
+}
+
 save() {
   mkdir -p "$KEEP"
-  for stage in s0lr s0b s1lr s1b s1c s1d; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e; do
     for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
              "$RUNS/$stage/$stage.pt"; do
       [ -f "$f" ] && cp "$f" "$KEEP/"
@@ -121,7 +132,7 @@ save() {
 }
 
 restore() {
-  for stage in s0lr s0b s1lr s1b s1c s1d; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e; do
     mkdir -p "$RUNS/$stage"
     for f in "$KEEP/$stage".*; do
       [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
@@ -140,7 +151,8 @@ case "${1:-}" in
   stage1b) stage1b "${2:?seconds}" ;;
   stage1c) stage1c "${2:?seconds}" ;;
   stage1d) stage1d "${2:?seconds}" ;;
+  stage1e) stage1e "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac
