@@ -195,6 +195,21 @@ def test_default_data_is_the_example(files: dict[str, Path],
     assert isinstance(cfg, g.CheckConfig)
     assert (cfg.tol, cfg.power_iters, cfg.seed, cfg.uniqueness, cfg.size) == (1e-6, 4, 7,
                                                                               False, None)
+    assert cfg.power_tol == 1e-4                       # the default: run to convergence
+
+
+def test_power_iteration_runs_to_its_tolerance_and_says_so(files: dict[str, Path]) -> None:
+    r = check(files, "empirical", "--power-iters", "300", "--json")
+    points = json.loads(r.stdout)["local"]["points"]
+    assert all(p["power_converged"] is True and 10 < p["power_iterations"] < 300 for p in points)
+    # A cap it cannot meet is reported (table and reasons), and 0 runs a fixed count.
+    r = check(files, "empirical", "--power-iters", "3")
+    assert "NOT converged" in r.stdout and "stopped at its cap" in r.stderr
+    r = check(files, "empirical", "--power-tol", "0", "--json")
+    assert all(p["power_converged"] is None and p["power_iterations"] == 5
+               for p in json.loads(r.stdout)["local"]["points"])
+    r = check(files, "empirical", "--power-tol", "1.5")
+    assert r.exit_code == 2 and "--power-tol" in r.stderr
 
 
 def test_robustness_json_and_table(files: dict[str, Path]) -> None:

@@ -384,7 +384,9 @@ def test_existing_outputs_need_force(data: dict[str, Path], tmp_path: Path) -> N
 
 def test_config_is_checked() -> None:
     for bad in ({"lr": 0.0}, {"max_steps": 0}, {"alpha": 2.5}, {"val_fraction": 1.0},
-                {"kind": "4d"}, {"unroll": -1}, {"time_budget_s": 0.0}):
+                {"kind": "4d"}, {"unroll": -1}, {"time_budget_s": 0.0},
+                {"penalty_estimator": "exact"}, {"penalty_probes": 0},
+                {"penalty_estimator": "power", "stage": "denoise"}):
         with pytest.raises(ConfigError):
             TrainConfig(data="d", out="m.pt", **bad)  # type: ignore[arg-type]
 

@@ -203,10 +203,14 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
 def _finish(report: LipschitzReport, *, strict: bool) -> None:
     if report.verdict == "certified":
         console.print(f"[green]certified:[/green] {report.reasons[0]}", soft_wrap=True)
+        for note in report.reasons[1:]:
+            warn(note)
         return
     if report.verdict == "empirical":
         warn(f"empirical only: {report.reasons[0]}; the fixed point's uniqueness and the "
              "robustness bounds are not guaranteed")
+        for note in report.reasons[1:]:
+            warn(note)
         if strict:
             raise typer.Exit(1)
         return
