@@ -69,8 +69,8 @@ def measure(model_path: Path, data: list[Path], points: int) -> list[dict[str, o
                 crop = max(float(local_lipschitz_ratio(prior, c, steps=10, generator=gen())[0])
                            for c in _crops(x))
                 whole = float(local_lipschitz_ratio(prior, x, steps=10, generator=gen())[0])
-            p10 = jacobian_norm(prior, x, max_iters=10, rtol=0.0, window=11, generator=gen())
-            p20 = jacobian_norm(prior, x, max_iters=20, rtol=0.0, window=21, generator=gen())
+            p10 = jacobian_norm(prior, x, max_iters=10, rtol=None, generator=gen())
+            p20 = jacobian_norm(prior, x, max_iters=20, rtol=None, generator=gen())
             conv = jacobian_norm(prior, x, max_iters=1000, rtol=1e-4, generator=gen())
             rows.append({"model": model_path.name, "source": prob.source,
                          "item": prob.items[i] if i < len(prob.items) else i,

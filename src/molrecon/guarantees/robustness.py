@@ -182,13 +182,8 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
     for i in range(x_star.shape[0]):
         xi = x_star[i:i + 1]
         if bool(torch.isfinite(torch.view_as_real(xi)).all()):
-            if cfg.power_tol is None:
-                est = jacobian_norm(prior, xi, max_iters=cfg.power_iters, rtol=0.0,
-                                    window=cfg.power_iters + 1, generator=gen)
-            else:
-                est = jacobian_norm(prior, xi, max_iters=cfg.power_iters, rtol=cfg.power_tol,
-                                    generator=gen)
-            powers.append(est.value)
+            powers.append(jacobian_norm(prior, xi, max_iters=cfg.power_iters,
+                                        rtol=cfg.power_tol, generator=gen).value)
     op_norm = operator_norm(prob.op, iters=cfg.norm_iters, seed=cfg.seed)
     direction = _complex_noise(prob.kspace.shape, prob.dtype, prob.kspace.device, gen)
     d_mol, d_unr = direction, direction

@@ -256,12 +256,7 @@ def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
         if x.dtype not in priors:
             priors[x.dtype] = prior_in_precision(model, x.dtype)
         prior = priors[x.dtype]
-        if power_tol is None:
-            power = jacobian_norm(prior, x, max_iters=power_iters, rtol=0.0,
-                                  window=power_iters + 1, generator=gen)
-        else:
-            power = jacobian_norm(prior, x, max_iters=power_iters, rtol=power_tol,
-                                  generator=gen)
+        power = jacobian_norm(prior, x, max_iters=power_iters, rtol=power_tol, generator=gen)
         with torch.no_grad():
             ratio_t, _ = local_lipschitz_ratio(prior, x, steps=ratio_steps, generator=gen)
         src, item, kind = labels[n] if labels is not None else ("", n, "point")

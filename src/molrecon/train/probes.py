@@ -4,12 +4,13 @@ power``).
 
 Why: the default penalty (a 10-step ratio search on a 96² crop of each training fixed point)
 reads well below the Jacobian norm that ``check-lipschitz`` measures once its power iteration
-has converged. For the 2D model bundled on 2026-12-05 the search read 0.92-0.95 while the
-converged norm at the validation fixed points was 1.009-1.017, so a penalty that held the
-search under its threshold let H become expansive near the data. A power iteration needs
-80-140 iterations to converge there (the top of the Jacobian's spectrum is crowded), far too
-many per step, and its top vector sits at a different place in every image, so a vector
-cannot be carried from one training image to the next. Here a few *probe* problems are fixed
+has converged. For the 2D model bundled on 2026-12-05 the search read 0.92-0.94 while the
+converged norm at the validation fixed points was 1.009-1.017
+(``benchmarks/bench_lipschitz_estimates.py``), so a penalty that held the search under its
+threshold let H become expansive near the data. A power iteration needs 98-315 iterations
+to converge there (the top of the Jacobian's spectrum is crowded), far too many per step,
+and its top vector belongs to one image, so it is carried per problem, not from one
+training image to the next. Here a few *probe* problems are fixed
 for the whole run (``penalty_probes`` training samples with masks drawn once from the run's
 seed); step ``s`` visits probe ``s mod N``: it solves that problem's fixed point with the
 current H (no gradient), continues the probe's power iteration by ``penalty_steps``
