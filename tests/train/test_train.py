@@ -130,7 +130,7 @@ def test_reconstruct_accepts_the_trained_weights(data: dict[str, Path], tmp_path
 
 
 # ----------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("estimator", ["ratio", "power"])
+@pytest.mark.parametrize("estimator", ["ratio", "power", "sample"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str, Path],
                                                                   tmp_path: Path,
                                                                   estimator: str) -> None:

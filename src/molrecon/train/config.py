@@ -20,7 +20,7 @@ from .patches import PatchSpec
 
 Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
-PenaltyEstimator = Literal["ratio", "power"]
+PenaltyEstimator = Literal["ratio", "power", "sample"]
 STAGES: tuple[str, ...] = ("deq", "denoise")
 #: Initial λ of a run that neither gives one nor starts from a checkpoint.
 DEFAULT_LAM = 100.0
@@ -49,7 +49,9 @@ class TrainConfig:
                       (a ratio search of penalty_steps steps on a penalty_crop crop of each
                       training fixed point) or "power" (the Jacobian norm at the fixed
                       points of penalty_probes fixed training problems, penalty_steps power
-                      iterations per visit carried from step to step: :mod:`.probes`)
+                      iterations per visit carried from step to step: :mod:`.probes`) or
+                      "sample" (the Jacobian norm at each training sample's own whole fixed
+                      point, penalty_steps power iterations from white noise every time)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
     gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward
                       solve) or "jfb" (Jacobian-free: the gradient through one step at x*)
@@ -167,8 +169,8 @@ class TrainConfig:
             raise ConfigError(f"penalty_steps must be an integer >= 0, got {self.penalty_steps!r}")
         if self.penalty_crop is not None and self.penalty_crop < 8:
             raise ConfigError(f"penalty_crop must be at least 8 pixels, got {self.penalty_crop}")
-        if self.penalty_estimator not in ("ratio", "power"):
-            raise ConfigError("penalty_estimator must be 'ratio' or 'power', got "
+        if self.penalty_estimator not in ("ratio", "power", "sample"):
+            raise ConfigError("penalty_estimator must be 'ratio', 'power' or 'sample', got "
                               f"{self.penalty_estimator!r}")
         if isinstance(self.penalty_probes, bool) or not isinstance(self.penalty_probes, int) \
                 or self.penalty_probes < 1:
