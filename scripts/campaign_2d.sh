@@ -123,10 +123,11 @@ stage1e() {
 
 # Stage 1f: the probes of 1d/1e held the Jacobian norm at the probes only; here the penalty
 # measures it at every training sample's own fixed point (--penalty-estimator sample), by 10
-# power iterations from noise, which read a few per cent below the converged norm: hence
-# the threshold 0.97 under the 0.99 the bundled model is scaled to.
+# power iterations from noise, which read several per cent below the converged norm: hence
+# the threshold 0.95 (10 iterations read 0.93 at the bundled model, whose converged norm
+# is 0.99 at the validation fixed points).
 stage1f() {
-  deq_stage s1f "${INIT1F:-mol_2d_lr}" 3e-4 1 0.97 "$1" \
+  deq_stage s1f "${INIT1F:-mol_2d_lr}" 3e-4 1 0.95 "$1" \
     --penalty-estimator sample --penalty-steps 10
 }
 
