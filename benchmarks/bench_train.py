@@ -16,6 +16,8 @@ case       data                            mask
 2d256      2D slice 256×256                equispaced
 3d         3D slab 64×64×16                Poisson disc (ky, kz)
 2dt        2D+time 96×96 × 8 frames        time-interleaved
+2dt-large  2D+time 128×128 × 16 frames     time-interleaved
+3d-large   3D slab 128×128×16              Poisson disc (ky, kz)
 =========  ==============================  ==================
 
 Every configuration runs ``molrecon.train.train`` in a fresh subprocess for
@@ -52,6 +54,10 @@ CASES: dict[str, dict[str, Any]] = {
     "2d256": {"kind": "2d", "matrix": (256, 256), "mask": "equispaced"},
     "3d": {"kind": "3d", "matrix": (64, 64, 16), "mask": "poisson"},
     "2dt": {"kind": "2dt", "matrix": (96, 96), "frames": 8, "mask": "interleaved"},
+    # The memory claim's cases: large enough that ten unrolled 3D-convolution steps weigh
+    # gigabytes on this machine.
+    "2dt-large": {"kind": "2dt", "matrix": (128, 128), "frames": 16, "mask": "interleaved"},
+    "3d-large": {"kind": "3d", "matrix": (128, 128, 16), "mask": "poisson"},
 }
 
 

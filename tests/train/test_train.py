@@ -130,7 +130,7 @@ def test_reconstruct_accepts_the_trained_weights(data: dict[str, Path], tmp_path
 
 
 # ----------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("estimator", ["ratio", "power", "sample"])
+@pytest.mark.parametrize("estimator", ["ratio", "power", "sample", "lanczos"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str, Path],
                                                                   tmp_path: Path,
                                                                   estimator: str) -> None:
@@ -138,7 +138,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
     for the "power" estimator, the probes' power-iteration vectors carried in the state)."""
     common = {"constraint": "lr", "penalty_crop": 16, "max_steps": 6, "val_every": 2,
               "checkpoint_every": 2, "penalty_estimator": estimator, "penalty_probes": 2,
-              "penalty_steps": 3}
+              "penalty_steps": 3, "penalty_top": 2}
     full = tmp_path / "full" / "m.pt"
     full.parent.mkdir()
     train(tiny(data["2d"], full, **common))
@@ -386,7 +386,8 @@ def test_config_is_checked() -> None:
     for bad in ({"lr": 0.0}, {"max_steps": 0}, {"alpha": 2.5}, {"val_fraction": 1.0},
                 {"kind": "4d"}, {"unroll": -1}, {"time_budget_s": 0.0},
                 {"penalty_estimator": "exact"}, {"penalty_probes": 0},
-                {"penalty_estimator": "power", "stage": "denoise"}):
+                {"penalty_estimator": "power", "stage": "denoise"}, {"penalty_top": 0},
+                {"penalty_estimator": "lanczos", "penalty_steps": 2, "penalty_top": 3}):
         with pytest.raises(ConfigError):
             TrainConfig(data="d", out="m.pt", **bad)  # type: ignore[arg-type]
 

@@ -20,7 +20,7 @@ from .patches import PatchSpec
 
 Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
-PenaltyEstimator = Literal["ratio", "power", "sample"]
+PenaltyEstimator = Literal["ratio", "power", "sample", "lanczos"]
 STAGES: tuple[str, ...] = ("deq", "denoise")
 #: Initial λ of a run that neither gives one nor starts from a checkpoint.
 DEFAULT_LAM = 100.0
@@ -51,7 +51,9 @@ class TrainConfig:
                       points of penalty_probes fixed training problems, penalty_steps power
                       iterations per visit carried from step to step: :mod:`.probes`) or
                       "sample" (the Jacobian norm at each training sample's own whole fixed
-                      point, penalty_steps power iterations from white noise every time)
+                      point, penalty_steps power iterations from white noise every time) or
+                      "lanczos" (there, the penalty_top largest singular values of the
+                      Jacobian by penalty_steps Lanczos steps, each through the barrier)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
     gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward
                       solve) or "jfb" (Jacobian-free: the gradient through one step at x*)
@@ -110,6 +112,7 @@ class TrainConfig:
     penalty_crop: int | None = 96
     penalty_estimator: PenaltyEstimator = "ratio"
     penalty_probes: int = 4
+    penalty_top: int = 1
     batch_size: int = 1
     max_steps: int = 1000
     time_budget_s: float | None = None
@@ -169,12 +172,19 @@ class TrainConfig:
             raise ConfigError(f"penalty_steps must be an integer >= 0, got {self.penalty_steps!r}")
         if self.penalty_crop is not None and self.penalty_crop < 8:
             raise ConfigError(f"penalty_crop must be at least 8 pixels, got {self.penalty_crop}")
-        if self.penalty_estimator not in ("ratio", "power", "sample"):
-            raise ConfigError("penalty_estimator must be 'ratio', 'power' or 'sample', got "
+        if self.penalty_estimator not in ("ratio", "power", "sample", "lanczos"):
+            raise ConfigError("penalty_estimator must be 'ratio', 'power', 'sample' or "
+                              "'lanczos', got "
                               f"{self.penalty_estimator!r}")
         if isinstance(self.penalty_probes, bool) or not isinstance(self.penalty_probes, int) \
                 or self.penalty_probes < 1:
             raise ConfigError(f"penalty_probes must be an integer >= 1, got {self.penalty_probes!r}")
+        if isinstance(self.penalty_top, bool) or not isinstance(self.penalty_top, int) \
+                or self.penalty_top < 1:
+            raise ConfigError(f"penalty_top must be an integer >= 1, got {self.penalty_top!r}")
+        if self.penalty_estimator == "lanczos" and self.penalty_top > self.penalty_steps:
+            raise ConfigError("penalty_top cannot exceed penalty_steps (the Lanczos steps give "
+                              "at most that many Ritz values)")
         if self.penalty_estimator == "power" and self.stage == "denoise":
             raise ConfigError("penalty_estimator 'power' measures H at MOL fixed points: it "
                               "needs the deep-equilibrium stage (stage 0 uses 'ratio')")

@@ -28,7 +28,8 @@ from ..errors import CheckpointError
 from ..models.bundled import resolve_weights
 from ..models.checkpoint import load_checkpoint
 from ..models.cnn import CNNConfig, MolCNN
-from ..models.lipschitz import local_lipschitz_ratio, tracked_jacobian_norm
+from ..models.lipschitz import (lanczos_jacobian_norm, local_lipschitz_ratio,
+                                tracked_jacobian_norm)
 from ..problem import Problem
 from .config import DEFAULT_LAM, Loss, TrainConfig
 from .data import FolderDataset, make_problem
@@ -232,14 +233,21 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
 
     "ratio": the adversarial ratio search of ``penalty_steps`` steps. "sample": the Jacobian
     norm ‖J v‖ after ``penalty_steps`` power iterations from white noise, at the point itself
-    (every training sample's own fixed point, or a stage-0 patch). Both read below the
-    converged norm (``benchmarks/bench_lipschitz_estimates.py``), the power iteration by
-    less; neither keeps state between steps, so a resumed run repeats them exactly."""
+    (every training sample's own fixed point, or a stage-0 patch). "lanczos": the
+    ``penalty_top`` largest singular values of the Jacobian there by ``penalty_steps``
+    Lanczos steps, each through the barrier. The ratio search and a short power iteration
+    read below the converged norm (``benchmarks/bench_lipschitz_estimates.py``); Lanczos
+    reads it. None keeps state between steps, so a resumed run repeats them exactly."""
     if not (config.constraint == "lr" and config.penalty_weight > 0
-            and config.penalty_estimator in ("ratio", "sample")
+            and config.penalty_estimator in ("ratio", "sample", "lanczos")
             and s % config.penalty_every == 0):
         return None
     gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
+    if config.penalty_estimator == "lanczos":
+        values, _ = lanczos_jacobian_norm(cnn, point(), iters=config.penalty_steps,
+                                          top=config.penalty_top, generator=gen)
+        out.lipschitz.append(float(values.detach().max()))
+        return config.penalty_weight * sum(_penalty(v, config.penalty_threshold) for v in values)
     if config.penalty_estimator == "sample":
         lip, _ = tracked_jacobian_norm(cnn, point(), None, iters=config.penalty_steps,
                                        generator=gen)
