@@ -114,6 +114,10 @@ def check_lipschitz_cmd(
                             "--power-iters.")] = 1e-4,
     ratio_steps: Annotated[int, typer.Option(
         "--ratio-steps", help="Ascent steps of the ratio search per point.")] = 10,
+    lanczos_steps: Annotated[int, typer.Option(
+        "--lanczos-steps", help="Lanczos steps on JᵀJ per point (0: none); reads the top of "
+                                "a crowded spectrum where the power iteration still "
+                                "climbs.")] = 30,
     tol: Annotated[float, typer.Option(
         "--tol", help="Fixed-point tolerance ‖T(x)−x‖/‖x‖ of the MOL solves.")] = 1e-5,
     max_iter: Annotated[int, typer.Option("--max-iter", help="Fixed-point iteration cap.")] = 200,
@@ -144,6 +148,7 @@ def check_lipschitz_cmd(
     check_option(power_iters >= 1, "must be at least 1", "--power-iters")
     check_option(0.0 <= power_tol < 1.0, "must lie in [0, 1)", "--power-tol")
     check_option(ratio_steps >= 0, "must be >= 0", "--ratio-steps")
+    check_option(lanczos_steps >= 0, "must be >= 0", "--lanczos-steps")
     check_option(0.0 < tol < 1.0, "must lie in (0, 1)", "--tol")
     check_option(max_iter >= 1, "must be at least 1", "--max-iter")
     choice(device, _DEVICES, "--device")
@@ -151,7 +156,7 @@ def check_lipschitz_cmd(
         from ..guarantees import CheckConfig, check_lipschitz
 
         config = CheckConfig(power_iters=power_iters, power_tol=power_tol or None,
-                             ratio_steps=ratio_steps, tol=tol,
+                             ratio_steps=ratio_steps, lanczos_steps=lanczos_steps, tol=tol,
                              max_iter=max_iter, uniqueness=uniqueness, size=size_t, seed=seed)
         loaded, problems = _model_and_problems(model, data, device, points, double, full=full)
         with _live(f"measuring the prior at {len(problems)} MOL problem(s)") as say:
@@ -246,6 +251,11 @@ def _print_check(r: LipschitzReport) -> None:
         t.add_row("power iterations", f"{min(its)}–{max(its)}", state)
     t.add_row("local ratio search", f"{ra.min:.4f} / {ra.median:.4f} / {ra.max:.4f}",
               "min/med/max")
+    lz = r.local.lanczos
+    if lz is not None:
+        steps = r.local.points[0].lanczos_steps
+        t.add_row("local Lanczos ‖J_H(x*)‖", f"{lz.min:.4f} / {lz.median:.4f} / {lz.max:.4f}",
+                  f"min/med/max, {steps} steps")
     fallback = sum(p.point != "fixed point" for p in r.local.points)
     if fallback:
         t.add_row("points not at a fixed point", str(fallback), "CG-SENSE used")

@@ -192,8 +192,8 @@ def _estimates_at_fixed_points(model: MolCNN, mol_cfg: MolConfig, problems: Sequ
         say(f"local estimates: point {i + 1}/{total} ({labels[i][0]}, slice {labels[i][1]})")
 
     est = local_estimates(model, points, labels=labels, power_iters=cfg.power_iters,
-                          power_tol=cfg.power_tol,
-                          ratio_steps=cfg.ratio_steps, seed=cfg.seed, on_point=on_point)
+                          power_tol=cfg.power_tol, ratio_steps=cfg.ratio_steps,
+                          lanczos_steps=cfg.lanczos_steps, seed=cfg.seed, on_point=on_point)
     est = LocalEstimates(tuple(replace(p, residual=f[0], iterations=f[1], converged=f[2])
                                for p, f in zip(est.points, facts)))
     return est, op_norm

@@ -245,6 +245,8 @@ class CheckConfig:
     power_tol         stop a power iteration when it rose by less than this (relative)
                       over 10 iterations; None: exactly ``power_iters``
     ratio_steps       ascent steps of the ratio search per point
+    lanczos_steps     Lanczos steps on JᵀJ per point (0: none); the local estimate is the
+                      largest of the power iteration, the ratio search and Lanczos
     tol, max_iter     MOL fixed-point solve: relative residual ‖T(x) − x‖/‖x‖ ≤ tol
     norm_iters        power iterations on AᴴA for ‖A‖
     uniqueness        also solve from every start in ``START_NAMES`` and compare
@@ -256,6 +258,7 @@ class CheckConfig:
     power_iters: int = 300
     power_tol: float | None = 1e-4
     ratio_steps: int = 10
+    lanczos_steps: int = 30
     tol: float = 1e-5
     max_iter: int = 200
     norm_iters: int = 30
@@ -272,6 +275,9 @@ class CheckConfig:
         if isinstance(self.ratio_steps, bool) or not isinstance(self.ratio_steps, int) \
                 or self.ratio_steps < 0:
             raise ConfigError(f"ratio_steps must be an integer >= 0, got {self.ratio_steps!r}")
+        if isinstance(self.lanczos_steps, bool) or not isinstance(self.lanczos_steps, int) \
+                or self.lanczos_steps < 0:
+            raise ConfigError(f"lanczos_steps must be an integer >= 0, got {self.lanczos_steps!r}")
         if not (isinstance(self.tol, (int, float)) and 0.0 < self.tol < 1.0):
             raise ConfigError(f"tol must lie in (0, 1), got {self.tol!r}")
         _check_power_tol(self.power_tol)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as nnf
 
 from ..errors import ConfigError
-from .lipschitz import jacobian_norm, local_lipschitz_ratio
+from .lipschitz import jacobian_norm, lanczos_jacobian_norm, local_lipschitz_ratio
 from .spectral import layer_bounds
 
 if TYPE_CHECKING:
@@ -129,19 +129,26 @@ class PointEstimate:
     converged: bool | None = None
     power_iterations: int | None = None
     power_converged: bool | None = None
+    #: ‖J v‖ of the top Ritz vector after ``lanczos_steps`` Lanczos steps (None: not run).
+    lanczos: float | None = None
+    lanczos_steps: int | None = None
 
     @property
     def max(self) -> float:
-        """The larger estimate; a non-finite one (overflow) counts as infinite."""
-        vals = [v if math.isfinite(v) else math.inf for v in (self.power, self.ratio)]
-        return max(vals)
+        """The largest estimate; a non-finite one (overflow) counts as infinite. Every one is
+        ‖H(u) − H(v)‖/‖u − v‖ or ‖J v‖ for some u, v, so each, and their maximum, is a lower
+        bound of the local Lipschitz constant."""
+        est = [self.power, self.ratio] + ([] if self.lanczos is None else [self.lanczos])
+        return max(v if math.isfinite(v) else math.inf for v in est)
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "item": self.item, "point": self.point,
                 "power": finite_or_none(self.power), "ratio": finite_or_none(self.ratio),
                 "fixed_point_residual": finite_or_none(self.residual), "iterations": self.iterations,
                 "converged": self.converged, "power_iterations": self.power_iterations,
-                "power_converged": self.power_converged}
+                "power_converged": self.power_converged,
+                "lanczos": None if self.lanczos is None else finite_or_none(self.lanczos),
+                "lanczos_steps": self.lanczos_steps}
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,11 @@ class LocalEstimates:
         return Summary(tuple(p.ratio for p in self.points))
 
     @property
+    def lanczos(self) -> Summary | None:
+        vals = [p.lanczos for p in self.points]
+        return None if any(v is None for v in vals) else Summary(tuple(vals))  # type: ignore[arg-type]
+
+    @property
     def max(self) -> float:
         return max(p.max for p in self.points)
 
@@ -169,8 +181,10 @@ class LocalEstimates:
         return None if any(f is None for f in flags) else all(flags)
 
     def as_dict(self) -> dict[str, Any]:
+        lz = self.lanczos
         return {"max": finite_or_none(self.max), "power": self.power.as_dict(),
-                "ratio": self.ratio.as_dict(), "points": [p.as_dict() for p in self.points]}
+                "ratio": self.ratio.as_dict(), "lanczos": None if lz is None else lz.as_dict(),
+                "points": [p.as_dict() for p in self.points]}
 
 
 def global_bound(model: MolCNN, *, size: Sequence[int] | None = None, layer_iters: int = 50,
@@ -230,13 +244,15 @@ def layer_norms_at_size(model: MolCNN, size: Sequence[int], *, iters: int = 50,
 def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
                     labels: Sequence[tuple[str, int, str]] | None = None,
                     power_iters: int = 20, power_tol: float | None = None,
-                    ratio_steps: int = 10, seed: int = 0,
+                    ratio_steps: int = 10, lanczos_steps: int = 0, seed: int = 0,
                     on_point: Callable[[int], None] | None = None) -> LocalEstimates:
     """Power-iteration and ratio-search estimates at every item of every tensor in ``points``.
 
     ``power_tol``: run each power iteration until it rises by less than this (relative) over
     10 iterations, at most ``power_iters`` (:func:`~molrecon.models.lipschitz.jacobian_norm`);
-    None: exactly ``power_iters`` iterations.
+    None: exactly ``power_iters`` iterations. ``lanczos_steps`` > 0 adds the Lanczos estimate
+    of :func:`~molrecon.models.lipschitz.lanczos_jacobian_norm` with that many steps, which
+    reads the top of a crowded spectrum where the power iteration still climbs.
 
     ``points``: complex ``(B, D, Y, X)`` tensors; ``labels``: (source, item,
     point kind) per item, in order (default: ("", index, "point")). ``on_point(i)`` is
@@ -259,11 +275,16 @@ def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
         power = jacobian_norm(prior, x, max_iters=power_iters, rtol=power_tol, generator=gen)
         with torch.no_grad():
             ratio_t, _ = local_lipschitz_ratio(prior, x, steps=ratio_steps, generator=gen)
+        lanczos = None
+        if lanczos_steps > 0:
+            values, _ = lanczos_jacobian_norm(prior, x, iters=lanczos_steps, generator=gen)
+            lanczos = float(values.detach().max())
         src, item, kind = labels[n] if labels is not None else ("", n, "point")
         out.append(PointEstimate(source=src, item=item, point=kind, power=power.value,
                                  ratio=float(ratio_t), power_iterations=power.iterations,
                                  power_converged=power.converged if power_tol is not None
-                                 else None))
+                                 else None, lanczos=lanczos,
+                                 lanczos_steps=lanczos_steps if lanczos_steps > 0 else None))
     return LocalEstimates(tuple(out))
 
 

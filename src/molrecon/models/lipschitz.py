@@ -276,7 +276,7 @@ def lanczos_jacobian_norm(prior: Prior, x: torch.Tensor, *, iters: int = 20, top
             tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
         _, vecs = torch.linalg.eigh(tri)                  # ascending
         n = min(top, k)
-        stack = torch.stack(basis[:k])                    # (k, D, Y, X, 2) … with batch 1
+        stack = torch.stack(basis[:k])                    # (k, 1, D, Y, X, 2)
         ritz = []
         for i in range(n):
             s = vecs[:, k - 1 - i].to(stack.dtype)
@@ -286,4 +286,4 @@ def lanczos_jacobian_norm(prior: Prior, x: torch.Tensor, *, iters: int = 20, top
         for v in ritz:
             (jv,) = torch.autograd.grad(jt_u, u, v, create_graph=True)    # J v, H-differentiable
             values.append(torch.linalg.vector_norm(jv))
-    return torch.stack(values), torch.stack(ritz).detach()
+    return torch.stack(values), torch.cat(ritz).detach()              # (top,), (top, D, Y, X, 2)
