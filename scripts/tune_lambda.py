@@ -9,8 +9,9 @@ mean PSNR/SSIM and iterations per λ beside CG-SENSE, and with ``--out`` writes
 the checkpoint again with the λ of the best mean PSNR (weights, certificate and
 kinds unchanged; the table is kept in the metadata under ``lambda_tuning``).
 ``--output-scale c`` first multiplies the prior's last layer by c, i.e. H → cH,
-which divides every Lipschitz constant of H by 1/c: for a prior whose local
-estimate at the data (``molrecon check-lipschitz``) is not below 1.
+which multiplies every Lipschitz constant of H by c: below 1 for a prior whose local
+estimate at the data (``molrecon check-lipschitz``) is not below 1, above 1 to compare
+a prior held well below the bound with others at the same bound.
 
     python scripts/tune_lambda.py runs/s0lr/s0lr.pt --val-data runs/data2d_val \
         --lams 30,60,90,150,250 -R 4,6 --out runs/s0lr/tuned.pt
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--output-scale", type=float, default=1.0,
                     help="multiply the prior's last layer (weights and bias) by this factor first: "
-                         "H → cH lowers every Lipschitz constant by c (for a prior whose local "
-                         "estimate at the data is not below 1)")
+                         "H → cH multiplies every Lipschitz constant by c (c < 1 for a prior "
+                         "whose local estimate at the data is not below 1; c > 1 to compare a "
+                         "prior held well below it at the same bound)")
     ap.add_argument("--out", type=Path, help="write the checkpoint with the best λ here")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)
-    if not 0.0 < args.output_scale <= 1.0:
-        print("error: --output-scale must lie in (0, 1]", file=sys.stderr)
+    if not (0.0 < args.output_scale < float("inf")):
+        print("error: --output-scale must be positive and finite", file=sys.stderr)
         return 2
     if args.output_scale != 1.0:
         last = loaded.model.convs[-1]
