@@ -67,6 +67,14 @@ def _linearised(prior: Prior, x: torch.Tensor
     return xr, y, u, jt_u
 
 
+def _jtj(xr: torch.Tensor, y: torch.Tensor, u: torch.Tensor, jt_u: torch.Tensor,
+         v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J v, Jᵀ J v) for the linearisation of :func:`_linearised` (no graph kept for H)."""
+    (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+    (w,) = torch.autograd.grad(y, xr, jv.detach(), retain_graph=True)
+    return jv, w
+
+
 @dataclass(frozen=True)
 class PowerEstimate:
     """The Jacobian-norm estimate of :func:`jacobian_norm`: its value (the largest over
@@ -212,8 +220,7 @@ def tracked_jacobian_norm(prior: Prior, x: torch.Tensor, v: torch.Tensor | None,
             v = torch.view_as_real(_complex_noise(x, generator)).clone()
         v = (v / _item_norm(v).clamp_min(torch.finfo(v.dtype).tiny)).to(xr)
         for _ in range(iters):
-            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
-            (w,) = torch.autograd.grad(y, xr, jv.detach(), retain_graph=True)
+            _, w = _jtj(xr, y, u, jt_u, v)
             norm_w = _item_norm(w)
             if not bool(norm_w.max() > 0):
                 break
@@ -248,18 +255,13 @@ def lanczos_jacobian_norm(prior: Prior, x: torch.Tensor, *, iters: int = 20, top
     with torch.enable_grad():
         xr, y, u, jt_u = _linearised(prior, x)
 
-        def jtj(v: torch.Tensor) -> torch.Tensor:
-            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
-            (w,) = torch.autograd.grad(y, xr, jv.detach(), retain_graph=True)
-            return w.detach()
-
         q = torch.view_as_real(_complex_noise(x, generator)).clone().to(xr)
         basis = [q / torch.linalg.vector_norm(q)]
         alphas: list[float] = []
         betas: list[float] = []
         tiny = torch.finfo(xr.dtype).eps
         for _ in range(iters):
-            w = jtj(basis[-1])
+            w = _jtj(xr, y, u, jt_u, basis[-1])[1].detach()
             alphas.append(float(torch.sum(w * basis[-1])))
             for _pass in range(2):                        # full reorthogonalisation, twice
                 for b in basis:
