@@ -291,6 +291,33 @@ def test_attack_reaches_analytic_worst_case_of_linear_prior(tmp_path: Path) -> N
     assert d["mol"][0]["eps"] == 0.01 and d["unrolled"][0]["network"] == "unrolled-3"
 
 
+def test_robustness_local_basis_takes_the_larger_of_power_and_lanczos(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncertified prior (½·relu: bound 1.58, Lip ½): the bounds rest on the local estimate,
+    the larger of the power iteration and Lanczos. A power iteration made to read low (0.1)
+    is overruled by Lanczos, which reads the true ½; without Lanczos the low value stands."""
+    import importlib
+
+    from molrecon.models.lipschitz import PowerEstimate
+
+    rob = importlib.import_module("molrecon.guarantees.robustness")   # the module, not the function
+
+    def low(*args: object, **kwargs: object) -> PowerEstimate:
+        return PowerEstimate(value=0.1, iterations=1, converged=False)
+
+    monkeypatch.setattr(rob, "jacobian_norm", low)
+    loaded = as_loaded(tmp_path, half_relu_model())
+    prob = tiny_problem(8, 8, coils=2, step=3, acs=2)
+    base = dict(eps=(0.01,), steps=1, unrolled_k=0)
+    with_lz = robustness(loaded, [prob], RobustnessConfig(**base, lanczos_steps=10))
+    assert with_lz.bounds.basis == "local"
+    assert with_lz.bounds.lipschitz == pytest.approx(0.5, rel=1e-4)
+    without = robustness(loaded, [prob], RobustnessConfig(**base, lanczos_steps=0))
+    assert without.bounds.lipschitz == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="lanczos_steps"):
+        RobustnessConfig(lanczos_steps=-1)
+
+
 # ------------------------------------------------------------------------------ misc
 
 

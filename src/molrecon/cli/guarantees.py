@@ -318,6 +318,10 @@ def robustness_cmd(
         "--unrolled-k", help="Steps K of the unrolled comparison network (0: none).")] = 10,
     points: Annotated[int, typer.Option(
         "--points", help="Slices attacked (spread over the scan).")] = 1,
+    lanczos_steps: Annotated[int, typer.Option(
+        "--lanczos-steps", help="Lanczos steps on JᵀJ at each fixed point (0: none); the local "
+                                "Lipschitz estimate behind the bounds is the larger of it and "
+                                "the power iteration.")] = 30,
     double: Annotated[bool, typer.Option("--double", help="Compute in double precision.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial perturbation.")] = 0,
@@ -338,6 +342,7 @@ def robustness_cmd(
     check_option(steps >= 0, "must be >= 0", "--steps")
     check_option(unrolled_k >= 0, "must be >= 0", "--unrolled-k")
     check_option(points >= 1, "must be at least 1", "--points")
+    check_option(lanczos_steps >= 0, "must be >= 0", "--lanczos-steps")
     choice(device, _DEVICES, "--device")
     if data_arg is not None and data:
         raise bad_option("give the scan once: --data FILE (or FILE after MODEL, not both)",
@@ -346,7 +351,8 @@ def robustness_cmd(
     with user_errors(debug):
         from ..guarantees import RobustnessConfig, robustness
 
-        config = RobustnessConfig(eps=eps_t, steps=steps, unrolled_k=unrolled_k, seed=seed)
+        config = RobustnessConfig(eps=eps_t, steps=steps, unrolled_k=unrolled_k,
+                                  lanczos_steps=lanczos_steps, seed=seed)
         loaded, problems = _model_and_problems(model, files, device, points, double, full=full)
         with _live(f"attacking the measurements: {len(eps_t)} size(s) × {steps} ascent "
                    "steps") as say:

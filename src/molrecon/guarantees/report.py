@@ -301,6 +301,9 @@ class RobustnessConfig:
     max_iter     cap of each forward and backward solve
     power_iters  most power iterations for the local Lipschitz estimate at the fixed point
     power_tol    its stopping rule (as in :class:`CheckConfig`)
+    lanczos_steps Lanczos steps on JᵀJ at each fixed point (0: none); the local estimate
+                 is the larger of the two (both are lower bounds; Lanczos reads the top of
+                 a crowded spectrum that the power iteration approaches slowly)
     norm_iters   power iterations on AᴴA for ‖A‖
     seed         seed of the initial perturbation
     """
@@ -314,6 +317,7 @@ class RobustnessConfig:
     max_iter: int = 200
     power_iters: int = 300
     power_tol: float | None = 1e-4
+    lanczos_steps: int = 30
     norm_iters: int = 30
     seed: int = 0
 
@@ -323,7 +327,7 @@ class RobustnessConfig:
             raise ConfigError(f"eps must be positive numbers, got {self.eps!r}")
         if len(set(self.eps)) != len(self.eps):
             raise ConfigError(f"eps values must differ, got {self.eps!r}")
-        for name in ("steps", "unrolled_k"):
+        for name in ("steps", "unrolled_k", "lanczos_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")

@@ -22,7 +22,7 @@ from ..deq.implicit import deq_solve, unrolled
 from ..deq.mol import support_of
 from ..errors import ConfigError
 from ..models.certificate import global_bound, prior_in_precision, seeded_generator
-from ..models.lipschitz import jacobian_norm
+from ..models.lipschitz import jacobian_norm, lanczos_jacobian_norm
 from .problems import (
     _bcast,
     _complex_noise,
@@ -108,7 +108,8 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
     MOL: the equilibrium of (1), differentiated implicitly. Unrolled: K MOL
     steps from the zero-filled image Aᴴb, differentiated through the steps.
     The bounds use m from the certificate when it is < 1, else from the local
-    power estimate at the fixed points (then they are estimates). ``progress`` receives a
+    estimate at the fixed points, the larger of the power iteration and Lanczos (then they
+    are estimates). ``progress`` receives a
     line per stage as the attack goes (``stage: detail``).
     """
     cfg = RobustnessConfig() if config is None else config
@@ -162,7 +163,8 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
                                list[tuple[float, _Run]]]:
     """Attack one problem at every ε, MOL and (K > 0) unrolled.
 
-    Returns the local power estimates at its finite fixed points, its ‖A‖, and
+    Returns the local estimates (the larger of the power iteration and Lanczos) at its
+    finite fixed points, its ‖A‖, and
     the (ε, run) pairs of MOL and of the unrolled network. Each ε starts from
     the perturbation the previous ε found; the first from one draw of ``gen``.
     """
@@ -182,8 +184,13 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
     for i in range(x_star.shape[0]):
         xi = x_star[i:i + 1]
         if bool(torch.isfinite(torch.view_as_real(xi)).all()):
-            powers.append(jacobian_norm(prior, xi, max_iters=cfg.power_iters,
-                                        rtol=cfg.power_tol, generator=gen).value)
+            value = jacobian_norm(prior, xi, max_iters=cfg.power_iters, rtol=cfg.power_tol,
+                                  generator=gen).value
+            if cfg.lanczos_steps > 0:
+                top, _ = lanczos_jacobian_norm(prior, xi, iters=cfg.lanczos_steps,
+                                               generator=gen)
+                value = max(value, float(top.detach().max()))
+            powers.append(value)
     op_norm = operator_norm(prob.op, iters=cfg.norm_iters, seed=cfg.seed)
     direction = _complex_noise(prob.kspace.shape, prob.dtype, prob.kspace.device, gen)
     d_mol, d_unr = direction, direction
