@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -308,7 +309,7 @@ def test_robustness_local_basis_takes_the_larger_of_power_and_lanczos(
     monkeypatch.setattr(rob, "jacobian_norm", low)
     loaded = as_loaded(tmp_path, half_relu_model())
     prob = tiny_problem(8, 8, coils=2, step=3, acs=2)
-    base = dict(eps=(0.01,), steps=1, unrolled_k=0)
+    base: dict[str, Any] = {"eps": (0.01,), "steps": 1, "unrolled_k": 0}
     with_lz = robustness(loaded, [prob], RobustnessConfig(**base, lanczos_steps=10))
     assert with_lz.bounds.basis == "local"
     assert with_lz.bounds.lipschitz == pytest.approx(0.5, rel=1e-4)
@@ -342,6 +343,11 @@ def test_certificate_for_is_plain_and_stored(tmp_path: Path) -> None:
     # the LoadedModel form gives the same numbers
     again = certificate_for(load_checkpoint(path), [prob.start], power_iters=5, ratio_steps=2)
     assert again["local_power"] == pytest.approx(cert["local_power"], rel=1e-6)
+    # with Lanczos: its values are stored and enter the maximum (Lip = ½ exactly)
+    lz = certificate_for(model, [prob.start], power_iters=1, ratio_steps=0, lanczos_steps=4)
+    assert lz["lanczos_steps"] == 4 and len(lz["local_lanczos"]) == 2
+    assert lz["local_max"] == pytest.approx(0.5, rel=1e-4)
+    assert "local_lanczos" not in cert
     empty = certificate_for(model, [])
     assert empty["points"] == 0 and empty["local_max"] is None
 

@@ -323,7 +323,7 @@ def prior_in_precision(model: MolCNN, dtype: torch.dtype) -> MolCNN:
 def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor], *,
                     data: Sequence[str] = (), power_iters: int = 10,
                     power_tol: float | None = None, ratio_steps: int = 10,
-                    seed: int = 0) -> dict[str, Any]:
+                    lanczos_steps: int = 0, seed: int = 0) -> dict[str, Any]:
     """The plain-dict Lipschitz certificate stored in checkpoints.
 
     ``points``: fixed points (complex ``(B, D, Y, X)``) the local estimates are
@@ -332,7 +332,9 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
     ``layer_bounds``, ``spectral_grid``, ``holds_for_all_image_sizes``,
     ``local_power``, ``local_ratio``, ``local_max``, ``points``, ``data``,
     ``verdict``, ``date`` (:func:`~molrecon.models.save_checkpoint` recomputes
-    the first three from the weights it writes, so they always agree).
+    the first three from the weights it writes, so they always agree); with
+    ``lanczos_steps`` > 0 also ``local_lanczos`` and ``lanczos_steps``, and
+    ``local_max`` includes the Lanczos values.
     """
     model = _as_model(subject)
     gb = global_bound(model)
@@ -350,7 +352,8 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
         model.eval()
         try:
             est = local_estimates(model, usable, power_iters=power_iters, power_tol=power_tol,
-                                  ratio_steps=ratio_steps, seed=seed)
+                                  ratio_steps=ratio_steps, lanczos_steps=lanczos_steps,
+                                  seed=seed)
         finally:
             model.train(was_training)
         verdict, _ = decide(certified_bound=gb.bound, local_max=est.max)
@@ -363,6 +366,9 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
             "points": len(est.points),
             "verdict": verdict,
         })
+        if lanczos_steps > 0:
+            cert["local_lanczos"] = [finite_or_none(p.lanczos) for p in est.points]
+            cert["lanczos_steps"] = lanczos_steps
     else:
         cert.update({"local_power": [], "local_ratio": [], "local_max": None, "points": 0,
                      "verdict": "certified" if gb.certified else None})
