@@ -387,7 +387,8 @@ def test_config_is_checked() -> None:
                 {"kind": "4d"}, {"unroll": -1}, {"time_budget_s": 0.0},
                 {"penalty_estimator": "exact"}, {"penalty_probes": 0},
                 {"penalty_estimator": "power", "stage": "denoise"}, {"penalty_top": 0},
-                {"penalty_estimator": "lanczos", "penalty_steps": 2, "penalty_top": 3}):
+                {"penalty_estimator": "lanczos", "penalty_steps": 2, "penalty_top": 3},
+                {"skip": True, "constraint": "sn"}, {"skip": 1}):
         with pytest.raises(ConfigError):
             TrainConfig(data="d", out="m.pt", **bad)  # type: ignore[arg-type]
 

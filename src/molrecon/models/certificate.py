@@ -194,7 +194,7 @@ def global_bound(model: MolCNN, *, size: Sequence[int] | None = None, layer_iter
     measured = None
     if size is not None:
         measured = layer_norms_at_size(model, size, iters=layer_iters, seed=seed)
-    return GlobalBound(bound=math.prod(bounds), layer_bounds=bounds,
+    return GlobalBound(bound=model.bound_from(bounds), layer_bounds=bounds,
                        spectral_grid=int(model.spectral_grid), constraint=model.constraint,
                        lipschitz_target=float(model.lipschitz_target),
                        size=None if size is None else tuple(int(s) for s in size),

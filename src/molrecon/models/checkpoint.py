@@ -140,7 +140,7 @@ def save_checkpoint(
         raise ConfigError(f"a {dims}D model applies to kinds {allowed}, got {kind_list}")
     bounds = layer_bounds(model)
     cert.update({
-        "certified_bound": math.prod(bounds),
+        "certified_bound": model.bound_from(bounds),
         "layer_bounds": bounds,
         "spectral_grid": model.spectral_grid,
     })

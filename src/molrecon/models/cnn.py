@@ -5,6 +5,12 @@ Architecture (MOL reference, 2D): ``layers`` zero-padded convolutions with
 the last, biases, no normalisation, no skip connection (the residual lives in
 F = I − H, not inside H). The 5 × 64, 3×3 network has 113 154 parameters.
 
+``skip=True`` (MOL-LR only) adds an identity path around the network,
+H(x) = x + N(x): the network then learns the correction −F(x) rather than the
+whole image, as residual denoisers do, and a freshly built model (last layer
+zero) is exactly the identity. Its global bound is 1 + Π‖W_i‖ ≥ 1, so it can never be
+certified: contractivity rests on the LR penalty, as for the plain LR network.
+
 Complex ↔ real happens only here: an image ``(B, D, Y, X)`` complex becomes
 two real channels (real, imaginary). This map is an isometry, so the
 Lipschitz constant of H on complex images is that of the real network.
@@ -44,6 +50,7 @@ edit.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
@@ -71,6 +78,7 @@ class CNNConfig:
     channels: int = 64
     kernel: int = 3
     bias: bool = True
+    skip: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.dims, bool) or not isinstance(self.dims, int) or self.dims not in (2, 3):
@@ -85,6 +93,8 @@ class CNNConfig:
             raise ConfigError(f"kernel must be a positive odd integer, got {self.kernel!r}")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias must be a bool, got {self.bias!r}")
+        if not isinstance(self.skip, bool):
+            raise ConfigError(f"skip must be a bool, got {self.skip!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,8 +102,10 @@ class CNNConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CNNConfig:
         expected = {"dims", "layers", "channels", "kernel", "bias"}
-        if set(data) != expected:
-            raise ConfigError(f"architecture keys must be {sorted(expected)}, got {sorted(data)}")
+        optional = {"skip"}                    # absent in checkpoints from before it existed
+        if not expected <= set(data) <= expected | optional:
+            raise ConfigError(f"architecture keys must be {sorted(expected)} (and optionally "
+                              f"{sorted(optional)}), got {sorted(data)}")
         return cls(**data)
 
     def channel_plan(self) -> list[tuple[int, int]]:
@@ -137,6 +149,9 @@ class MolCNN(nn.Module):
         if not 0.0 < target < float("inf"):                  # also refuses NaN
             raise ConfigError("lipschitz_target must be positive and finite, "
                               f"got {lipschitz_target!r}")
+        if self.config.skip and constraint == "sn":
+            raise ConfigError("an identity skip cannot be spectrally normalised to a bound "
+                              "below 1 (the skip alone has norm 1): use it with constraint 'lr'")
         self.constraint: Constraint = constraint
         self.lipschitz_target = target
         grid = default_grid(self.config.dims) if spectral_grid is None else spectral_grid
@@ -188,6 +203,11 @@ class MolCNN(nn.Module):
         """Certified bound of every layer's free weights (differentiable), shape () each."""
         return [bound_at(w, self._grid_maximum(i, w)) for i, w in enumerate(self.raw_weights())]
 
+    def bound_from(self, layer_bounds: list[float] | tuple[float, ...]) -> float:
+        """The global Lipschitz bound from per-layer bounds: their product (ReLU is
+        1-Lipschitz), plus 1 with the identity skip (Lip(x + N(x)) ≤ 1 + Lip(N))."""
+        return math.prod(layer_bounds) + (1.0 if self.config.skip else 0.0)
+
     def effective_weights(self) -> list[torch.Tensor]:
         """The kernels the forward pass uses (rescaled for "sn", as stored for "lr")."""
         weights = self.raw_weights()
@@ -225,10 +245,12 @@ class MolCNN(nn.Module):
             h = h.reshape(b, d, 2, y, xx).permute(0, 1, 3, 4, 2)        # (B, D, Y, X, 2)
         else:
             h = h.permute(0, 2, 3, 4, 1)                                # (B, D, Y, X, 2)
+        if self.config.skip:
+            h = h + r                                                   # H(x) = x + N(x)
         return torch.view_as_complex(h.contiguous()).to(x.dtype)        # (B, D, Y, X)
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"dims={c.dims}, layers={c.layers}, channels={c.channels}, kernel={c.kernel}, "
-                f"constraint={self.constraint!r}, lipschitz_target={self.lipschitz_target}, "
+                f"skip={c.skip}, constraint={self.constraint!r}, lipschitz_target={self.lipschitz_target}, "
                 f"spectral_grid={self.spectral_grid}")

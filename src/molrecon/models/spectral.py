@@ -252,6 +252,9 @@ def certified_bound(model: HasEffectiveWeights, *, grid: int | None = None) -> f
 
     ReLU is 1-Lipschitz and biases do not change Lipschitz constants, so the
     product of certified per-layer operator-norm bounds bounds ‖H(x) − H(y)‖/‖x − y‖
-    for all x ≠ y of any size.
+    for all x ≠ y of any size. A network with an identity skip adds 1 (its own
+    ``bound_from``).
     """
-    return math.prod(layer_bounds(model, grid=grid))
+    bounds = layer_bounds(model, grid=grid)
+    bound_from = getattr(model, "bound_from", None)
+    return float(bound_from(bounds)) if bound_from is not None else math.prod(bounds)

@@ -35,6 +35,7 @@ class TrainConfig:
     data, out         folder of fully sampled raw scans; the model file (.pt)
     kind              "2d" | "3d" | "2dt", or None to take it from the data
     constraint        "sn" (certified spectral normalisation) | "lr" (Lipschitz penalty)
+    skip              LR: the identity path around the network, H(x) = x + N(x)
     spectral_grid     SN: frequency grid per axis of the certified layer bounds (None: default)
     mask              retrospective masks (family, R, ACS)
     extra_noise       std of extra complex noise added to the normalised k-space
@@ -79,7 +80,7 @@ class TrainConfig:
                       (:func:`resume_changes`), else the run is refused, unless
                       ``override`` (then the new values apply; a changed lr or lam_lr
                       replaces the saved learning rates). The network's options
-                      (constraint, layers, channels, lipschitz_target, spectral_grid,
+                      (constraint, layers, channels, skip, lipschitz_target, spectral_grid,
                       stage) can never change on resume.
     """
 
@@ -91,6 +92,7 @@ class TrainConfig:
     spectral_grid: int | None = None
     layers: int = 5
     channels: int = 64
+    skip: bool = False
     mask: MaskSpec = field(default_factory=MaskSpec)
     extra_noise: float = 0.0
     loss: Loss = "mse"
@@ -142,6 +144,11 @@ class TrainConfig:
             raise ConfigError(f"--stage must be deq or denoise, got {self.stage!r}")
         if self.constraint not in ("sn", "lr"):
             raise ConfigError(f"--constraint must be sn or lr, got {self.constraint!r}")
+        if not isinstance(self.skip, bool):
+            raise ConfigError(f"skip must be a bool, got {self.skip!r}")
+        if self.skip and self.constraint == "sn":
+            raise ConfigError("--skip needs --constraint lr: an identity path cannot be "
+                              "spectrally normalised below 1")
         if self.loss not in ("mse", "mse_mag", "l1"):
             raise ConfigError(f"--loss must be mse, mse_mag or l1, got {self.loss!r}")
         if self.readout_block is not None and (isinstance(self.readout_block, bool) or not
@@ -240,7 +247,7 @@ def _plain(obj: Any) -> Any:
 OPTION_NAMES: dict[str, str] = {
     "data": "--data", "val_data": "--val-data", "kind": "--dims", "constraint": "--constraint",
     "lipschitz_target": "--lipschitz-target", "spectral_grid": "--spectral-grid",
-    "layers": "--layers", "channels": "--channels", "mask.family": "--mask",
+    "layers": "--layers", "channels": "--channels", "skip": "--skip", "mask.family": "--mask",
     "mask.accelerations": "-R", "mask.acs": "--acs", "extra_noise": "--noise",
     "loss": "--loss", "lr": "--lr", "lam_lr": "--lam-lr", "lam_init": "--lam",
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
@@ -261,7 +268,7 @@ RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "chec
                          "max_skips", "device", "resume", "force", "override", "init_weights",
                          "lam_init", "kind"})
 #: Fields that make the network what it is: a resume never changes them.
-NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "lipschitz_target",
+NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "skip", "lipschitz_target",
                             "spectral_grid", "stage"})
 
 

@@ -55,14 +55,17 @@ class _StepOutcome:
 # ------------------------------------------------------------------------------- the model
 def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     """The MOL step (prior + learnable λ) on ``device``, and its prior."""
-    cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels),
+    cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels,
+                           skip=config.skip),
                  constraint=config.constraint, lipschitz_target=config.lipschitz_target,
                  spectral_grid=config.spectral_grid)
     lam = DEFAULT_LAM if config.lam_init is None else config.lam_init
     step = MolStep(cnn, MolConfig(alpha=config.alpha, lam=lam,
                                   cg_iters=config.cg_iters, learn_lam=True))
     if not config.init_weights:
-        # H ≡ 0 at the start: the untrained model is the regularised SENSE solution.
+        # Last layer zero: the untrained plain model is H ≡ 0 (the regularised SENSE
+        # solution); with the identity skip it is H = I (F ≡ 0: the prior is silent and
+        # training starts at a monotone operator's boundary).
         last = cnn.convs[-1]
         with torch.no_grad():
             last.weight.zero_()
