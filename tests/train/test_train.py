@@ -171,6 +171,40 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
             assert torch.equal(va, vb)
 
 
+def test_interrupt_during_a_best_save_still_writes_the_best_model(
+        data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the new best model of step 4 is being saved (step 2's is on disk): the
+    interrupt's own save writes step 4's model as the best, so that the best file agrees
+    with the best PSNR the state records (a resumed run only saves models that beat it)."""
+    import importlib
+
+    loop = importlib.import_module("molrecon.train.loop")
+    real_cert, real_eval = loop._certificate, loop.evaluate
+    certs: list[int] = []
+    evals: list[int] = []
+
+    def cert(*args: Any, **kwargs: Any) -> Any:
+        certs.append(1)
+        if len(certs) == 2:                      # the save of step 4's best model
+            raise KeyboardInterrupt
+        return real_cert(*args, **kwargs)
+
+    def rising(*args: Any, **kwargs: Any) -> Any:
+        evals.append(1)
+        return {**real_eval(*args, **kwargs), "val_psnr": 10.0 + len(evals)}   # every one a best
+
+    monkeypatch.setattr(loop, "_certificate", cert)
+    monkeypatch.setattr(loop, "evaluate", rising)
+    out = tmp_path / "m.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data["2d"], out, max_steps=6, val_every=2, checkpoint_every=100))
+    paths = output_paths(out)
+    best = load_checkpoint(paths["best"]).metadata
+    state = torch.load(paths["state"], weights_only=True)
+    assert best["steps"] == 4 == state["steps"]
+    assert state["best"] == best["last_metrics"]["val_psnr"] == 13.0
+
+
 def test_resume_keeps_the_model_of_the_state(data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     train(tiny(data["2d"], out, max_steps=1, spectral_grid=12, val_fraction=0.0))

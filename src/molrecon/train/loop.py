@@ -95,6 +95,7 @@ class _Run:
     elapsed_before: float = 0.0         # wall-clock seconds of the earlier invocations
     s: int = 0                          # steps done
     saved_at: int = -1
+    best_step: int = -1          # the step whose validation set ``best`` (its save may be pending)
     updating: bool = False              # inside the optimiser's step (not to be saved)
     order_epoch: int = -1
     order: np.ndarray = field(default_factory=lambda: np.arange(0))
@@ -308,11 +309,13 @@ def _run_steps(run: _Run) -> None:
                 continue
             _update(run, epoch, outcome, stats, t_step)
         if run.s != run.saved_at and (run.s > run.start_step or not run.paths["best"].exists()):
-            _save_all(run, run.s, run.last_record, False)
+            _save_all(run, run.s, run.last_record, run.best_step == run.s)
             run.saved_at = run.s
     except KeyboardInterrupt:
         if run.dist_info.main and not run.updating and run.s != run.saved_at:
-            _save_all(run, run.s, run.last_record, False)
+            # An interrupt during the save of a new best model must still write it: the
+            # state records that best PSNR, and a resumed run only saves models beating it.
+            _save_all(run, run.s, run.last_record, run.best_step == run.s)
             run.warn(f"interrupted: state saved after step {run.s}; continue with --resume")
         raise
     finally:
@@ -441,6 +444,7 @@ def _validate(run: _Run, rec: dict[str, Any]) -> bool:
     run.best_sense = vm.get("val_sense_psnr")
     if vm["val_psnr"] is not None and vm["val_psnr"] > run.best:
         run.best = float(vm["val_psnr"])
+        run.best_step = s
         return True
     return False
 
