@@ -82,6 +82,7 @@ def main() -> None:
                      "local_ratio": val["local"]["ratio"]["values"],
                      "local_power_iterations": [p["power_iterations"]
                                                 for p in val["local"]["points"]],
+                     "local_lanczos": [p.get("lanczos") for p in val["local"]["points"]],
                      "local_max": val["local"]["max"], "points": len(files),
                      "verdict": val["verdict"], "measured_by": "scripts/bundle_weights.py"})
     cert["at_bundled_example"] = {"data": where, "verdict": rep["verdict"],
@@ -129,17 +130,24 @@ def main() -> None:
     if cert.get("local_max") is not None:
         val_line = (f"* local estimates at the fixed points of {cert.get('points')} validation "
                     f"files ({', '.join(cert.get('data', []))}): max {cert['local_max']:.4f} "
-                    f"(power iteration), verdict there: **{cert.get('verdict')}**\n")
+                    f"(the largest of the converged power iteration, Lanczos and the ratio "
+                    f"search), verdict there: **{cert.get('verdict')}**\n")
     tuning = meta.get("lambda_tuning")
     lam_text = (f"λ = {loaded.mol_config.lam:.4g} (chosen on validation problems by "
                 f"`scripts/tune_lambda.py`"
                 + (f", prior's last layer × {tuning['output_scale']:g}"
                    if tuning.get("output_scale", 1.0) != 1.0 else "") + ")"
                 if isinstance(tuning, dict) else f"trained λ = {loaded.mol_config.lam:.4g}")
+    skip = loaded.model.config.skip
+    lanczos_text = (f", Lanczos {loc['lanczos']['max']:.4f}" if loc.get("lanczos") else "")
+    skip_text = (" around an identity path (H(x) = x + N(x): the network learns the correction)"
+                 if skip else "")
+    bound_text = ("1 + the product of the per-layer spectral bounds, the identity path counting 1"
+                  if skip else "product of the per-layer spectral bounds")
     card = f"""# {args.name}
 
 MOL prior ({'MOL-SN, certified' if loaded.constraint == 'sn' else 'MOL-LR, Lipschitz penalty'}),
-{loaded.model.config.layers} conv layers × {loaded.model.config.channels} channels,
+{loaded.model.config.layers} conv layers × {loaded.model.config.channels} channels{skip_text},
 {'×'.join([str(loaded.model.config.kernel)] * loaded.model.config.dims)} kernels, {loaded.model.config.dims}D.
 Serves data kinds: {', '.join(kinds)}{served_note}.
 
@@ -169,9 +177,9 @@ Command:
 ## Lipschitz certificate (`molrecon check-lipschitz`)
 
 * verdict: **{rep.get('verdict')}**
-* certified global bound (product of the per-layer spectral bounds; holds for every image size): {cb['bound']:.4g} — {'below 1: certified contraction' if cb.get('certified') else 'not below 1: no certificate (the LR penalty acts at training points only)'}
+* certified global bound ({bound_text}; holds for every image size): {cb['bound']:.4g} — {'below 1: certified contraction' if cb.get('certified') else 'not below 1: no certificate (the LR penalty acts at training points only)'}
 * per-layer bounds: {', '.join(f'{v:.4g}' for v in cb['layer_bounds'])}
-* local Lipschitz estimates at the fixed point of {where}: power iteration {loc['power']['max']:.4f}, secant ratio {loc['ratio']['max']:.4f}
+* local Lipschitz estimates at the fixed point of {where}: power iteration {loc['power']['max']:.4f}, secant ratio {loc['ratio']['max']:.4f}{lanczos_text}
 {val_line}
 ```json
 {json.dumps(rep, indent=1, default=str)[:3000]}
