@@ -14,6 +14,7 @@
 #   scripts/campaign_2d.sh stage1i SECS  # stage 1h on blocks of 64 readout positions
 #   scripts/campaign_2d.sh stage0s SECS  # from scratch, the identity-skip network H = x + N(x)
 #   scripts/campaign_2d.sh stage0p SECS  # its control: the plain network, the same recipe
+#   scripts/campaign_2d.sh stage0s-lr2 SECS  # stage 0s resumed at lr 2e-4
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -220,6 +221,8 @@ case "${1:-}" in
   stage1h) stage1h "${2:?seconds}" ;;
   stage1i) stage1i "${2:?seconds}" ;;
   stage0s) stage0ab s0s "${2:?seconds}" --skip ;;
+  # stage 0s went on at lr 2e-4 from step 2,500 (validation 33.03-33.08 dB over steps 1500-2500)
+  stage0s-lr2) stage0ab s0s "${2:?seconds}" --skip --lr 2e-4 --override ;;
   stage0p) stage0ab s0p "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
