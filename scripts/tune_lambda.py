@@ -8,7 +8,8 @@ mask family asked for, masks seeded per problem) for each λ of a grid, prints
 mean PSNR/SSIM and iterations per λ beside CG-SENSE, and with ``--out`` writes
 the checkpoint again with the λ of the best mean PSNR (weights, certificate and
 kinds unchanged; the table is kept in the metadata under ``lambda_tuning``).
-``--output-scale c`` first multiplies the prior's last layer by c, i.e. H → cH,
+``--output-scale c`` first multiplies the prior's output by c (its last layer, and
+the gain of an identity path: :meth:`MolCNN.scale_output`), i.e. H → cH,
 which multiplies every Lipschitz constant of H by c: below 1 for a prior whose local
 estimate at the data (``molrecon check-lipschitz``) is not below 1, above 1 to compare
 a prior held well below the bound with others at the same bound.
@@ -62,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --output-scale must be positive and finite", file=sys.stderr)
         return 2
     if args.output_scale != 1.0:
-        last = loaded.model.convs[-1]
-        with torch.no_grad():
-            last.weight.mul_(args.output_scale)
-            if last.bias is not None:
-                last.bias.mul_(args.output_scale)
+        loaded.model.scale_output(args.output_scale)
     val = load_folder(list_raw_files(args.val_data), None,
                       warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     if not val.samples:

@@ -30,7 +30,8 @@ def test_reference_architecture_parameter_count() -> None:
 
 @pytest.mark.parametrize("kwargs", [
     {"dims": 1}, {"dims": 4}, {"dims": 2.0}, {"layers": 0}, {"channels": 0},
-    {"kernel": 2}, {"kernel": 0}, {"bias": 1}, {"skip": 1},
+    {"kernel": 2}, {"kernel": 0}, {"bias": 1}, {"skip": True}, {"skip": -1.0},
+    {"skip": float("inf")},
 ])
 def test_config_validation(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
@@ -75,24 +76,32 @@ def test_2d_forward_matches_explicit_network(constraint: str) -> None:
 def test_identity_skip_adds_the_input_and_one_to_the_bound(dims: int) -> None:
     torch.manual_seed(3)
     plain = MolCNN(CNNConfig(dims=dims, layers=3, channels=5), "lr").double()
-    skip = MolCNN(CNNConfig(dims=dims, layers=3, channels=5, skip=True), "lr").double()
+    skip = MolCNN(CNNConfig(dims=dims, layers=3, channels=5, skip=1.0), "lr").double()
     skip.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 9, 7, dtype=torch.complex128)
     torch.testing.assert_close(skip(x), x + plain(x), rtol=1e-12, atol=1e-12)
     assert certified_bound(skip) == pytest.approx(1.0 + certified_bound(plain), rel=1e-12)
+    # scaling the output scales the whole of H, the identity path included
+    before = skip(x)
+    skip.scale_output(0.9)
+    assert skip.config.skip == pytest.approx(0.9)
+    torch.testing.assert_close(skip(x), 0.9 * before, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ConfigError):
+        skip.scale_output(0.0)
     # a zero last layer is the identity: Lip = 1 exactly, on the monotone boundary
     with torch.no_grad():
         skip.convs[-1].weight.zero_()
         skip.convs[-1].bias.zero_()
-    torch.testing.assert_close(skip(x), x)
-    assert jacobian_norm(skip, x[:1], max_iters=3, rtol=None).value == pytest.approx(1.0)
+    torch.testing.assert_close(skip(x), 0.9 * x)
+    assert jacobian_norm(skip, x[:1], max_iters=3, rtol=None).value == pytest.approx(0.9)
     with pytest.raises(ConfigError, match="identity skip"):
-        MolCNN(CNNConfig(skip=True), "sn")
+        MolCNN(CNNConfig(skip=1.0), "sn")
     # checkpoints from before the option (no "skip" key) read as plain networks
     keys = CNNConfig().to_dict()
     del keys["skip"]
     assert CNNConfig.from_dict(keys) == CNNConfig()
-    assert CNNConfig.from_dict({**keys, "skip": True}).skip
+    assert CNNConfig.from_dict({**keys, "skip": True}).skip == 1.0    # the first ones: a flag
+    assert CNNConfig.from_dict({**keys, "skip": 0.5}).skip == 0.5
 
 
 def test_2d_model_treats_depth_as_batch_and_3d_model_mixes_it() -> None:

@@ -5,11 +5,13 @@ Architecture (MOL reference, 2D): ``layers`` zero-padded convolutions with
 the last, biases, no normalisation, no skip connection (the residual lives in
 F = I − H, not inside H). The 5 × 64, 3×3 network has 113 154 parameters.
 
-``skip=True`` (MOL-LR only) adds an identity path around the network,
-H(x) = x + N(x): the network then learns the correction −F(x) rather than the
-whole image, as residual denoisers do, and a freshly built model (last layer
-zero) is exactly the identity. Its global bound is 1 + Π‖W_i‖ ≥ 1, so it can never be
-certified: contractivity rests on the LR penalty, as for the plain LR network.
+``skip=s`` > 0 (MOL-LR only) adds an identity path of gain s around the
+network, H(x) = s·x + N(x) (training uses s = 1): the network then learns the
+correction rather than the whole image, as residual denoisers do, and a freshly
+built model (last layer zero) is exactly s·I. Scaling the output by c
+(:meth:`MolCNN.scale_output`) scales s and the last layer together. Its global
+bound is s + Π‖W_i‖, so it is rarely certified: contractivity rests on the LR
+penalty and the local estimates, as for the plain LR network.
 
 Complex ↔ real happens only here: an image ``(B, D, Y, X)`` complex becomes
 two real channels (real, imaginary). This map is an isometry, so the
@@ -52,7 +54,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -78,7 +80,7 @@ class CNNConfig:
     channels: int = 64
     kernel: int = 3
     bias: bool = True
-    skip: bool = False
+    skip: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.dims, bool) or not isinstance(self.dims, int) or self.dims not in (2, 3):
@@ -93,8 +95,10 @@ class CNNConfig:
             raise ConfigError(f"kernel must be a positive odd integer, got {self.kernel!r}")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias must be a bool, got {self.bias!r}")
-        if not isinstance(self.skip, bool):
-            raise ConfigError(f"skip must be a bool, got {self.skip!r}")
+        if (isinstance(self.skip, bool) or not isinstance(self.skip, (int, float))
+                or not 0.0 <= self.skip < math.inf):
+            raise ConfigError(f"skip (the identity path's gain) must be a finite number >= 0, "
+                              f"got {self.skip!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +110,10 @@ class CNNConfig:
         if not expected <= set(data) <= expected | optional:
             raise ConfigError(f"architecture keys must be {sorted(expected)} (and optionally "
                               f"{sorted(optional)}), got {sorted(data)}")
-        return cls(**data)
+        values = dict(data)
+        if isinstance(values.get("skip"), bool):  # the first skip checkpoints stored a flag
+            values["skip"] = 1.0 if values["skip"] else 0.0
+        return cls(**values)
 
     def channel_plan(self) -> list[tuple[int, int]]:
         """(in, out) channels of every layer: 2 → C → … → C → 2."""
@@ -149,7 +156,7 @@ class MolCNN(nn.Module):
         if not 0.0 < target < float("inf"):                  # also refuses NaN
             raise ConfigError("lipschitz_target must be positive and finite, "
                               f"got {lipschitz_target!r}")
-        if self.config.skip and constraint == "sn":
+        if self.config.skip > 0 and constraint == "sn":
             raise ConfigError("an identity skip cannot be spectrally normalised to a bound "
                               "below 1 (the skip alone has norm 1): use it with constraint 'lr'")
         self.constraint: Constraint = constraint
@@ -205,8 +212,22 @@ class MolCNN(nn.Module):
 
     def bound_from(self, layer_bounds: list[float] | tuple[float, ...]) -> float:
         """The global Lipschitz bound from per-layer bounds: their product (ReLU is
-        1-Lipschitz), plus 1 with the identity skip (Lip(x + N(x)) ≤ 1 + Lip(N))."""
-        return math.prod(layer_bounds) + (1.0 if self.config.skip else 0.0)
+        1-Lipschitz), plus the identity path's gain s (Lip(s·x + N(x)) ≤ s + Lip(N))."""
+        return math.prod(layer_bounds) + self.config.skip
+
+    def scale_output(self, factor: float) -> None:
+        """H → factor·H: the last layer (weights and bias) and the identity path's gain.
+        Every Lipschitz constant of H is multiplied by ``factor``."""
+        c = float(factor)
+        if not 0.0 < c < math.inf:
+            raise ConfigError(f"the output scale must be positive and finite, got {factor!r}")
+        last = self.convs[-1]
+        with torch.no_grad():
+            last.weight.mul_(c)
+            if last.bias is not None:
+                last.bias.mul_(c)
+        self.config = replace(self.config, skip=self.config.skip * c)
+        self.clear_spectral_cache()
 
     def effective_weights(self) -> list[torch.Tensor]:
         """The kernels the forward pass uses (rescaled for "sn", as stored for "lr")."""
@@ -245,8 +266,8 @@ class MolCNN(nn.Module):
             h = h.reshape(b, d, 2, y, xx).permute(0, 1, 3, 4, 2)        # (B, D, Y, X, 2)
         else:
             h = h.permute(0, 2, 3, 4, 1)                                # (B, D, Y, X, 2)
-        if self.config.skip:
-            h = h + r                                                   # H(x) = x + N(x)
+        if self.config.skip > 0:
+            h = h + self.config.skip * r                                # H(x) = s·x + N(x)
         return torch.view_as_complex(h.contiguous()).to(x.dtype)        # (B, D, Y, X)
 
     def extra_repr(self) -> str:

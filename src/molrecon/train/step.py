@@ -56,7 +56,7 @@ class _StepOutcome:
 def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     """The MOL step (prior + learnable λ) on ``device``, and its prior."""
     cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels,
-                           skip=config.skip),
+                           skip=1.0 if config.skip else 0.0),
                  constraint=config.constraint, lipschitz_target=config.lipschitz_target,
                  spectral_grid=config.spectral_grid)
     lam = DEFAULT_LAM if config.lam_init is None else config.lam_init
