@@ -15,6 +15,7 @@
 #   scripts/campaign_2d.sh stage0s SECS  # from scratch, the identity-skip network H = x + N(x)
 #   scripts/campaign_2d.sh stage0p SECS  # its control: the plain network, the same recipe
 #   scripts/campaign_2d.sh stage0s-lr2 SECS  # stage 0s resumed at lr 2e-4
+#   scripts/campaign_2d.sh stage1j SECS  # stage 1i's recipe from the skip network at the bound
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -184,9 +185,21 @@ stage0ab() {
     --checkpoint-every 250 --seed $SEED --time-budget "$secs" --quiet "$@" "${resume[@]}"
 }
 
+# Stage 1j: stage 1i's recipe (the Lanczos penalty at every training fixed point, largest
+# value, weight 1e-4, barrier 0.995, 64-column readout blocks) from the skip network of
+# stage 0s at its best (step 3500) with its output × 0.934, so that Lanczos 30 reads at
+# most 0.99 at the 4 validation fixed points (34.71 dB on the 12 tuning problems at λ 60;
+# INIT1J: `tune_lambda.py runs/s0s/s0s.pt ... --output-scale 0.934 --out`, sha256
+# 762e80be…), at lr 5e-5.
+stage1j() {
+  deq_stage s1j "${INIT1J:-$RUNS/s1j_init.pt}" 1e-4 1 0.995 "$1" \
+    --penalty-estimator lanczos --penalty-steps 20 --penalty-top 1 --readout-block 64 \
+    --lr 5e-5
+}
+
 save() {
   mkdir -p "$KEEP"
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j; do
     for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
              "$RUNS/$stage/$stage.pt"; do
       [ -f "$f" ] && cp "$f" "$KEEP/"
@@ -196,7 +209,7 @@ save() {
 }
 
 restore() {
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j; do
     mkdir -p "$RUNS/$stage"
     for f in "$KEEP/$stage".*; do
       [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
@@ -224,6 +237,7 @@ case "${1:-}" in
   # stage 0s went on at lr 2e-4 from step 2,500 (validation 33.03-33.08 dB over steps 1500-2500)
   stage0s-lr2) stage0ab s0s "${2:?seconds}" --skip --lr 2e-4 --override ;;
   stage0p) stage0ab s0p "${2:?seconds}" ;;
+  stage1j) stage1j "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
   *) sed -n '2,19p' "$0"; exit 2 ;;
