@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from _builders import Crash, crash_at, records, tiny_config
 from molrecon.cli import app
 from molrecon.errors import ConfigError
-from molrecon.models.checkpoint import load_checkpoint
+from molrecon.models.checkpoint import load_checkpoint, save_checkpoint
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import output_paths, train
 from molrecon.train.data import MaskSpec, list_raw_files, load_folder
@@ -160,6 +160,24 @@ def test_denoise_run_learns_and_writes_a_model_that_reconstructs(folder2d: Path,
     assert loaded.metadata["config"]["stage"] == "denoise"
     assert loaded.kinds == ("2d", "2dt", "3d")
     assert loaded.model.config.skip == (1.0 if skip else 0.0)
+
+
+def test_skip_gain_comes_from_the_init_and_survives_a_resume(folder2d: Path,
+                                                              tmp_path: Path) -> None:
+    """A skip network scaled to the bound (gain 0.8) starts a run with its gain; a resume
+    without --init keeps it (the gain is not a weight: the state carries it)."""
+    first = tmp_path / "a.pt"
+    train(denoise(folder2d, first, max_steps=2, val_every=2, checkpoint_every=2, skip=True))
+    loaded = load_checkpoint(first)
+    loaded.model.scale_output(0.8)
+    scaled = save_checkpoint(tmp_path / "scaled.pt", loaded.model, loaded.mol_config)
+    out = tmp_path / "b.pt"
+    train(denoise(folder2d, out, max_steps=2, val_every=2, checkpoint_every=2, skip=True,
+                  init_weights=str(scaled)))
+    assert load_checkpoint(out).model.config.skip == pytest.approx(0.8)
+    train(denoise(folder2d, out, max_steps=4, val_every=2, checkpoint_every=2, skip=True,
+                  resume=True))
+    assert load_checkpoint(output_paths(out)["last"]).model.config.skip == pytest.approx(0.8)
 
 
 def test_interrupted_denoise_run_resumes_exactly(folder2d: Path, tmp_path: Path) -> None:

@@ -107,6 +107,9 @@ def _state_record(kind: str, config: TrainConfig, steps: int, best: float, skips
               "steps": steps, "best": best, "skips": skips, "elapsed_s": elapsed_s,
               "step": step.state_dict(),
               "optim": optim.state_dict()}
+    prior_config = getattr(getattr(step, "prior", None), "config", None)
+    if prior_config is not None and getattr(prior_config, "skip", 0.0) > 0:
+        record["skip_gain"] = float(prior_config.skip)     # not a parameter: kept beside them
     if probes is not None:
         record["probes"] = probes
     return record
@@ -123,6 +126,9 @@ def _restore_state(state: dict[str, Any], step: Any, optim: Any, config: TrainCo
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"resume state does not fit this model: {exc}",
                               path=path) from exc
+    if "skip_gain" in state:          # the identity path's gain, as the run left it
+        prior = step.prior
+        prior.config = replace(prior.config, skip=float(state["skip_gain"]))
     steps = int(state["steps"])
     best = float(state["best"])
     skips = int(state.get("skips", 0))

@@ -54,15 +54,22 @@ class _StepOutcome:
 
 # ------------------------------------------------------------------------------- the model
 def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
-    """The MOL step (prior + learnable λ) on ``device``, and its prior."""
+    """The MOL step (prior + learnable λ) on ``device``, and its prior.
+
+    With ``skip``, the identity path's gain is 1 for a new network and the ``--init``
+    checkpoint's otherwise (a model scaled to the bound keeps its scale)."""
+    gain = 1.0 if config.skip else 0.0
+    loaded = load_checkpoint(resolve_weights(config.init_weights)) if config.init_weights else None
+    if loaded is not None and config.skip and loaded.model.config.skip > 0:
+        gain = loaded.model.config.skip
     cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels,
-                           skip=1.0 if config.skip else 0.0),
+                           skip=gain),
                  constraint=config.constraint, lipschitz_target=config.lipschitz_target,
                  spectral_grid=config.spectral_grid)
     lam = DEFAULT_LAM if config.lam_init is None else config.lam_init
     step = MolStep(cnn, MolConfig(alpha=config.alpha, lam=lam,
                                   cg_iters=config.cg_iters, learn_lam=True))
-    if not config.init_weights:
+    if loaded is None:
         # Last layer zero: the untrained plain model is H ≡ 0 (the regularised SENSE
         # solution); with the identity skip it is H = I (F ≡ 0: the prior is silent and
         # training starts at a monotone operator's boundary).
@@ -72,7 +79,6 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
             if last.bias is not None:
                 last.bias.zero_()
     else:
-        loaded = load_checkpoint(resolve_weights(config.init_weights))
         source = loaded.model.config
         if source == cnn.config:
             cnn.load_state_dict(loaded.model.state_dict())
