@@ -194,7 +194,7 @@ stage0ab() {
 stage1j() {
   deq_stage s1j "${INIT1J:-$RUNS/s1j_init.pt}" 1e-4 1 0.995 "$1" \
     --penalty-estimator lanczos --penalty-steps 20 --penalty-top 1 --readout-block 64 \
-    --lr 5e-5
+    --lr 5e-5 --skip
 }
 
 save() {
