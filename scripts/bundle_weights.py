@@ -140,10 +140,10 @@ def main() -> None:
                 if isinstance(tuning, dict) else f"trained λ = {loaded.mol_config.lam:.4g}")
     skip = loaded.model.config.skip
     lanczos_text = (f", Lanczos {loc['lanczos']['max']:.4f}" if loc.get("lanczos") else "")
-    skip_text = (" around an identity path (H(x) = x + N(x): the network learns the correction)"
-                 if skip else "")
-    bound_text = ("1 + the product of the per-layer spectral bounds, the identity path counting 1"
-                  if skip else "product of the per-layer spectral bounds")
+    skip_text = (f" around an identity path of gain {skip:.4g} (H(x) = {skip:.4g}·x + N(x): the "
+                 "network learns the correction)" if skip else "")
+    bound_text = (f"the identity path's gain {skip:.4g} + the product of the per-layer spectral "
+                  "bounds" if skip else "product of the per-layer spectral bounds")
     card = f"""# {args.name}
 
 MOL prior ({'MOL-SN, certified' if loaded.constraint == 'sn' else 'MOL-LR, Lipschitz penalty'}),
