@@ -16,6 +16,7 @@
 #   scripts/campaign_2d.sh stage0p SECS  # its control: the plain network, the same recipe
 #   scripts/campaign_2d.sh stage0s-lr2 SECS  # stage 0s resumed at lr 2e-4
 #   scripts/campaign_2d.sh stage1j SECS  # stage 1i's recipe from the skip network at the bound
+#   scripts/campaign_2d.sh stage1k SECS  # stage 1j with ten times the weight, lr 1e-5
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -197,9 +198,17 @@ stage1j() {
     --lr 5e-5 --skip
 }
 
+# Stage 1k: stage 1j held too little (the norm at the validation fixed points ran to 1.25
+# in 20 steps): ten times the weight (1e-3) and lr 1e-5, from the same start.
+stage1k() {
+  deq_stage s1k "${INIT1J:-$RUNS/s1j_init.pt}" 1e-3 1 0.995 "$1" \
+    --penalty-estimator lanczos --penalty-steps 20 --penalty-top 1 --readout-block 64 \
+    --lr 1e-5 --skip
+}
+
 save() {
   mkdir -p "$KEEP"
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k; do
     for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
              "$RUNS/$stage/$stage.pt"; do
       [ -f "$f" ] && cp "$f" "$KEEP/"
@@ -209,7 +218,7 @@ save() {
 }
 
 restore() {
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k; do
     mkdir -p "$RUNS/$stage"
     for f in "$KEEP/$stage".*; do
       [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
@@ -238,6 +247,7 @@ case "${1:-}" in
   stage0s-lr2) stage0ab s0s "${2:?seconds}" --skip --lr 2e-4 --override ;;
   stage0p) stage0ab s0p "${2:?seconds}" ;;
   stage1j) stage1j "${2:?seconds}" ;;
+  stage1k) stage1k "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
   *) sed -n '2,19p' "$0"; exit 2 ;;
