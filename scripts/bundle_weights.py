@@ -135,7 +135,7 @@ def main() -> None:
     tuning = meta.get("lambda_tuning")
     lam_text = (f"λ = {loaded.mol_config.lam:.4g} (chosen on validation problems by "
                 f"`scripts/tune_lambda.py`"
-                + (f", prior's last layer × {tuning['output_scale']:g}"
+                + (f", prior's output × {tuning['output_scale']:g}"
                    if tuning.get("output_scale", 1.0) != 1.0 else "") + ")"
                 if isinstance(tuning, dict) else f"trained λ = {loaded.mol_config.lam:.4g}")
     skip = loaded.model.config.skip

@@ -252,8 +252,8 @@ def certified_bound(model: HasEffectiveWeights, *, grid: int | None = None) -> f
 
     ReLU is 1-Lipschitz and biases do not change Lipschitz constants, so the
     product of certified per-layer operator-norm bounds bounds ‖H(x) − H(y)‖/‖x − y‖
-    for all x ≠ y of any size. A network with an identity skip adds 1 (its own
-    ``bound_from``).
+    for all x ≠ y of any size. A network with an identity path adds the path's gain
+    (its own ``bound_from``).
     """
     bounds = layer_bounds(model, grid=grid)
     bound_from = getattr(model, "bound_from", None)

@@ -107,9 +107,8 @@ def _state_record(kind: str, config: TrainConfig, steps: int, best: float, skips
               "steps": steps, "best": best, "skips": skips, "elapsed_s": elapsed_s,
               "step": step.state_dict(),
               "optim": optim.state_dict()}
-    prior_config = getattr(getattr(step, "prior", None), "config", None)
-    if prior_config is not None and getattr(prior_config, "skip", 0.0) > 0:
-        record["skip_gain"] = float(prior_config.skip)     # not a parameter: kept beside them
+    if step.prior.config.skip > 0:       # the identity path's gain is not a parameter
+        record["skip_gain"] = float(step.prior.config.skip)
     if probes is not None:
         record["probes"] = probes
     return record
