@@ -30,10 +30,11 @@ runner = CliRunner()
 
 def _folder(root: Path, kind: str, count: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    matrix = {"2d": (48, 48), "3d": (32, 32, 8)}[kind]
+    matrix = {"2d": (48, 48), "3d": (32, 32, 8), "2dt": (32, 32)}[kind]
     for i in range(count):
+        frames = {"frames": 6} if kind == "2dt" else {}
         cfg = SimulationConfig(kind=kind, matrix=matrix, coils=4, acceleration=1.0, seed=40 + i,
-                               slice_position=0.35 + 0.08 * i)
+                               slice_position=0.35 + 0.08 * i, **frames)
         simulate_to_file(cfg, root / f"{kind}_{i}.h5")
     return root
 
@@ -129,10 +130,82 @@ def test_sense_patches_are_windows_of_the_regularised_sense_image(dataset: Any) 
     assert err > 1e-4
 
 
+@pytest.fixture(scope="module")
+def folder2dt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _folder(tmp_path_factory.mktemp("den") / "dt", "2dt", 2)
+
+
+def _windows(volume: np.ndarray, d: int, p: int) -> Any:
+    """Every (d, p, p) window of a (D, Y, X) array, with its sorted values per plane."""
+    for z in range(volume.shape[0] - d + 1):
+        for y in range(volume.shape[1] - p + 1):
+            for x in range(volume.shape[2] - p + 1):
+                yield (z, y, x), volume[z:z + d, y:y + p, x:x + p]
+
+
+def _same_planes(block: np.ndarray, window: np.ndarray) -> bool:
+    """``block`` equals ``window`` up to one flip/transposition of its planes and a reversal
+    of their order: each plane's sorted magnitudes, in one of the two orders."""
+    a = [np.sort(plane.ravel()) for plane in block]
+    b = [np.sort(plane.ravel()) for plane in window]
+    return any(all(np.allclose(u, v, rtol=1e-5, atol=1e-7) for u, v in zip(a, order))
+               for order in (b, b[::-1]))
+
+
+def test_volume_patches_are_blocks_of_consecutive_frames(folder2dt: Path) -> None:
+    """For a network with 3D convolutions a 2D+time patch is the same window in d consecutive
+    frames (flipped alike, maybe played backwards) of |target|/s; noise of the asked level."""
+    data = load_folder(list_raw_files(folder2dt), "2dt")
+    sample = data.samples[0]
+    frames = sample.target.shape[1]
+    spec = PatchSpec(size=12, depth=4, jitter=1.0, gamma=1.0, background=0.0,
+                     sigma_min=0.05, sigma_max=0.05)
+    full = np.abs(sample.target[0].numpy()) / 2.0                       # (T, Y, X)
+    reversed_seen = set()
+    for seed in range(4):
+        noisy, clean = draw_patch(sample, 2.0, spec, np.random.default_rng(seed), volume=True)
+        assert noisy.shape == clean.shape == (4, 12, 12)
+        block = np.abs(clean.numpy())
+        hits = [w for w, win in _windows(full, 4, 12) if _same_planes(block, win)]
+        assert hits, seed
+        power = float((noisy - clean).abs().square().mean())
+        assert math.isclose(power, 0.05 ** 2, rel_tol=0.2), power
+        # which order the frames came in (a moving series tells them apart)
+        z, y, x = hits[0]
+        fwd = [np.sort(p.ravel()) for p in full[z:z + 4, y:y + 12, x:x + 12]]
+        reversed_seen.add(not all(np.allclose(u, np.sort(v.ravel()), rtol=1e-5, atol=1e-7)
+                                  for u, v in zip(fwd, block)))
+    # more frames asked than the series has: all of them
+    deep = PatchSpec(size=12, depth=frames + 5)
+    noisy, _ = draw_patch(sample, 2.0, deep, np.random.default_rng(0), volume=True)
+    assert noisy.shape == (frames, 12, 12)
+    # the 2D draw of the same sample is unchanged by the option: one frame
+    flat, _ = draw_patch(sample, 2.0, spec, np.random.default_rng(0))
+    assert flat.shape == (1, 12, 12)
+
+
+def test_volume_sense_bank_holds_whole_series(folder2dt: Path) -> None:
+    data = load_folder(list_raw_files(folder2dt), "2dt")
+    mask = MaskSpec(family="interleaved", acceleration=3.0, acs=8)
+    bank = degraded_bank(data.samples, "2dt", mask, lam=100.0, iters=5, count=1, seed=0)
+    x0, target = bank[0][0]
+    assert x0.shape == target.shape == data.samples[0].target.shape[1:]
+    spec = PatchSpec(size=12, depth=3, sense_fraction=1.0, jitter=1.0, background=0.0)
+    noisy, clean = draw_patch(data.samples[0], 1.0, spec, np.random.default_rng(2), bank[0],
+                              volume=True)
+    assert noisy.shape == clean.shape == (3, 12, 12)
+    hits = [w for w, win in _windows(np.abs(target.numpy()), 3, 12)
+            if _same_planes(np.abs(clean.numpy()), win)]
+    assert hits
+    z, y, x = hits[0]
+    assert _same_planes(np.abs(noisy.numpy()), np.abs(x0.numpy())[z:z + 3, y:y + 12, x:x + 12])
+    assert float((noisy - clean).abs().square().mean()) > 0
+
+
 def test_patch_spec_is_checked() -> None:
     for bad in ({"size": 4}, {"sigma_min": 0.0}, {"sigma_min": 0.2, "sigma_max": 0.1},
                 {"jitter": 0.5}, {"gamma": 0.9}, {"background": -1.0}, {"sense_fraction": 1.5},
-                {"sense_masks": 0}):
+                {"sense_masks": 0}, {"depth": 0}):
         with pytest.raises(ConfigError):
             PatchSpec(**bad)
 
@@ -203,11 +276,46 @@ def test_interrupted_denoise_run_resumes_exactly(folder2d: Path, tmp_path: Path)
         assert torch.equal(a[name], b[name]), name
 
 
-def test_denoise_refuses_other_kinds_a_changed_stage_and_unrolling(folder2d: Path,
-                                                                   tmp_path: Path) -> None:
+def test_denoise_trains_a_spatiotemporal_prior_from_a_2d_one(folder2d: Path, folder2dt: Path,
+                                                            tmp_path: Path) -> None:
+    """Stage 0 on 2D+time data: a 3D-convolution network, started from a 2D skip model
+    (inflated: the same network frame by frame), learns on blocks of frames and is a
+    2dt checkpoint whose validation is the full MOL reconstruction of the series."""
+    first = tmp_path / "2d.pt"
+    train(denoise(folder2d, first, max_steps=2, val_every=2, checkpoint_every=2, skip=True))
+    out = tmp_path / "dt.pt"
+    mask = MaskSpec(family="interleaved", acceleration=3.0, acs=8)
+    spec = PatchSpec(size=16, depth=4, sigma_min=0.3, sigma_max=0.3)
+    result = train(denoise(folder2dt, out, max_steps=20, val_every=20, checkpoint_every=20,
+                           lr=3e-3, skip=True, init_weights=str(first), mask=mask,
+                           val_fraction=0.5,
+                           penalty_weight=1e-6, patch=spec))
+    assert result.steps == 20
+    steps = [r for r in records(output_paths(out)["log"]) if "loss" in r]
+    first_loss = np.mean([r["loss"] for r in steps[:5]])
+    last_loss = np.mean([r["loss"] for r in steps[-5:]])
+    assert last_loss < 0.9 * first_loss, (first_loss, last_loss)
+    assert any("lipschitz_local" in r for r in steps)
+    assert steps[-1]["val_psnr"] is not None and steps[-1]["val_iterations"] >= 1
+    loaded = load_checkpoint(out)
+    assert loaded.kinds == ("2dt",) and loaded.model.config.dims == 3
+    assert loaded.metadata["config"]["patch"]["depth"] == 4
+    # It denoises blocks it has not seen (the inflated start is I plus a 2-step 2D model).
+    data = load_folder(list_raw_files(folder2dt), "2dt")
+    pairs = [draw_patch(data.samples[k % 2], 1.0, spec, np.random.default_rng(100 + k),
+                        volume=True) for k in range(8)]
+    noisy = torch.stack([a for a, _ in pairs])
+    clean = torch.stack([b for _, b in pairs])
+    with torch.no_grad():
+        err = float((loaded.model(noisy) - clean).abs().square().mean())
+    assert err < 0.85 * float((noisy - clean).abs().square().mean())
+
+
+def test_denoise_refuses_a_changed_stage_and_unrolling(folder2d: Path, tmp_path: Path) -> None:
     vol = _folder(tmp_path / "d3", "3d", 1)
-    with pytest.raises(ConfigError, match="2d data"):
-        train(denoise(vol, tmp_path / "v.pt", val_fraction=0.0))
+    train(denoise(vol, tmp_path / "v.pt", val_fraction=0.0,          # 3D volumes: blocks too
+                  patch=PatchSpec(size=16, depth=4)))
+    assert load_checkpoint(tmp_path / "v.pt").model.config.dims == 3
     with pytest.raises(ConfigError, match="unrolled"):
         denoise(folder2d, tmp_path / "u.pt", unroll=2)
     with pytest.raises(ConfigError, match="stage"):
@@ -230,7 +338,49 @@ def test_cli_denoise_options(folder2d: Path, tmp_path: Path) -> None:
     assert "step      2/2" in res.output and "DEQ it" not in res.output
     cfg = load_checkpoint(out).metadata["config"]
     assert cfg["patch"]["size"] == 16 and cfg["patch"]["sigma_min"] == 0.02
+    bad = runner.invoke(app, ["train", "--data", str(folder2d), "--out", str(tmp_path / "e.pt"),
+                              "--stage", "denoise", "--patch-depth", "0"])
+    assert bad.exit_code == 2 and "--patch-depth" in bad.output
+    assert not (tmp_path / "e.pt").exists()
     bad = runner.invoke(app, ["train", "--data", str(folder2d), "--out", str(tmp_path / "d.pt"),
                               "--stage", "denoise", "--sigma", "0.1,0.01"])
     assert bad.exit_code == 2
     assert not (tmp_path / "d.pt").exists()
+
+
+@pytest.mark.parametrize("where, expected", [("noisy", [2.0]), ("clean", [1.0]),
+                                             ("both", [1.0, 2.0])])
+def test_penalty_at_chooses_the_patch_the_barrier_measures(folder2d: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            where: str,
+                                                            expected: list[float]) -> None:
+    """--penalty-at: the Lanczos penalty of stage 0 measures H at the noisy input, the clean
+    patch (where MOL's nearly clean fixed points lie) or both. Marked patches (noisy ≡ 2,
+    clean ≡ 1) show which points the estimator was given."""
+    from molrecon.train import step as step_module
+
+    def marked(sample: Any, scale: float, spec: PatchSpec, rng: Any, degraded: Any = None,
+               *, volume: bool = False) -> tuple[Any, Any]:
+        ones = torch.ones((1, 16, 16), dtype=torch.complex64)
+        return 2 * ones, ones
+
+    seen: list[float] = []
+    real = step_module.lanczos_jacobian_norm
+
+    def spy(prior: Any, x: Any, **kw: Any) -> Any:
+        seen.append(float(x.real.mean()))
+        return real(prior, x, **kw)
+
+    monkeypatch.setattr(step_module, "draw_patch", marked)
+    monkeypatch.setattr(step_module, "lanczos_jacobian_norm", spy)
+    train(denoise(folder2d, tmp_path / "p.pt", max_steps=2, val_every=2, checkpoint_every=2,
+                  penalty_estimator="lanczos", penalty_steps=4, penalty_every=1,
+                  penalty_at=where, skip=True))
+    assert seen == pytest.approx(expected * 2)          # two steps, each with its points
+
+
+def test_penalty_at_is_checked(folder2d: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="penalty_at"):
+        denoise(folder2d, tmp_path / "x.pt", penalty_at="target")
+    with pytest.raises(ConfigError, match="fixed points"):
+        tiny_config(folder2d, tmp_path / "x.pt", constraint="lr", penalty_at="clean")

@@ -107,7 +107,8 @@ def _option_errors() -> Iterator[None]:
 
         first, _, rest = exc.message.partition(" ")
         option = first if first.startswith("-") else {
-            **OPTION_NAMES, "patch": "--patch", "sense_fraction": "--sense-fraction"}.get(first)
+            **OPTION_NAMES, "patch": "--patch", "sense_fraction": "--sense-fraction",
+            "depth": "--patch-depth"}.get(first)
         if option is None:
             raise typer.BadParameter(exc.message) from None
         raise bad_option(rest if rest.startswith("must") else exc.message, option) from None
@@ -142,6 +143,7 @@ def train_cmd(
     penalty_steps: Annotated[int, typer.Option("--penalty-steps", min=0, help="LR: ascent steps of the ratio search, power iterations per probe visit or per sample, or Lanczos steps.")] = 10,
     penalty_probes: Annotated[int, typer.Option("--penalty-probes", min=1, help="LR, power estimator: fixed probe problems, visited in turn.")] = 4,
     penalty_top: Annotated[int, typer.Option("--penalty-top", min=1, help="LR, lanczos estimator: how many of the largest singular values are penalised.")] = 1,
+    penalty_at: Annotated[Literal["noisy", "clean", "both"], typer.Option("--penalty-at", help="LR, stage 0: where the penalty measures H on a patch: noisy (the network's input), clean (the clean patch: MOL's fixed points are nearly clean images, and a denoiser held only at noisy inputs can grow expansive there) or both.")] = "noisy",
     val_samples: Annotated[int, typer.Option("--val-samples", help="Validation problems per evaluation.")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step (per process).")] = 1,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimiser steps in all; a resumed run continues up to this count (raise it to train on).")] = 1000,
@@ -155,8 +157,9 @@ def train_cmd(
     max_skips: Annotated[int, typer.Option("--max-skips", help="Stop after this many consecutive failed (skipped) steps.")] = 10,
     init_weights: Annotated[Path | None, typer.Option("--init", metavar="MODEL", show_default=False, help="Start from this checkpoint's weights and λ (a file, or a bundled model's name); ignored on --resume, whose state holds the weights.")] = None,
     gradient: Annotated[str, typer.Option("--gradient", help="deq: implicit (exact implicit gradient, one backward fixed-point solve per sample) | jfb (Jacobian-free: the gradient through one MOL step at the fixed point; cheaper, approximate).")] = "implicit",
-    stage: Annotated[str, typer.Option("--stage", help="deq (deep-equilibrium steps) | denoise (stage 0: pretrain H alone as a denoiser of noisy image patches of the targets; 2d data; --batch-size counts patches). Validation is the full MOL reconstruction in both.")] = "deq",
+    stage: Annotated[str, typer.Option("--stage", help="deq (deep-equilibrium steps) | denoise (stage 0: pretrain H alone as a denoiser of noisy image patches of the targets; 2d data, or blocks of --patch-depth frames or partitions for 2dt and 3d data; --batch-size counts patches). Validation is the full MOL reconstruction in both.")] = "deq",
     patch: Annotated[int, typer.Option("--patch", help="denoise: patch size in pixels.")] = 64,
+    patch_depth: Annotated[int, typer.Option("--patch-depth", help="denoise, 2dt and 3d data: frames or partitions per patch (all of them where a scan has fewer).")] = 8,
     sense_fraction: Annotated[float, typer.Option("--sense-fraction", help="denoise: fraction of the patches cut from regularised SENSE images of the training scans under the run's masks (aliasing and g-factor noise) instead of the target plus white noise.")] = 0.0,
     sigma: Annotated[str, typer.Option("--sigma", metavar="LOW,HIGH", help="denoise: LOW,HIGH std of the complex noise, relative to the normalised intensity (bright tissue ≈ 1); drawn log-uniformly.")] = "0.01,0.12",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split, the sample order, the masks, the noise and the initial weights (same seed and options, same run).")] = 0,
@@ -204,6 +207,7 @@ def train_cmd(
             cg_iters=cg_iters, penalty_weight=penalty_weight, penalty_threshold=penalty_threshold,
             penalty_every=penalty_every, penalty_estimator=penalty_estimator,
             penalty_steps=penalty_steps, penalty_probes=penalty_probes, penalty_top=penalty_top,
+            penalty_at=penalty_at,
             val_samples=val_samples,
             batch_size=batch_size, max_steps=max_steps, time_budget_s=time_budget,
             val_fraction=val_fraction, val_data=None if val_data is None else str(val_data),
@@ -214,7 +218,7 @@ def train_cmd(
             stage=stage,  # type: ignore[arg-type]
             gradient=gradient,  # type: ignore[arg-type]
             patch=PatchSpec(size=patch, sigma_min=sigma_lo, sigma_max=sigma_hi,
-                            sense_fraction=sense_fraction),
+                            sense_fraction=sense_fraction, depth=patch_depth),
         )
     with user_errors(debug):
         from ..train import train

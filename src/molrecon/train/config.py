@@ -54,12 +54,17 @@ class TrainConfig:
                       "sample" (the Jacobian norm at each training sample's own whole fixed
                       point, penalty_steps power iterations from white noise every time) or
                       "lanczos" (there, the penalty_top largest singular values of the
-                      Jacobian by penalty_steps Lanczos steps, each through the barrier)
+                      Jacobian by penalty_steps Lanczos steps, each through the barrier);
+                      penalty_at (stage 0): where on a patch: "noisy" (the network's input),
+                      "clean" (the clean patch: MOL's fixed points are nearly clean images,
+                      and a denoiser held at its noisy inputs can be expansive there) or
+                      "both" (a barrier at each)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
     gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward
                       solve) or "jfb" (Jacobian-free: the gradient through one step at x*)
     stage             "deq": deep-equilibrium steps; "denoise": stage-0 pretraining of H
-                      alone on noisy patches of the targets (2D data; ``patch`` says how,
+                      alone on noisy patches of the targets (2D patches, or blocks of
+                      ``patch.depth`` planes for 2dt and 3d data; ``patch`` says how,
                       ``batch_size`` counts patches); validation is the full MOL
                       reconstruction in both
     batch_size        samples per step and process
@@ -115,6 +120,7 @@ class TrainConfig:
     penalty_estimator: PenaltyEstimator = "ratio"
     penalty_probes: int = 4
     penalty_top: int = 1
+    penalty_at: str = "noisy"
     batch_size: int = 1
     max_steps: int = 1000
     time_budget_s: float | None = None
@@ -192,6 +198,12 @@ class TrainConfig:
         if self.penalty_estimator == "lanczos" and self.penalty_top > self.penalty_steps:
             raise ConfigError("penalty_top cannot exceed penalty_steps (the Lanczos steps give "
                               "at most that many Ritz values)")
+        if self.penalty_at not in ("noisy", "clean", "both"):
+            raise ConfigError("penalty_at must be 'noisy', 'clean' or 'both', got "
+                              f"{self.penalty_at!r}")
+        if self.penalty_at != "noisy" and self.stage != "denoise":
+            raise ConfigError("penalty_at places the penalty on stage 0's patches: the "
+                              "deep-equilibrium stage takes it at the fixed points")
         if self.penalty_estimator == "power" and self.stage == "denoise":
             raise ConfigError("penalty_estimator 'power' measures H at MOL fixed points: it "
                               "needs the deep-equilibrium stage (stage 0 uses 'ratio')")
@@ -252,7 +264,7 @@ OPTION_NAMES: dict[str, str] = {
     "loss": "--loss", "lr": "--lr", "lam_lr": "--lam-lr", "lam_init": "--lam",
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
-    "penalty_every": "--penalty-every", "batch_size": "--batch-size",
+    "penalty_every": "--penalty-every", "penalty_at": "--penalty-at", "batch_size": "--batch-size",
     "max_steps": "--max-steps", "time_budget_s": "--time-budget",
     "val_fraction": "--val-fraction", "readout_block": "--readout-block",
     "val_every": "--val-every", "val_samples": "--val-samples",
@@ -260,6 +272,7 @@ OPTION_NAMES: dict[str, str] = {
     "device": "--device", "resume": "--resume", "override": "--override",
     "init_weights": "--init", "force": "--force", "stage": "--stage", "gradient": "--gradient",
     "patch.size": "--patch", "patch.sigma": "--sigma", "patch.sense_fraction": "--sense-fraction",
+    "patch.depth": "--patch-depth",
 }
 #: Fields a resumed run may change: how long and how often it runs, where, and what only
 #: matters at a run's start (the state holds the weights, λ and the learning rates; the

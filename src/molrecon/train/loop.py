@@ -211,9 +211,6 @@ def _denoise_scales(config: TrainConfig, kind: str, train_set: FolderDataset) ->
     """Stage 0: reconstruction's intensity scale of every training sample (else none)."""
     if config.stage != "denoise":
         return []
-    if kind != "2d":
-        raise ConfigError(f"--stage denoise pretrains a 2D prior on 2d data; this folder "
-                          f"holds {kind} data")
     return sample_scales(train_set.samples, kind, config.mask, config.seed)
 
 

@@ -32,6 +32,14 @@ target. These images are computed once per run (:func:`degraded_bank`,
 ``sense_masks`` masks per scan) and cropped and flipped like the others (no
 power curve: it would change the noise, not only the contrast).
 
+For a network with 3D convolutions (2D+time data, time as the third axis, or 3D
+volumes) a patch is a block of ``depth`` consecutive frames or partitions (all of
+them where the scan has fewer) by ``size``² pixels, the same window in every plane,
+with a reversal of that axis as a ninth augmentation (a movie played backwards is
+still a movie; a volume seen from the other side still a head). The degraded bank
+then holds whole regularised SENSE series or volumes, whose aliasing is spread over
+time or partitions as the reconstruction meets it.
+
 Everything is drawn from the caller's ``numpy`` generator, so a step's patches
 depend only on (seed, step, position in the batch), as in deep-equilibrium
 training, and a resumed run draws the same patches.
@@ -64,6 +72,7 @@ class PatchSpec:
     background: float = 0.25
     sense_fraction: float = 0.0
     sense_masks: int = 3
+    depth: int = 8
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sense_fraction <= 1.0:
@@ -73,6 +82,8 @@ class PatchSpec:
             raise ConfigError(f"sense_masks must be an integer >= 1, got {self.sense_masks!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8:
             raise ConfigError(f"patch size must be an integer >= 8, got {self.size!r}")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
+            raise ConfigError(f"depth must be an integer >= 1 (planes per patch), got {self.depth!r}")
         if not 0 < self.sigma_min <= self.sigma_max < math.inf:
             raise ConfigError("noise levels must satisfy 0 < sigma_min <= sigma_max, got "
                               f"{self.sigma_min!r}, {self.sigma_max!r}")
@@ -104,8 +115,9 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 def degraded_bank(samples: list[Sample], kind: str, mask: MaskSpec, lam: float, iters: int,
                   count: int, seed: int) -> list[list[tuple[Any, Any]]]:
-    """Per sample, ``count`` (regularised SENSE image, target) pairs, both ``(Y, X)`` complex,
-    normalised as reconstruction does, under seeded masks of ``mask``."""
+    """Per sample, ``count`` (regularised SENSE image, target) pairs, normalised as
+    reconstruction does, under seeded masks of ``mask``: ``(Y, X)`` complex for 2d data,
+    the whole ``(D, Y, X)`` series or volume for 2dt and 3d data."""
     import torch
 
     from ..deq.mol import regularised_sense
@@ -118,7 +130,10 @@ def degraded_bank(samples: list[Sample], kind: str, mask: MaskSpec, lam: float, 
                 rng = np.random.default_rng([seed, 6_666_666, i, k])
                 prob = make_problem(sample, kind, mask, rng, 0.0, "cpu")
                 x0 = regularised_sense(prob.op.normal, prob.aty, lam=lam, iters=iters)
-                pairs.append((x0[0, 0].clone(), prob.target[0, 0].clone()))
+                if kind == "2d":
+                    pairs.append((x0[0, 0].clone(), prob.target[0, 0].clone()))
+                else:
+                    pairs.append((x0[0].clone(), prob.target[0].clone()))
             bank.append(pairs)
     return bank
 
@@ -137,13 +152,19 @@ def _window(ny: int, nx: int, size: int, image: Any, spec: PatchSpec, rng: np.ra
 
 
 def _flip(x: Any, flips: tuple[int, int, int]) -> Any:
+    """One of the 8 flips/transpositions of the last two axes."""
     if flips[0]:
-        x = x.flip(0)
+        x = x.flip(-2)
     if flips[1]:
-        x = x.flip(1)
+        x = x.flip(-1)
     if flips[2]:
-        x = x.transpose(0, 1)
+        x = x.transpose(-2, -1)
     return x
+
+
+def _reverse(x: Any, reverse: bool) -> Any:
+    """``x`` (d, P, P), its first axis reversed if ``reverse``, contiguous."""
+    return (x.flip(0) if reverse else x).contiguous()
 
 
 def _unit_phase(rng: np.random.Generator, dtype: Any) -> Any:
@@ -154,8 +175,11 @@ def _unit_phase(rng: np.random.Generator, dtype: Any) -> Any:
 
 
 def draw_patch(sample: Sample, scale: float, spec: PatchSpec, rng: np.random.Generator,
-               degraded: list[tuple[Any, Any]] | None = None) -> tuple[Any, Any]:
-    """One (degraded, clean) pair of complex ``(1, P, P)`` patches of a 2D sample's target.
+               degraded: list[tuple[Any, Any]] | None = None, *, volume: bool = False
+               ) -> tuple[Any, Any]:
+    """One (degraded, clean) pair of complex patches of a sample's target: ``(1, P, P)``,
+    or with ``volume`` (a network with 3D convolutions) ``(d, P, P)``, d = min(``spec.depth``,
+    D) consecutive frames or partitions.
 
     With probability ``spec.sense_fraction`` (and ``degraded`` given: the sample's pairs
     from :func:`degraded_bank`) the degraded patch is a window of a regularised SENSE
@@ -171,17 +195,30 @@ def draw_patch(sample: Sample, scale: float, spec: PatchSpec, rng: np.random.Gen
         s = _log_uniform(rng, 1.0 / spec.jitter, spec.jitter)
     else:
         full = sample.target[0]                                  # (D, Y, X) complex
-        target = full[int(rng.integers(full.shape[0]))]          # (Y, X)
+        target = full if volume else full[int(rng.integers(full.shape[0]))]
         s = scale * _log_uniform(rng, 1.0 / spec.jitter, spec.jitter)
-    ny, nx = target.shape
+    if volume:
+        d = min(spec.depth, target.shape[0])
+        d0 = int(rng.integers(target.shape[0] - d + 1))
+        planes = slice(d0, d0 + d)
+        target = target[planes]                                  # (d, Y, X)
+        x0 = None if x0 is None else x0[planes]
+    ny, nx = target.shape[-2:]
     p = min(spec.size, ny, nx)
-    win = _window(ny, nx, p, target, spec, rng)
+    win = _window(ny, nx, p, target.abs().mean(0) if volume else target, spec, rng)
     flips = (int(rng.integers(2)), int(rng.integers(2)), int(rng.integers(2)))
+    if volume:
+        win = (slice(None), *win)
+        reverse = bool(rng.integers(2))
     rot = _unit_phase(rng, target.real.dtype)
-    clean = _flip(target[win] / s, flips) * rot                  # (P, P)
+    clean = _flip(target[win] / s, flips) * rot                  # (P, P) or (d, P, P)
     if x0 is not None:
         noisy = _flip(x0[win] / s, flips) * rot
+        if volume:
+            return _reverse(noisy, reverse), _reverse(clean, reverse)
         return noisy.unsqueeze(0).contiguous(), clean.unsqueeze(0).contiguous()
+    if volume:
+        clean = _reverse(clean, reverse)
     gamma = _log_uniform(rng, 1.0 / spec.gamma, spec.gamma)
     mag = clean.abs()
     unit = torch.where(mag > 0, clean / mag.clamp_min(1e-30), torch.zeros_like(clean))
@@ -190,6 +227,8 @@ def draw_patch(sample: Sample, scale: float, spec: PatchSpec, rng: np.random.Gen
     g = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
     noise = torch.complex(torch.randn(clean.shape, generator=g), torch.randn(clean.shape, generator=g))
     noisy = clean + (sigma / math.sqrt(2.0)) * noise.to(clean.dtype)
+    if volume:
+        return noisy.contiguous(), clean.contiguous()
     return noisy.unsqueeze(0).contiguous(), clean.unsqueeze(0).contiguous()
 
 

@@ -209,21 +209,31 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     out = _StepOutcome()
     n_train = len(train_set)
     noisy, clean = [], []
+    volume = cnn.config.dims == 3                      # 2dt or 3d data: (d, P, P) blocks
     rng = np.random.default_rng([config.seed, 3, s, dist_info.rank])
     for j in range(config.batch_size):
         g_index = dist_info.rank * config.batch_size + j
         gi = int(order[(within * global_batch + g_index) % n_train])
         pair_rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
         a, b = draw_patch(train_set.samples[gi], scales[gi], config.patch, pair_rng,
-                          bank[gi] if bank else None)
+                          bank[gi] if bank else None, volume=volume)
         noisy.append(a)
         clean.append(b)
     p = min(min(x.shape[-2:]) for x in noisy)         # images smaller than the patch size
-    x_in = torch.stack([x[..., :p, :p] for x in noisy]).to(device)        # (B, 1, P, P)
-    target = torch.stack([x[..., :p, :p] for x in clean]).to(device)      # (B, 1, P, P)
+    d = min(x.shape[0] for x in noisy)                # series or volumes with fewer planes
+    x_in = torch.stack([x[:d, :p, :p] for x in noisy]).to(device)         # (B, 1|d, P, P)
+    target = torch.stack([x[:d, :p, :p] for x in clean]).to(device)       # (B, 1|d, P, P)
     loss = _loss(cnn(x_in), target, config.loss)
-    penalty = _lipschitz_penalty(cnn, config, s, rng, out,
-                                 lambda: x_in[int(rng.integers(x_in.shape[0]))][None])  # (1, 1, P, P)
+    if config.penalty_at == "noisy":
+        penalty = _lipschitz_penalty(cnn, config, s, rng, out,
+                                     lambda: x_in[int(rng.integers(x_in.shape[0]))][None])
+    else:
+        # the clean patch (MOL's fixed points are nearly clean), and with "both" the noisy one
+        i = int(rng.integers(x_in.shape[0]))
+        points = [target] + ([x_in] if config.penalty_at == "both" else [])
+        terms = [_lipschitz_penalty(cnn, config, s, rng, out, lambda _x=x: _x[i][None])
+                 for x in points]                                        # (1, 1|d, P, P)
+        penalty = None if terms[0] is None else sum(terms)
     if penalty is not None:
         loss = loss + penalty
     if not bool(torch.isfinite(loss)):
