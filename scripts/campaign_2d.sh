@@ -21,6 +21,7 @@
 #   scripts/campaign_2d.sh stage0u SECS  # the same with the barrier at 0.96
 #   scripts/campaign_2d.sh stage0v SECS  # stage 0s from its step 3500, the penalty also at clean patches
 #   scripts/campaign_2d.sh stage0w SECS  # the same at ten times the weight
+#   scripts/campaign_2d.sh stage0x SECS  # stage 0s's recipe from scratch, the penalty also at clean patches
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -243,9 +244,18 @@ stage0vw() {
     --penalty-at both --penalty-weight "$weight" --penalty-every 2 --val-every 250
 }
 
+# Stage 0x: stage 0s's recipe from scratch with the penalty at the clean patch as well
+# (--penalty-at both), against stage 0s's curve at the same steps (same seed and patches):
+# what holding the norm where MOL's fixed points lie costs, or gains, per CPU-hour.
+# (Stage 0w, weight 1e-3, was stopped at step 500: 31.20 / 30.91 dB at steps 250 / 500
+# against 0v's 32.43 / 32.57.)
+stage0x() {
+  stage0ab s0x "$1" --skip --penalty-at both
+}
+
 save() {
   mkdir -p "$KEEP"
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x; do
     for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
              "$RUNS/$stage/$stage.pt"; do
       [ -f "$f" ] && cp "$f" "$KEEP/"
@@ -255,7 +265,7 @@ save() {
 }
 
 restore() {
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w; do
+  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x; do
     mkdir -p "$RUNS/$stage"
     for f in "$KEEP/$stage".*; do
       [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
@@ -289,7 +299,8 @@ case "${1:-}" in
   stage0u) stage0tu s0u 0.96 "${2:?seconds}" ;;
   stage0v) stage0vw s0v 1e-4 "${2:?seconds}" ;;
   stage0w) stage0vw s0w 1e-3 "${2:?seconds}" ;;
+  stage0x) stage0x "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
-  *) sed -n '2,23p' "$0"; exit 2 ;;
+  *) sed -n '2,24p' "$0"; exit 2 ;;
 esac
