@@ -336,6 +336,7 @@ def test_cli_denoise_options(folder2d: Path, tmp_path: Path) -> None:
                               "--channels", "8", "--acs", "8", "-R", "3", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "step      2/2" in res.output and "DEQ it" not in res.output
+    assert "at its fixed points" in res.output          # the norm beside validation PSNR
     cfg = load_checkpoint(out).metadata["config"]
     assert cfg["patch"]["size"] == 16 and cfg["patch"]["sigma_min"] == 0.02
     bad = runner.invoke(app, ["train", "--data", str(folder2d), "--out", str(tmp_path / "e.pt"),
@@ -384,3 +385,18 @@ def test_penalty_at_is_checked(folder2d: Path, tmp_path: Path) -> None:
         denoise(folder2d, tmp_path / "x.pt", penalty_at="target")
     with pytest.raises(ConfigError, match="fixed points"):
         tiny_config(folder2d, tmp_path / "x.pt", constraint="lr", penalty_at="clean")
+
+
+def test_validation_logs_the_norm_at_its_fixed_points(folder2d: Path, tmp_path: Path) -> None:
+    """Every validation record carries val_lipschitz, the largest local estimate at its own
+    fixed points, and the checkpoint saved at that step certifies the same number."""
+    out = tmp_path / "v.pt"
+    train(denoise(folder2d, out, max_steps=4, val_every=2, checkpoint_every=4, skip=True,
+                  val_fraction=0.34))
+    vals = [r for r in records(output_paths(out)["log"])
+            if r.get("val_psnr") is not None and "loss" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    assert all(0.3 < r["val_lipschitz"] < 3.0 for r in vals)
+    cert = load_checkpoint(output_paths(out)["last"]).certificate
+    assert cert["local_max"] == pytest.approx(vals[-1]["val_lipschitz"])
+    assert cert["local_lanczos"] and max(cert["local_lanczos"]) <= cert["local_max"]

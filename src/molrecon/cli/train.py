@@ -78,7 +78,10 @@ def _progress_line(rec: dict[str, Any], max_steps: int) -> str:
     if "val_sense_psnr" in rec:
         mol = ("failed" if rec.get("val_psnr") is None
                else f"{rec['val_psnr']:.2f} dB / SSIM {rec['val_ssim']:.3f}")
-        val = f"[val MOL {mol}; CG-SENSE {rec['val_sense_psnr']:.2f} dB / SSIM {rec['val_sense_ssim']:.3f}]"
+        norm = (f", L̂ {rec['val_lipschitz']:.3f} at its fixed points"
+                if rec.get("val_lipschitz") is not None else "")
+        val = (f"[val MOL {mol}{norm}; CG-SENSE {rec['val_sense_psnr']:.2f} dB / SSIM "
+               f"{rec['val_sense_ssim']:.3f}]")
     if rec.get("event") == "validation":
         return f"before training: {val}"
     line = f"step {rec['step']:>6}/{max_steps}  loss {rec['loss']:.4g}  "

@@ -102,6 +102,9 @@ class _Run:
     last_record: dict[str, Any] = field(default_factory=dict)
     best_sense: float | None = None
     val_fixed_points: list[Any] = field(default_factory=list)
+    # (step, certificate) of the last validation: the local estimates at its fixed points,
+    # logged with it and reused by a save of the same step
+    val_certificate: tuple[int, dict[str, Any]] | None = None
     probes: PenaltyProbes | None = None   # the "power" penalty's probe problems
     saved_probes: Any = None              # their vectors in the resume state
     skipped_here: int = 0
@@ -271,6 +274,8 @@ def _start(run: _Run) -> None:
         t0 = time.perf_counter()
         vm = evaluate(run.step, run.val_problems, config,
                       run.val_fixed_points if config.init_weights else None)
+        if config.init_weights:
+            vm.update(_val_lipschitz(run, 0))
         run.timing["val"] = time.perf_counter() - t0
         run.emit({"event": "validation", "step": 0, **vm})
         if config.init_weights and vm.get("val_psnr") is not None:
@@ -436,6 +441,7 @@ def _validate(run: _Run, rec: dict[str, Any]) -> bool:
     run.val_fixed_points.clear()
     t0 = time.perf_counter()
     vm = evaluate(run.step, run.val_problems, config, run.val_fixed_points)
+    vm.update(_val_lipschitz(run, s))
     run.timing["val"] = time.perf_counter() - t0
     rec.update(vm)
     run.best_sense = vm.get("val_sense_psnr")
@@ -444,6 +450,17 @@ def _validate(run: _Run, rec: dict[str, Any]) -> bool:
         run.best_step = s
         return True
     return False
+
+
+def _val_lipschitz(run: _Run, s: int) -> dict[str, Any]:
+    """The certificate's local estimates at this validation's fixed points (the checkpoint
+    of step ``s`` reuses it): ``val_lipschitz`` is their largest, the number that says how
+    far the model is from the bound where it reconstructs, logged beside its PSNR."""
+    cert = _certificate(run.cnn, run.val_fixed_points, run.config.seed,
+                        data=[Path(f).name for f in run.val_set.files])
+    run.val_certificate = (s, cert)
+    value = cert.get("local_max")
+    return {} if value is None else {"val_lipschitz": value}
 
 
 # ------------------------------------------------------------------------------- saving
@@ -461,8 +478,11 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
     config, cnn, kind, paths = run.config, run.cnn, run.kind, run.paths
     meta = _metadata(config, kind, run.train_set, run.val_set, steps_done, metrics,
                      run.dist_info)
-    cert = _certificate(cnn, run.val_fixed_points, config.seed,
-                        data=[Path(f).name for f in run.val_set.files])
+    if run.val_certificate is not None and run.val_certificate[0] == steps_done:
+        cert = run.val_certificate[1]           # measured at this step's validation
+    else:
+        cert = _certificate(cnn, run.val_fixed_points, config.seed,
+                            data=[Path(f).name for f in run.val_set.files])
     model_cfg = run.step.to_config()
     _write(paths["last"], "latest model", steps_done,
            lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
