@@ -400,3 +400,20 @@ def test_validation_logs_the_norm_at_its_fixed_points(folder2d: Path, tmp_path: 
     cert = load_checkpoint(output_paths(out)["last"]).certificate
     assert cert["local_max"] == pytest.approx(vals[-1]["val_lipschitz"])
     assert cert["local_lanczos"] and max(cert["local_lanczos"]) <= cert["local_max"]
+
+
+def test_best_model_only_at_the_bound(folder2d: Path, tmp_path: Path) -> None:
+    """--best-max-lipschitz: a validation whose fixed points read above the limit never makes
+    the best model; under a limit every model meets, the run chooses as without one."""
+    strict = train(denoise(folder2d, tmp_path / "a.pt", max_steps=4, val_every=2,
+                           checkpoint_every=2, skip=True, val_fraction=0.34,
+                           best_max_lipschitz=0.01))
+    assert strict.best_val_psnr is None
+    loose = train(denoise(folder2d, tmp_path / "b.pt", max_steps=4, val_every=2,
+                          checkpoint_every=2, skip=True, val_fraction=0.34,
+                          best_max_lipschitz=10.0))
+    vals = [r["val_psnr"] for r in records(output_paths(tmp_path / "b.pt")["log"])
+            if r.get("val_psnr") is not None and "loss" in r]
+    assert loose.best_val_psnr == pytest.approx(max(vals))
+    with pytest.raises(ConfigError, match="best_max_lipschitz"):
+        denoise(folder2d, tmp_path / "c.pt", best_max_lipschitz=0.0)

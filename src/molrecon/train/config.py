@@ -80,6 +80,10 @@ class TrainConfig:
                       of ``data`` trains and val_fraction is not used)
     checkpoint_every  steps between saves; max_skips consecutive skips stop the run
     grad_clip         global gradient-norm clip
+    best_max_lipschitz  if set, a validation makes the best model only where the largest
+                      local estimate at its fixed points (``val_lipschitz``) is at most
+                      this: for an LR model, the best among those at the bound, not a more
+                      expansive one whose PSNR it owes to leaving it
     resume            continue the run whose state is beside ``out``; the options that
                       define the problem must be those the state was saved with
                       (:func:`resume_changes`), else the run is refused, unless
@@ -129,6 +133,7 @@ class TrainConfig:
     readout_block: int | None = None
     val_every: int = 50
     val_samples: int = 8
+    best_max_lipschitz: float | None = None
     checkpoint_every: int = 25
     max_skips: int = 10
     grad_clip: float = 1.0
@@ -198,6 +203,9 @@ class TrainConfig:
         if self.penalty_estimator == "lanczos" and self.penalty_top > self.penalty_steps:
             raise ConfigError("penalty_top cannot exceed penalty_steps (the Lanczos steps give "
                               "at most that many Ritz values)")
+        if self.best_max_lipschitz is not None and not 0 < self.best_max_lipschitz < math.inf:
+            raise ConfigError("best_max_lipschitz must be positive, got "
+                              f"{self.best_max_lipschitz!r}")
         if self.penalty_at not in ("noisy", "clean", "both"):
             raise ConfigError("penalty_at must be 'noisy', 'clean' or 'both', got "
                               f"{self.penalty_at!r}")
@@ -264,7 +272,8 @@ OPTION_NAMES: dict[str, str] = {
     "loss": "--loss", "lr": "--lr", "lam_lr": "--lam-lr", "lam_init": "--lam",
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
-    "penalty_every": "--penalty-every", "penalty_at": "--penalty-at", "batch_size": "--batch-size",
+    "penalty_every": "--penalty-every", "penalty_at": "--penalty-at",
+    "best_max_lipschitz": "--best-max-lipschitz", "batch_size": "--batch-size",
     "max_steps": "--max-steps", "time_budget_s": "--time-budget",
     "val_fraction": "--val-fraction", "readout_block": "--readout-block",
     "val_every": "--val-every", "val_samples": "--val-samples",
@@ -279,7 +288,7 @@ OPTION_NAMES: dict[str, str] = {
 #: data's kind is checked against the state on its own).
 RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "checkpoint_every",
                          "max_skips", "device", "resume", "force", "override", "init_weights",
-                         "lam_init", "kind"})
+                         "lam_init", "kind", "best_max_lipschitz"})
 #: Fields that make the network what it is: a resume never changes them.
 NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "skip", "lipschitz_target",
                             "spectral_grid", "stage"})

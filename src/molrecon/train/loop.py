@@ -278,7 +278,9 @@ def _start(run: _Run) -> None:
             vm.update(_val_lipschitz(run, 0))
         run.timing["val"] = time.perf_counter() - t0
         run.emit({"event": "validation", "step": 0, **vm})
-        if config.init_weights and vm.get("val_psnr") is not None:
+        at_bound = (config.best_max_lipschitz is None
+                    or vm.get("val_lipschitz", math.inf) <= config.best_max_lipschitz)
+        if config.init_weights and vm.get("val_psnr") is not None and at_bound:
             # Started from trained weights: they are the model to beat, and the best model
             # until a step beats them (a fine-tuning run never ends worse than it began).
             run.best = float(vm["val_psnr"])
@@ -445,6 +447,9 @@ def _validate(run: _Run, rec: dict[str, Any]) -> bool:
     run.timing["val"] = time.perf_counter() - t0
     rec.update(vm)
     run.best_sense = vm.get("val_sense_psnr")
+    limit = config.best_max_lipschitz
+    if limit is not None and not vm.get("val_lipschitz", math.inf) <= limit:
+        return False                       # not at the bound: never the best model
     if vm["val_psnr"] is not None and vm["val_psnr"] > run.best:
         run.best = float(vm["val_psnr"])
         run.best_step = s
