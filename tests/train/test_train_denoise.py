@@ -350,14 +350,16 @@ def test_cli_denoise_options(folder2d: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where, expected", [("noisy", [2.0]), ("clean", [1.0]),
-                                             ("both", [1.0, 2.0])])
+                                             ("both", [1.0, 2.0]),
+                                             ("clean,image", [1.0, "image"])])
 def test_penalty_at_chooses_the_patch_the_barrier_measures(folder2d: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             where: str,
                                                             expected: list[float]) -> None:
     """--penalty-at: the Lanczos penalty of stage 0 measures H at the noisy input, the clean
-    patch (where MOL's nearly clean fixed points lie) or both. Marked patches (noisy ≡ 2,
-    clean ≡ 1) show which points the estimator was given."""
+    patch (where MOL's nearly clean fixed points lie), both, or also the whole clean image.
+    Marked patches (noisy ≡ 2, clean ≡ 1, 16²) show which points the estimator was given;
+    the whole image is the 48² slice."""
     from molrecon.train import step as step_module
 
     def marked(sample: Any, scale: float, spec: PatchSpec, rng: Any, degraded: Any = None,
@@ -365,11 +367,15 @@ def test_penalty_at_chooses_the_patch_the_barrier_measures(folder2d: Path, tmp_p
         ones = torch.ones((1, 16, 16), dtype=torch.complex64)
         return 2 * ones, ones
 
-    seen: list[float] = []
+    seen: list[Any] = []
     real = step_module.lanczos_jacobian_norm
 
     def spy(prior: Any, x: Any, **kw: Any) -> Any:
-        seen.append(float(x.real.mean()))
+        if tuple(x.shape) == (1, 1, 48, 48):
+            seen.append("image")
+        else:
+            assert tuple(x.shape) == (1, 1, 16, 16)
+            seen.append(pytest.approx(float(x.real.mean())))
         return real(prior, x, **kw)
 
     monkeypatch.setattr(step_module, "draw_patch", marked)
@@ -377,12 +383,13 @@ def test_penalty_at_chooses_the_patch_the_barrier_measures(folder2d: Path, tmp_p
     train(denoise(folder2d, tmp_path / "p.pt", max_steps=2, val_every=2, checkpoint_every=2,
                   penalty_estimator="lanczos", penalty_steps=4, penalty_every=1,
                   penalty_at=where, skip=True))
-    assert seen == pytest.approx(expected * 2)          # two steps, each with its points
+    assert seen == expected * 2                         # two steps, each with its points
 
 
 def test_penalty_at_is_checked(folder2d: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="penalty_at"):
-        denoise(folder2d, tmp_path / "x.pt", penalty_at="target")
+    for bad in ("target", "clean,clean", "", "both,image"):
+        with pytest.raises(ConfigError, match="penalty_at"):
+            denoise(folder2d, tmp_path / "x.pt", penalty_at=bad)
     with pytest.raises(ConfigError, match="fixed points"):
         tiny_config(folder2d, tmp_path / "x.pt", constraint="lr", penalty_at="clean")
 

@@ -58,7 +58,9 @@ class TrainConfig:
                       penalty_at (stage 0): where on a patch: "noisy" (the network's input),
                       "clean" (the clean patch: MOL's fixed points are nearly clean images,
                       and a denoiser held at its noisy inputs can be expansive there) or
-                      "both" (a barrier at each)
+                      "both" (a barrier at each), or a comma list of those and "image"
+                      (the whole clean image the patch came from: the norm's largest
+                      value over a whole image, where a patch samples one window)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
     gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward
                       solve) or "jfb" (Jacobian-free: the gradient through one step at x*)
@@ -206,9 +208,9 @@ class TrainConfig:
         if self.best_max_lipschitz is not None and not 0 < self.best_max_lipschitz < math.inf:
             raise ConfigError("best_max_lipschitz must be positive, got "
                               f"{self.best_max_lipschitz!r}")
-        if self.penalty_at not in ("noisy", "clean", "both"):
-            raise ConfigError("penalty_at must be 'noisy', 'clean' or 'both', got "
-                              f"{self.penalty_at!r}")
+        if not self.penalty_points():
+            raise ConfigError("penalty_at must be 'noisy', 'clean', 'both' or a comma list of "
+                              f"noisy, clean and image, got {self.penalty_at!r}")
         if self.penalty_at != "noisy" and self.stage != "denoise":
             raise ConfigError("penalty_at places the penalty on stage 0's patches: the "
                               "deep-equilibrium stage takes it at the fixed points")
@@ -225,6 +227,17 @@ class TrainConfig:
             raise ConfigError(f"--alpha must lie in (0, 2), got {self.alpha}")
         if self.stage == "denoise" and self.unroll:
             raise ConfigError("--stage denoise trains H alone: it has no unrolled variant")
+
+
+    def penalty_points(self) -> tuple[str, ...]:
+        """Where stage 0's penalty measures, in order ("both" is clean then noisy); empty
+        if ``penalty_at`` names anything else."""
+        if self.penalty_at == "both":
+            return ("clean", "noisy")
+        names = tuple(n.strip() for n in str(self.penalty_at).split(","))
+        ok = names and all(n in ("noisy", "clean", "image") for n in names) \
+            and len(set(names)) == len(names)
+        return names if ok else ()
 
 
 @dataclass

@@ -208,7 +208,7 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     ``bank``: the regularised SENSE images per sample (empty: noise patches only)."""
     out = _StepOutcome()
     n_train = len(train_set)
-    noisy, clean = [], []
+    noisy, clean, items = [], [], []
     volume = cnn.config.dims == 3                      # 2dt or 3d data: (d, P, P) blocks
     rng = np.random.default_rng([config.seed, 3, s, dist_info.rank])
     for j in range(config.batch_size):
@@ -219,6 +219,7 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
                           bank[gi] if bank else None, volume=volume)
         noisy.append(a)
         clean.append(b)
+        items.append(gi)
     p = min(min(x.shape[-2:]) for x in noisy)         # images smaller than the patch size
     d = min(x.shape[0] for x in noisy)                # series or volumes with fewer planes
     x_in = torch.stack([x[:d, :p, :p] for x in noisy]).to(device)         # (B, 1|d, P, P)
@@ -228,11 +229,18 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
         penalty = _lipschitz_penalty(cnn, config, s, rng, out,
                                      lambda: x_in[int(rng.integers(x_in.shape[0]))][None])
     else:
-        # the clean patch (MOL's fixed points are nearly clean), and with "both" the noisy one
+        # the clean patch (MOL's fixed points are nearly clean), the noisy one, and the
+        # whole clean image of the same item, in the order asked
         i = int(rng.integers(x_in.shape[0]))
-        points = [target] + ([x_in] if config.penalty_at == "both" else [])
-        terms = [_lipschitz_penalty(cnn, config, s, rng, out, lambda _x=x: _x[i][None])
-                 for x in points]                                        # (1, 1|d, P, P)
+        gi = items[i]
+
+        def whole() -> Any:
+            return _whole_image(train_set.samples[gi], scales[gi], rng, volume,
+                                config.patch.depth).to(device)
+        points = {"clean": lambda: target[i][None], "noisy": lambda: x_in[i][None],
+                  "image": whole}
+        terms = [_lipschitz_penalty(cnn, config, s, rng, out, points[name])
+                 for name in config.penalty_points()]                    # (1, 1|d, ·, ·)
         penalty = None if terms[0] is None else sum(terms)
     if penalty is not None:
         loss = loss + penalty
@@ -243,6 +251,24 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     out.loss_sum = float(loss.detach())
     out.count = 1
     return out
+
+
+def _whole_image(sample: Any, scale: float, rng: np.random.Generator, volume: bool,
+                 depth: int) -> Any:
+    """A whole clean image of ``sample`` at reconstruction's intensity (``/ scale``) with a
+    random global phase: one slice ``(1, 1, Y, X)``, or for a 3D network a block of
+    ``depth`` consecutive planes ``(1, d, Y, X)``."""
+    full = sample.target[0]                                      # (D, Y, X)
+    if volume:
+        d = min(depth, full.shape[0])
+        d0 = int(rng.integers(full.shape[0] - d + 1))
+        image = full[d0:d0 + d]
+    else:
+        image = full[int(rng.integers(full.shape[0]))][None]
+    phase = float(rng.uniform(0.0, 2.0 * math.pi))
+    rot = torch.polar(torch.ones((), dtype=image.real.dtype),
+                      torch.tensor(phase, dtype=image.real.dtype))
+    return (image / scale * rot)[None].contiguous()
 
 
 def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Generator,
