@@ -59,7 +59,7 @@ class TrainConfig:
                       "clean" (the clean patch: MOL's fixed points are nearly clean images,
                       and a denoiser held at its noisy inputs can be expansive there) or
                       "both" (a barrier at each), or a comma list of those and "image"
-                      (the whole clean image the patch came from: the norm's largest
+                      (a whole clean image of the same scan: the norm's largest
                       value over a whole image, where a patch samples one window)
     unroll            0: deep equilibrium; K ≥ 1: the unrolled baseline through K steps
     gradient          deep equilibrium: "implicit" (exact implicit gradient, a backward

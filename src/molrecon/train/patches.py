@@ -232,4 +232,20 @@ def draw_patch(sample: Sample, scale: float, spec: PatchSpec, rng: np.random.Gen
     return noisy.unsqueeze(0).contiguous(), clean.unsqueeze(0).contiguous()
 
 
-__all__ = ["PatchSpec", "degraded_bank", "draw_patch", "sample_scales"]
+def whole_image(sample: Sample, scale: float, rng: np.random.Generator, volume: bool,
+                depth: int) -> Any:
+    """A whole clean image of ``sample`` at reconstruction's intensity (``/ scale``) with a
+    random global phase: one slice ``(1, 1, Y, X)``, or for a 3D network a block of
+    ``depth`` consecutive planes ``(1, d, Y, X)`` (where stage 0's penalty may measure H
+    over a whole image, :class:`~molrecon.train.TrainConfig` ``penalty_at``)."""
+    full = sample.target[0]                                      # (D, Y, X)
+    if volume:
+        d = min(depth, full.shape[0])
+        d0 = int(rng.integers(full.shape[0] - d + 1))
+        image = full[d0:d0 + d]
+    else:
+        image = full[int(rng.integers(full.shape[0]))][None]
+    return (image / scale * _unit_phase(rng, image.real.dtype))[None].contiguous()
+
+
+__all__ = ["PatchSpec", "degraded_bank", "draw_patch", "sample_scales", "whole_image"]

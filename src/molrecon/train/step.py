@@ -33,7 +33,7 @@ from ..models.lipschitz import (lanczos_jacobian_norm, local_lipschitz_ratio,
 from ..problem import Problem
 from .config import DEFAULT_LAM, Loss, TrainConfig
 from .data import FolderDataset, make_problem
-from .patches import draw_patch
+from .patches import draw_patch, whole_image
 from .probes import PenaltyProbes
 
 if TYPE_CHECKING:
@@ -229,14 +229,14 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
         penalty = _lipschitz_penalty(cnn, config, s, rng, out,
                                      lambda: x_in[int(rng.integers(x_in.shape[0]))][None])
     else:
-        # the clean patch (MOL's fixed points are nearly clean), the noisy one, and the
-        # whole clean image of the same item, in the order asked
+        # the clean patch (MOL's fixed points are nearly clean), the noisy one, and a
+        # whole clean image of the same scan, in the order asked
         i = int(rng.integers(x_in.shape[0]))
         gi = items[i]
 
         def whole() -> Any:
-            return _whole_image(train_set.samples[gi], scales[gi], rng, volume,
-                                config.patch.depth).to(device)
+            return whole_image(train_set.samples[gi], scales[gi], rng, volume,
+                               config.patch.depth).to(device)
         points = {"clean": lambda: target[i][None], "noisy": lambda: x_in[i][None],
                   "image": whole}
         terms = [_lipschitz_penalty(cnn, config, s, rng, out, points[name])
@@ -251,24 +251,6 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     out.loss_sum = float(loss.detach())
     out.count = 1
     return out
-
-
-def _whole_image(sample: Any, scale: float, rng: np.random.Generator, volume: bool,
-                 depth: int) -> Any:
-    """A whole clean image of ``sample`` at reconstruction's intensity (``/ scale``) with a
-    random global phase: one slice ``(1, 1, Y, X)``, or for a 3D network a block of
-    ``depth`` consecutive planes ``(1, d, Y, X)``."""
-    full = sample.target[0]                                      # (D, Y, X)
-    if volume:
-        d = min(depth, full.shape[0])
-        d0 = int(rng.integers(full.shape[0] - d + 1))
-        image = full[d0:d0 + d]
-    else:
-        image = full[int(rng.integers(full.shape[0]))][None]
-    phase = float(rng.uniform(0.0, 2.0 * math.pi))
-    rot = torch.polar(torch.ones((), dtype=image.real.dtype),
-                      torch.tensor(phase, dtype=image.real.dtype))
-    return (image / scale * rot)[None].contiguous()
 
 
 def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Generator,
