@@ -179,21 +179,22 @@ def test_interrupt_during_a_best_save_still_writes_the_best_model(
     import importlib
 
     loop = importlib.import_module("molrecon.train.loop")
-    real_cert, real_eval = loop._certificate, loop.evaluate
-    certs: list[int] = []
+    real_save, real_eval = loop.save_checkpoint, loop.evaluate
+    best_saves: list[int] = []
     evals: list[int] = []
 
-    def cert(*args: Any, **kwargs: Any) -> Any:
-        certs.append(1)
-        if len(certs) == 2:                      # the save of step 4's best model
-            raise KeyboardInterrupt
-        return real_cert(*args, **kwargs)
+    def save(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == "m.pt":
+            best_saves.append(1)
+            if len(best_saves) == 2:             # the save of step 4's best model
+                raise KeyboardInterrupt
+        return real_save(path, *args, **kwargs)
 
     def rising(*args: Any, **kwargs: Any) -> Any:
         evals.append(1)
         return {**real_eval(*args, **kwargs), "val_psnr": 10.0 + len(evals)}   # every one a best
 
-    monkeypatch.setattr(loop, "_certificate", cert)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     monkeypatch.setattr(loop, "evaluate", rising)
     out = tmp_path / "m.pt"
     with pytest.raises(KeyboardInterrupt):
