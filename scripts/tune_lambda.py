@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--output-scale", type=float, default=1.0,
                     help="multiply the prior's output by this factor first (its last layer, "
-                         "and the gain of an identity path): H → cH multiplies every Lipschitz constant by c (c < 1 for a prior "
-                         "whose local estimate at the data is not below 1; c > 1 to compare a "
+                         "and the gain of an identity path): H → cH multiplies every "
+                         "Lipschitz constant by c (c < 1 for a prior whose local estimate at the data is not below 1; c > 1 to compare a "
                          "prior held well below it at the same bound)")
     ap.add_argument("--out", type=Path, help="write the checkpoint with the best λ here")
     ap.add_argument("--json", type=Path)

@@ -228,7 +228,6 @@ class TrainConfig:
         if self.stage == "denoise" and self.unroll:
             raise ConfigError("--stage denoise trains H alone: it has no unrolled variant")
 
-
     def penalty_points(self) -> tuple[str, ...]:
         """Where stage 0's penalty measures, in order ("both" is clean then noisy); empty
         if ``penalty_at`` names anything else."""

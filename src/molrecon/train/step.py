@@ -225,23 +225,19 @@ def _denoise_step(cnn: Any, config: TrainConfig, train_set: FolderDataset, scale
     x_in = torch.stack([x[:d, :p, :p] for x in noisy]).to(device)         # (B, 1|d, P, P)
     target = torch.stack([x[:d, :p, :p] for x in clean]).to(device)       # (B, 1|d, P, P)
     loss = _loss(cnn(x_in), target, config.loss)
-    if config.penalty_at == "noisy":
-        penalty = _lipschitz_penalty(cnn, config, s, rng, out,
-                                     lambda: x_in[int(rng.integers(x_in.shape[0]))][None])
-    else:
-        # the clean patch (MOL's fixed points are nearly clean), the noisy one, and a
-        # whole clean image of the same scan, in the order asked
-        i = int(rng.integers(x_in.shape[0]))
-        gi = items[i]
+    # The penalty measures H at one item of the batch: its noisy patch, its clean patch
+    # (MOL's fixed points are nearly clean) and/or a whole clean image of its scan, in the
+    # order asked (config.penalty_points()).
+    i = int(rng.integers(x_in.shape[0]))
+    gi = items[i]
 
-        def whole() -> Any:
-            return whole_image(train_set.samples[gi], scales[gi], rng, volume,
-                               config.patch.depth).to(device)
-        points = {"clean": lambda: target[i][None], "noisy": lambda: x_in[i][None],
-                  "image": whole}
-        terms = [_lipschitz_penalty(cnn, config, s, rng, out, points[name])
-                 for name in config.penalty_points()]                    # (1, 1|d, ·, ·)
-        penalty = None if terms[0] is None else sum(terms)
+    def whole() -> Any:
+        return whole_image(train_set.samples[gi], scales[gi], rng, volume,
+                           config.patch.depth).to(device)
+    points = {"clean": lambda: target[i][None], "noisy": lambda: x_in[i][None], "image": whole}
+    terms = [_lipschitz_penalty(cnn, config, s, rng, out, points[name])
+             for name in config.penalty_points()]                        # (1, 1|d, ·, ·)
+    penalty = None if terms[0] is None else sum(terms)
     if penalty is not None:
         loss = loss + penalty
     if not bool(torch.isfinite(loss)):
