@@ -87,6 +87,7 @@ from .anatomy import (
     Split,
     anatomy_available,
     anatomy_extent,
+    anatomy_landmarks,
     anatomy_source,
     anatomy_sources,
     anatomy_subjects,
@@ -108,7 +109,8 @@ from .kspace import SimulatedScan, simulate
 __all__ = [
     "EXAMPLE_MATRIX", "ORIENTATIONS", "SPLITS", "AnatomySource", "AnatomySubject",
     "AnatomyTransform", "DatasetEntry", "DatasetResult", "Orientation", "SimulatedScan",
-    "SimulationConfig", "Split", "anatomy_available", "anatomy_extent", "anatomy_source",
+    "SimulationConfig", "Split", "anatomy_available", "anatomy_extent", "anatomy_landmarks",
+    "anatomy_source",
     "anatomy_sources", "anatomy_subjects", "dataset_plan", "head_extent", "load_anatomy",
     "simulate", "simulate_dataset", "simulate_to_file", "simulated_example",
 ]

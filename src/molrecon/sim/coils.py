@@ -2,7 +2,8 @@
 
 Each coil is a straight wire segment parallel to the patient's head-foot axis,
 placed on a cylinder of random radius (115-150 mm), rotation and slight
-off-centring, one ring for up to 8 coils and two rings above that. A segment
+off-centring, one ring for up to 8 coils and two rings above that; around a body
+(the torso) on an elliptic cylinder 10-45 mm outside its outline. A segment
 from ``z1`` to ``z2`` at transverse distance ``rho`` has field magnitude
 ``[(z2 - z)/sqrt(rho^2 + (z2 - z)^2) - (z1 - z)/sqrt(rho^2 + (z1 - z)^2)] / rho``
 and a transverse phase that turns with the angle around the wire, times a random
@@ -32,7 +33,10 @@ class _CoilArray:
     softening_mm: float = 5.0
 
     @staticmethod
-    def random(n_coils: int, rng: np.random.Generator) -> _CoilArray:
+    def random(n_coils: int, rng: np.random.Generator,
+               body: tuple[float, float] | None = None) -> _CoilArray:
+        """A random array; around a head by default, or on an ellipse 10-45 mm outside a
+        body of transverse semi-axes ``body`` (mm, along LPS x and y), the same draws."""
         rings = 1 if n_coils <= 8 else 2
         per_ring = [n_coils // rings + (1 if r < n_coils % rings else 0) for r in range(rings)]
         radius = rng.uniform(115.0, 150.0)
@@ -45,7 +49,12 @@ class _CoilArray:
             zc = z_mid if rings == 1 else z_mid + (r - 0.5) * 70.0
             for j in range(n):
                 angle = rotation + 2.0 * math.pi * (j + 0.5 * r) / n + rng.normal(0.0, 0.05)
-                xy.append(centre + radius * np.array([math.cos(angle), math.sin(angle)]))
+                if body is None:
+                    xy.append(centre + radius * np.array([math.cos(angle), math.sin(angle)]))
+                else:
+                    gap = radius - 105.0                                    # 10-45 mm
+                    xy.append(centre + np.array([(body[0] + gap) * math.cos(angle),
+                                                 (body[1] + gap) * math.sin(angle)]))
                 z_ends.append((zc - length / 2.0, zc + length / 2.0))
         gains = rng.uniform(0.8, 1.25, size=n_coils) * np.exp(
             1j * rng.uniform(-math.pi, math.pi, size=n_coils))

@@ -113,7 +113,9 @@ def dataset_plan(config: SimulationConfig, count: int, split: str
                  ) -> list[tuple[SimulationConfig, AnatomySubject]]:
     """The per-file configs of a dataset: subject, slice position, augmentation and seed.
 
-    Subjects of ``split`` that are installed here are drawn uniformly, a slab of
+    Subjects of ``split`` that are installed here are drawn uniformly (only the
+    config's own anatomy when it is a source drawn on request, such as the torso;
+    otherwise every source but those), a slab of
     the subject in proportion to its length, a slice position uniformly inside it
     (so that the stack or slab stays inside), and a fresh augmentation and seed.
     Slices stay axial (only in-plane rotations), so splits never overlap.
@@ -126,7 +128,14 @@ def dataset_plan(config: SimulationConfig, count: int, split: str
         raise ConfigError("dataset mode keeps axial slices without tilt, so that the train, "
                           "val and test slabs stay disjoint")
     options: list[tuple[AnatomySubject, list[tuple[float, float]]]] = []
+    asked = anatomy_source(config.anatomy)
     for subject in anatomy_subjects(split, available_only=True):
+        # A source drawn only on request (the procedural torso) makes a dataset of its
+        # own; every other dataset draws from the other sources, as it always did.
+        if asked.on_request and subject.source != asked.name:
+            continue
+        if not asked.on_request and anatomy_source(subject.source).on_request:
+            continue
         ranges = _positions_for(subject, config)
         if ranges:
             options.append((subject, ranges))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..io.types import Geometry
-from .anatomy import anatomy_extent, load_anatomy
+from .anatomy import anatomy_extent, anatomy_landmarks, load_anatomy
 from .config import AnatomyTransform, SimulationConfig
 
 Coords = tuple[np.ndarray, np.ndarray, np.ndarray]   # LPS x, y, z (mm) of a set of points
@@ -64,6 +64,13 @@ class _PlacedAnatomy:
         # Backward map: the anatomy appears rotated by +angle about the slice normal.
         self._rot = _rotation(normal, -math.radians(transform.rotation_deg))
         self.planar = self.volume.shape[2] == 1
+        self.landmarks = anatomy_landmarks(name)
+
+    def lps_of_index(self, idx: np.ndarray) -> np.ndarray:
+        """LPS position (mm) of the fractional voxel index ``idx`` (3,): :meth:`sample`'s inverse."""
+        sx = 1.0 if self.transform.flip_lr else -1.0
+        q = (np.asarray(idx, dtype=np.float64) - self.centre) * self.voxel * np.array([sx, -1.0, 1.0])
+        return self._rot.T @ q
 
     def extent_along(self, direction: np.ndarray) -> tuple[float, float]:
         """(min, max) of the head's bounding box projected on an LPS ``direction`` (mm)."""
@@ -175,15 +182,24 @@ class _Motion:
 
     @staticmethod
     def random(cfg: SimulationConfig, centre: np.ndarray, read: np.ndarray,
-               phase_dir: np.ndarray, normal: np.ndarray, rng: np.random.Generator) -> _Motion:
+               phase_dir: np.ndarray, normal: np.ndarray, rng: np.random.Generator,
+               heart: np.ndarray | None = None) -> _Motion:
         """The motion of a 2dt scan of ``cfg`` through the slice centred at ``centre``: the
-        contracting region sits within 25 mm of it (along read and phase)."""
+        contracting region sits within 25 mm of it (along read and phase); with ``heart``
+        (an LPS point on the left ventricle's long axis) it is the ventricle, 35 mm in
+        radius, centred within 3 mm of where the axis crosses the slice."""
+        period = float(cfg.motion_period if cfg.motion_period is not None else cfg.n_frames)
+        if heart is not None:
+            offset = rng.uniform(-3.0, 3.0, size=2)
+            on_plane = heart - float((heart - centre) @ normal) * normal
+            return _Motion(translation_mm=float(cfg.motion_mm), contraction=float(cfg.contraction),
+                           centre=on_plane + offset[0] * read + offset[1] * phase_dir,
+                           radius_mm=35.0, phase_dir=phase_dir, normal=normal, period=period)
         offset = rng.uniform(-25.0, 25.0, size=2)
         return _Motion(
             translation_mm=float(cfg.motion_mm), contraction=float(cfg.contraction),
             centre=centre + offset[0] * read + offset[1] * phase_dir, radius_mm=45.0,
-            phase_dir=phase_dir, normal=normal,
-            period=float(cfg.motion_period if cfg.motion_period is not None else cfg.n_frames))
+            phase_dir=phase_dir, normal=normal, period=period)
 
     def state(self, t: int) -> float:
         return 0.5 * (1.0 - math.cos(2.0 * math.pi * t / self.period))

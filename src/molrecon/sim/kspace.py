@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..io.types import Geometry, ImageVolume, Kind, RawScan, ScanInfo
 from ..physics.masks import calibration_region, make_mask
+from .anatomy import anatomy_body
 from .coils import _CoilArray, _normalised_maps
 from .config import SimulationConfig
 from .image import (
@@ -242,11 +243,13 @@ def simulate(config: SimulationConfig) -> SimulatedScan:
     read, phase_dir, slc = geometry.read_dir, geometry.phase_dir, geometry.slice_dir
     positions = geometry.position
     grid = _Grid(cfg, read, phase_dir, slc, anat.planar, float(anat.voxel.min()))
-    coils = _CoilArray.random(cfg.coils, rngs["coils"])
+    coils = _CoilArray.random(cfg.coils, rngs["coils"], body=anatomy_body(cfg.anatomy))
     phase_field = _PhaseField.random(rngs["phase"])
     motion = None
     if cfg.kind == "2dt":
-        motion = _Motion.random(cfg, positions[0], read, phase_dir, slc, rngs["motion"])
+        axis = anat.landmarks.get("heart_axis")
+        heart = None if axis is None else anat.lps_of_index(np.array([axis[0], axis[1], anat.centre[2]]))
+        motion = _Motion.random(cfg, positions[0], read, phase_dir, slc, rngs["motion"], heart)
     kspace, truth, maps = _encode(cfg, anat, grid, coils, phase_field, positions, motion)
 
     # Correlated coil noise, drawn for every sample (independent of the mask).
