@@ -299,6 +299,43 @@ def test_the_campaign_script_resumes_its_committed_state(monkeypatch: pytest.Mon
     assert resume_changes(_plain(asdict(first)), config(again)) == []
 
 
+def test_the_2dt_campaign_script_resumes_with_the_options_it_started_with(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """scripts/campaign_2dt.sh, as the 2D campaign's test: its stage parses as `train`, a
+    resume passes the same options, and so does a resume of the committed state."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "campaign_2dt.sh", root / "scripts")
+    fake = tmp_path / "molrecon"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGS_FILE"\n')
+    fake.chmod(0o755)
+
+    def args() -> list[str]:
+        env = {**os.environ, "MOL": str(fake), "ARGS_FILE": str(tmp_path / "args")}
+        subprocess.run(["bash", str(root / "scripts" / "campaign_2dt.sh"), "stage0a", "600"],
+                       env=env, check=True, timeout=60)
+        return (tmp_path / "args").read_text().splitlines()
+
+    seen = capture_train(monkeypatch)
+
+    def config(argv: list[str]) -> TrainConfig:
+        r = runner.invoke(app, argv)
+        assert r.exit_code == 0, r.output
+        return seen[-1]
+
+    first = config(args())
+    assert first.stage == "denoise" and first.patch.depth == 8 and first.skip
+    state = root / "runs" / "t0a" / "t0a.state.pt"
+    state.write_bytes(b"")
+    again = args()
+    assert "--resume" in again
+    assert resume_changes(_plain(asdict(first)), config(again)) == []
+    committed = ROOT / "campaign" / "2dt_lr" / "t0a.state.pt"
+    if committed.is_file():
+        saved = torch.load(committed, weights_only=True)["config"]
+        assert resume_changes(saved, config(again)) == []
+
+
 # ----------------------------------------------------------------------------- 7. time budget
 def test_next_step_fits_counts_the_slowest_recent_step_validation_and_save() -> None:
     assert next_step_fits(0.0, 10.0, [])
