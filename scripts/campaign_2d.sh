@@ -37,11 +37,9 @@
 # 0.1-0.2 dB away at the 1e-4 residual: the prior's local Lipschitz constant is near 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-MOL=${MOL:-.venv/bin/molrecon}
-THREADS=${THREADS:-2}
-RUNS=runs
 KEEP=campaign/2d_lr
+STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y"
+source scripts/campaign_common.sh
 DATA="--data $RUNS/data2d --val-data $RUNS/data2d_val"
 MASKS="--mask equispaced,random -R 4,6 --acs 16"
 SEED=11
@@ -268,27 +266,6 @@ stage0x() {
 stage0y() {
   stage0ab s0y "$1" --skip --init "${INIT0Y:-$KEEP/s0y_init.pt}" --lr 2e-4 \
     --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz "${BEST_MAX_L0Y:-1.01}"
-}
-
-save() {
-  mkdir -p "$KEEP"
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y; do
-    for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
-             "$RUNS/$stage/$stage.pt"; do
-      [ -f "$f" ] && cp "$f" "$KEEP/"
-    done
-  done
-  ls -la "$KEEP"
-}
-
-restore() {
-  for stage in s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y; do
-    mkdir -p "$RUNS/$stage"
-    for f in "$KEEP/$stage".*; do
-      [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
-    done
-  done
-  return 0
 }
 
 case "${1:-}" in

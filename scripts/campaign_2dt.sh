@@ -12,11 +12,9 @@
 # THREADS (default 2) sets the torch threads of a stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-MOL=${MOL:-.venv/bin/molrecon}
-THREADS=${THREADS:-2}
-RUNS=runs
 KEEP=campaign/2dt_lr
+STAGES="t0a"
+source scripts/campaign_common.sh
 # Brain series (36 training, 4 validation) and cardiac-like cine series of the procedural
 # torso (24, 2), in one folder each for training and validation (hard links).
 DATA="--data $RUNS/data2dt_mix --val-data $RUNS/data2dt_mix_val"
@@ -25,7 +23,6 @@ DATA="--data $RUNS/data2dt_mix --val-data $RUNS/data2dt_mix_val"
 # R = 4, 8 lines).
 MASKS="--mask interleaved,random -R 4,8 --acs 8"
 SEED=23
-STAGES="t0a"
 
 # Stage t0a: the denoising stage (no CG in the loop) on blocks of 8 consecutive frames of
 # 64², from the best 2D prior the 2D campaign has at the bound (stage 0y's step 1500 with
@@ -49,27 +46,6 @@ stage0a() {
     --penalty-at clean,image --penalty-every 8 --best-max-lipschitz 1.01 \
     --max-steps 100000 --val-every 400 --val-samples 6 --checkpoint-every 100 \
     --seed $SEED --time-budget "$secs" --quiet "${resume[@]}"
-}
-
-save() {
-  mkdir -p "$KEEP"
-  for stage in $STAGES; do
-    for f in "$RUNS/$stage/$stage.state.pt" "$RUNS/$stage/$stage.log.jsonl" \
-             "$RUNS/$stage/$stage.pt"; do
-      [ -f "$f" ] && cp "$f" "$KEEP/"
-    done
-  done
-  ls -la "$KEEP"
-}
-
-restore() {
-  for stage in $STAGES; do
-    mkdir -p "$RUNS/$stage"
-    for f in "$KEEP/$stage".*; do
-      [ -f "$f" ] && cp "$f" "$RUNS/$stage/"
-    done
-  done
-  return 0
 }
 
 case "${1:-}" in

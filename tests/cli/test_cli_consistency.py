@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -259,23 +260,32 @@ def test_resume_changes_names_options_and_ignores_free_ones(folder: Path, tmp_pa
     assert all(option.startswith("-") for option in OPTION_NAMES.values())
 
 
+def _campaign_copy(tmp_path: Path, script: str) -> tuple[Path, Callable[[str, str], list[str]]]:
+    """A copy of a campaign script (and what it sources) in a bare repository, and a runner
+    of its stages through a stand-in for `molrecon` that returns the arguments it got."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    for name in (script, "campaign_common.sh"):
+        shutil.copy(ROOT / "scripts" / name, root / "scripts")
+    fake = tmp_path / "molrecon"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGS_FILE"\n')
+    fake.chmod(0o755)
+
+    def run(stage: str, secs: str) -> list[str]:
+        env = {**os.environ, "MOL": str(fake), "ARGS_FILE": str(tmp_path / "args")}
+        subprocess.run(["bash", str(root / "scripts" / script), stage, secs],
+                       env=env, check=True, timeout=60)
+        return (tmp_path / "args").read_text().splitlines()
+
+    return root, run
+
+
 def test_the_campaign_script_resumes_its_committed_state(monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
     """scripts/campaign_2d.sh passes the same options on every resume: run it with a stand-in
     for `molrecon` that records its arguments, parse them as `train` does, and compare them
     with the committed stage-0 state (and stage 1's first run with its resume)."""
-    root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    shutil.copy(ROOT / "scripts" / "campaign_2d.sh", root / "scripts")
-    fake = tmp_path / "molrecon"
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGS_FILE"\n')
-    fake.chmod(0o755)
-
-    def args(stage: str, secs: str) -> list[str]:
-        env = {**os.environ, "MOL": str(fake), "ARGS_FILE": str(tmp_path / "args")}
-        subprocess.run(["bash", str(root / "scripts" / "campaign_2d.sh"), stage, secs],
-                       env=env, check=True, timeout=60)
-        return (tmp_path / "args").read_text().splitlines()
+    root, args = _campaign_copy(tmp_path, "campaign_2d.sh")
 
     seen = capture_train(monkeypatch)
 
@@ -303,18 +313,7 @@ def test_the_2dt_campaign_script_resumes_with_the_options_it_started_with(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """scripts/campaign_2dt.sh, as the 2D campaign's test: its stage parses as `train`, a
     resume passes the same options, and so does a resume of the committed state."""
-    root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    shutil.copy(ROOT / "scripts" / "campaign_2dt.sh", root / "scripts")
-    fake = tmp_path / "molrecon"
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGS_FILE"\n')
-    fake.chmod(0o755)
-
-    def args() -> list[str]:
-        env = {**os.environ, "MOL": str(fake), "ARGS_FILE": str(tmp_path / "args")}
-        subprocess.run(["bash", str(root / "scripts" / "campaign_2dt.sh"), "stage0a", "600"],
-                       env=env, check=True, timeout=60)
-        return (tmp_path / "args").read_text().splitlines()
+    root, run = _campaign_copy(tmp_path, "campaign_2dt.sh")
 
     seen = capture_train(monkeypatch)
 
@@ -323,11 +322,11 @@ def test_the_2dt_campaign_script_resumes_with_the_options_it_started_with(
         assert r.exit_code == 0, r.output
         return seen[-1]
 
-    first = config(args())
+    first = config(run("stage0a", "600"))
     assert first.stage == "denoise" and first.patch.depth == 8 and first.skip
     state = root / "runs" / "t0a" / "t0a.state.pt"
     state.write_bytes(b"")
-    again = args()
+    again = run("stage0a", "900")
     assert "--resume" in again
     assert resume_changes(_plain(asdict(first)), config(again)) == []
     committed = ROOT / "campaign" / "2dt_lr" / "t0a.state.pt"
