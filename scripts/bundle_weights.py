@@ -59,7 +59,15 @@ def main() -> None:
                          "with these very weights (the training run's were measured on the "
                          "weights as they were then, e.g. before an output scaling)")
     ap.add_argument("--val-files", type=int, default=4)
+    ap.add_argument("--power-iters", type=int, default=300,
+                    help="power iterations per point (below the default: exactly this many, "
+                         "no tolerance; a 2D+time series costs seconds per iteration)")
+    ap.add_argument("--lanczos-steps", type=int, default=30)
+    ap.add_argument("--data-note", default="",
+                    help="a sentence added to the card's training-data paragraph")
     args = ap.parse_args()
+    check = CheckConfig(power_iters=args.power_iters, lanczos_steps=args.lanczos_steps,
+                        power_tol=1e-4 if args.power_iters >= 300 else None)
 
     loaded = load_checkpoint(args.checkpoint)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -70,13 +78,13 @@ def main() -> None:
             scan = simulated_example(loaded.kinds[0], tmp)
             where = f"a {loaded.kinds[0]} scan simulated from the validation slab (R = 4, 8 coils)"
         problems = load_problems([scan], kinds=loaded.kinds, points=1)
-        report = check_lipschitz(loaded, problems, CheckConfig())
+        report = check_lipschitz(loaded, problems, check)
     rep = report.as_dict()
     cert = dict(loaded.certificate)
     if args.val_data is not None:
         files = sorted(args.val_data.glob("*.h5"))[: args.val_files]
         val_problems = load_problems(files, kinds=loaded.kinds, points=1)
-        val = check_lipschitz(loaded, val_problems, CheckConfig()).as_dict()
+        val = check_lipschitz(loaded, val_problems, check).as_dict()
         cert.update({"data": [f.name for f in files],
                      "local_power": val["local"]["power"]["values"],
                      "local_ratio": val["local"]["ratio"]["values"],
@@ -167,6 +175,7 @@ correlated coil noise with noise scans, readout oversampling, simulated on a 2×
 finer grid.
 Validation: files of the *val* split (slab 0.54–0.66), kept in their own folder
 (`--val-data`). The test slab (0.70–0.84) and the bundled example scan were never used.
+{args.data_note}
 {init_note}
 Command:
 
@@ -179,6 +188,7 @@ Command:
 * verdict: **{rep.get('verdict')}**
 * certified global bound ({bound_text}; holds for every image size): {cb['bound']:.4g} — {'below 1: certified contraction' if cb.get('certified') else 'not below 1: no certificate (the LR penalty acts at training points only)'}
 * per-layer bounds: {', '.join(f'{v:.4g}' for v in cb['layer_bounds'])}
+* local estimates: {check.power_iters} power iterations{' (or to a 1e-4 rise over 10)' if check.power_tol else ''}, {check.lanczos_steps} Lanczos steps and {check.ratio_steps} steps of the ratio search per point
 * local Lipschitz estimates at the fixed point of {where}: power iteration {loc['power']['max']:.4f}, secant ratio {loc['ratio']['max']:.4f}{lanczos_text}
 {val_line}
 ```json
