@@ -91,8 +91,9 @@ class SimulationConfig:
     direction across the head's extent (0 = its first voxel, 1 = its last).
     ``slices`` only for 2d (``None`` = 1), ``frames`` only for 2dt (``None`` = 16).
     Motion (2dt): peak translation ``motion_mm`` along the phase direction, peak
-    fractional ``contraction`` of a region 45 mm across, one cycle per
-    ``motion_period`` frames (``None`` = all frames).
+    fractional ``contraction`` of a region 45 mm across (of the left ventricle for
+    the ``torso`` anatomy), one cycle per ``motion_period`` frames (``None`` = all
+    frames).
     """
 
     kind: Kind = "2d"

@@ -7,7 +7,7 @@ head's bounding box at the isocentre, rotated or flipped by the config's
 across its thickness (boxcar slice profile). The magnitude is multiplied by a
 smooth random phase, and a 2D+time scan is deformed frame by frame by a
 breathing-like translation along the phase direction and a smooth radial
-contraction of a region. Also here: the directions of each orientation, the
+contraction of a region (for the procedural torso, of its left ventricle). Also here: the directions of each orientation, the
 reconstruction :class:`~molrecon.io.types.Geometry` and the fine and
 reconstruction grids that the coils and the encoding (:mod:`molrecon.sim.kspace`)
 are computed on.
