@@ -97,6 +97,7 @@ class _Run:
     saved_at: int = -1
     best_step: int = -1          # the step whose validation set ``best`` (its save may be pending)
     updating: bool = False              # inside the optimiser's step (not to be saved)
+    pending: dict[str, Any] | None = None   # a finished step whose log record is not yet written
     order_epoch: int = -1
     order: np.ndarray = field(default_factory=lambda: np.arange(0))
     last_record: dict[str, Any] = field(default_factory=dict)
@@ -295,6 +296,7 @@ def _run_steps(run: _Run) -> None:
     run.s = run.start_step
     run.saved_at = run.start_step if config.resume else -1
     run.updating = False
+    run.pending = None
     run.order_epoch, run.order = -1, np.arange(run.n_train)
     try:
         run.step.train()
@@ -319,6 +321,9 @@ def _run_steps(run: _Run) -> None:
         if run.dist_info.main and not run.updating and run.s != run.saved_at:
             # An interrupt during the save of a new best model must still write it: the
             # state records that best PSNR, and a resumed run only saves models beating it.
+            if run.pending is not None:
+                run.emit(run.pending)
+                run.last_record, run.pending = run.pending, None
             _save_all(run, run.s, run.last_record, run.best_step == run.s)
             run.warn(f"interrupted: state saved after step {run.s}; continue with --resume")
         raise
@@ -413,21 +418,25 @@ def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float
     run.updating = True
     run.optim.step()
     run.s += 1
-    run.updating = False
-    if hasattr(cnn, "clear_spectral_cache"):
-        cnn.clear_spectral_cache()
     rec: dict[str, Any] = {
         "step": run.s, "epoch": epoch, "loss": stats["loss"],
         "fwd_iterations": stats["fwd_iterations"],
         "bwd_iterations": stats["bwd_iterations"],
         "lambda": float(run.step.lam.detach()), "lr": run.optim.param_groups[0]["lr"],
         "step_s": round(time.perf_counter() - t_step, 3), "elapsed_s": run.elapsed()}
+    # Until the record is in the log, an interrupt writes it before the state (a resumed
+    # run starts after this step, so its log line must not be lost).
+    run.pending = rec
+    run.updating = False
+    if hasattr(cnn, "clear_spectral_cache"):
+        cnn.clear_spectral_cache()
     run.recent_steps.append(time.perf_counter() - t_step)
     if outcome.lipschitz:
         rec["lipschitz_local"] = float(np.max(outcome.lipschitz))
     is_best = _validate(run, rec)
     run.last_record = rec
     run.emit(rec)
+    run.pending = None
     s = run.s
     if s % config.checkpoint_every == 0 or is_best or s == config.max_steps:
         _timed_save(run, s, rec, is_best)
