@@ -309,11 +309,15 @@ def test_the_campaign_script_resumes_its_committed_state(monkeypatch: pytest.Mon
     assert resume_changes(_plain(asdict(first)), config(again)) == []
 
 
-def test_the_2dt_campaign_script_resumes_with_the_options_it_started_with(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """scripts/campaign_2dt.sh, as the 2D campaign's test: its stage parses as `train`, a
-    resume passes the same options, and so does a resume of the committed state."""
-    root, run = _campaign_copy(tmp_path, "campaign_2dt.sh")
+@pytest.mark.parametrize("script, stage, keep", [("campaign_2dt.sh", "t0a", "2dt_lr"),
+                                                  ("campaign_3d.sh", "v0a", "3d_lr")])
+def test_the_3d_prior_campaign_scripts_resume_with_the_options_they_started_with(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, script: str, stage: str,
+        keep: str) -> None:
+    """scripts/campaign_2dt.sh and campaign_3d.sh, as the 2D campaign's test: the stage
+    parses as `train` (denoising blocks of 8 frames or partitions), a resume passes the
+    same options, and so does a resume of the committed state."""
+    root, run = _campaign_copy(tmp_path, script)
 
     seen = capture_train(monkeypatch)
 
@@ -324,12 +328,12 @@ def test_the_2dt_campaign_script_resumes_with_the_options_it_started_with(
 
     first = config(run("stage0a", "600"))
     assert first.stage == "denoise" and first.patch.depth == 8 and first.skip
-    state = root / "runs" / "t0a" / "t0a.state.pt"
+    state = root / "runs" / stage / f"{stage}.state.pt"
     state.write_bytes(b"")
     again = run("stage0a", "900")
     assert "--resume" in again
     assert resume_changes(_plain(asdict(first)), config(again)) == []
-    committed = ROOT / "campaign" / "2dt_lr" / "t0a.state.pt"
+    committed = ROOT / "campaign" / keep / f"{stage}.state.pt"
     if committed.is_file():
         saved = torch.load(committed, weights_only=True)["config"]
         assert resume_changes(saved, config(again)) == []

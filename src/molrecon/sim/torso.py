@@ -169,4 +169,16 @@ def heart_axis_index() -> tuple[float, float]:
                  for c, h in zip(HEART_AXIS_MM, HALF_EXTENT_MM[:2]))
 
 
-__all__ = ["BODY_SEMI_AXES_MM", "HEART_AXIS_MM", "VOXEL_MM", "heart_axis_index", "torso_volume"]
+# What molrecon.sim.anatomy asks of a generated source (its ``generator`` module).
+def volume() -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The source's volume and voxel: :func:`torso_volume`."""
+    return torso_volume()
+
+
+def landmarks() -> dict[str, tuple[float, ...]]:
+    """Named voxel indices of the volume: ``heart_axis``, where the left ventricle contracts."""
+    return {"heart_axis": heart_axis_index()}
+
+
+__all__ = ["BODY_SEMI_AXES_MM", "HEART_AXIS_MM", "VOXEL_MM", "heart_axis_index", "landmarks",
+           "torso_volume", "volume"]
