@@ -31,21 +31,13 @@ SEED=23
 # by frame and the time kernels grow from zero. Stage 0y's penalty (at the clean patch and
 # at a whole clean block of 8 frames of 128²) from the first step: without it a 40-step
 # trial took the norm at the validation fixed points from 0.92 to 1.30 (lr 2e-4). A
-# penalty step costs 26 s against 1.4 s for a plain one (2 threads: Lanczos through the
+# penalty step costs 29.5 s against 1.9 s for a plain one (2 threads: Lanczos through the
 # 3D network on the whole block), so it comes every 8th step at twice stage 0y's weight
-# (4.5 s a step on average, against 7.6 at every 4th).
+# (5.4 s a mean step at 2 threads, 8–10 s at one). The recipe is block_stage0's
+# (scripts/campaign_common.sh), shared with the 3D campaign.
 stage0a() {
-  local secs=$1 resume=()
-  mkdir -p "$RUNS/t0a"
-  [ -f "$RUNS/t0a/t0a.state.pt" ] && resume=(--resume)
-  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$RUNS/t0a/t0a.pt" \
-    --stage denoise --batch-size 8 --patch 64 --patch-depth 8 --sigma 0.01,0.12 \
-    --sense-fraction 0.25 --skip --init "${INIT_T0A:-campaign/2d_lr/s0y_step1500_x0985.pt}" \
-    --constraint lr --cg-iters 10 --lam 60 --lr 1e-4 --penalty-estimator lanczos \
-    --penalty-steps 10 --penalty-top 1 --penalty-weight 2e-4 --penalty-threshold 0.995 \
-    --penalty-at clean,image --penalty-every 8 --best-max-lipschitz 1.01 \
-    --max-steps 100000 --val-every 400 --val-samples 6 --checkpoint-every 100 \
-    --seed $SEED --time-budget "$secs" --quiet "${resume[@]}"
+  block_stage0 t0a "$1" "${INIT_T0A:-campaign/2d_lr/s0y_step1500_x0985.pt}" --lam 60 \
+    --val-every 400 --val-samples 6 --checkpoint-every 100 --seed $SEED
 }
 
 case "${1:-}" in

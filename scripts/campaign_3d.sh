@@ -28,17 +28,8 @@ SEED=31
 # benchmark's volumes (λ 20). The 2D+time stage's penalty (at the clean block and at a
 # whole clean block of 8 partitions, every 8th step, Lanczos) holds it at the bound.
 stage0a() {
-  local secs=$1 resume=()
-  mkdir -p "$RUNS/v0a"
-  [ -f "$RUNS/v0a/v0a.state.pt" ] && resume=(--resume)
-  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$RUNS/v0a/v0a.pt" \
-    --stage denoise --batch-size 8 --patch 64 --patch-depth 8 --sigma 0.01,0.12 \
-    --sense-fraction 0.25 --skip --init "${INIT_V0A:-src/molrecon/data/weights/mol_2dt_lr.pt}" \
-    --constraint lr --cg-iters 10 --lam 20 --lr 1e-4 --penalty-estimator lanczos \
-    --penalty-steps 10 --penalty-top 1 --penalty-weight 2e-4 --penalty-threshold 0.995 \
-    --penalty-at clean,image --penalty-every 8 --best-max-lipschitz 1.01 \
-    --max-steps 100000 --val-every 300 --val-samples 4 --checkpoint-every 50 \
-    --seed $SEED --time-budget "$secs" --quiet "${resume[@]}"
+  block_stage0 v0a "$1" "${INIT_V0A:-src/molrecon/data/weights/mol_2dt_lr.pt}" --lam 20 \
+    --val-every 300 --val-samples 4 --checkpoint-every 50 --seed $SEED
 }
 
 case "${1:-}" in
