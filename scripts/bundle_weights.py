@@ -129,10 +129,13 @@ def main() -> None:
                    if loaded.model.config.dims == 2 and set(kinds) - {"2d"} else "")
     init_note = ""
     if cfg.get("init_weights"):
-        init_note = (f"\nStarted from the weights of `{Path(cfg['init_weights']).name}`"
+        init = Path(cfg["init_weights"])
+        inflated = (loaded.model.config.dims == 3 and init.is_file()
+                    and load_checkpoint(init).model.config.dims == 2)
+        init_note = (f"\nStarted from the weights of `{init.name}`"
                      + (" (2D kernels placed on the centre plane of 3D kernels, so training began "
-                        "from exactly the 2D prior applied plane by plane)"
-                        if loaded.model.config.dims == 3 else "") + ".\n")
+                        "from exactly the 2D prior applied plane by plane)" if inflated else "")
+                     + ".\n")
     cb, loc = rep["certified"], rep["local"]
     val_line = ""
     if cert.get("local_max") is not None:

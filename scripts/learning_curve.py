@@ -3,7 +3,8 @@
 Reads the training logs (``MODEL.log.jsonl``) of the stages in order and draws
 the validation PSNR of the full MOL reconstruction, and of CG-SENSE on the same
 validation problems, against the cumulative core-hours of the campaign
-(wall-clock seconds × torch threads of each stage). Logs written before
+(wall-clock seconds × torch threads of each invocation, so that a stage resumed with
+another thread count is counted right). Logs written before
 ``elapsed_s`` existed fall back to the sum of the step times (validation time
 not counted); the table says which. A stage that started from an earlier step
 of the stage before it (``LABEL=LOG@STEP``) is drawn from that step's clock.
@@ -21,46 +22,46 @@ from pathlib import Path
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
 
-def read_stage(path: Path) -> tuple[list[dict], int, bool]:
-    """Validation points (step, hours within the stage, PSNRs) of one log, its thread count,
-    and whether the clock is the run's wall clock (else summed step times).
+def read_stage(path: Path) -> tuple[list[dict], bool]:
+    """Validation points (step, core-hours within the stage, PSNRs) of one log, and whether
+    the clock is the run's wall clock (else summed step times).
 
     Each invocation (a ``start`` record) is a segment: within it the wall clock is the
-    difference of ``elapsed_s`` (validation included); without ``elapsed_s`` (logs from
-    before it existed) the step times are summed."""
-    recs, threads = _records(path)
+    difference of ``elapsed_s`` (validation included), times the invocation's torch
+    threads; without ``elapsed_s`` (logs from before it existed) the step times are
+    summed."""
+    recs = _records(path)
     wall = all("elapsed_s" in r for r in recs if "loss" in r)
     points = []
-    for r, clock in _clocked(recs):
+    for r, core_s in _clocked(recs):
         if r.get("val_psnr") is not None:
-            points.append({"step": int(r["step"]), "hours": clock / 3600.0,
+            points.append({"step": int(r["step"]), "hours": core_s / 3600.0,
                            "psnr": float(r["val_psnr"]), "ssim": float(r["val_ssim"]),
                            "sense": float(r["val_sense_psnr"]),
                            "iterations": float(r["val_iterations"])})
-    return points, threads, wall
+    return points, wall
 
 
-def _records(path: Path) -> tuple[list[dict], int]:
-    """The records of a log and the torch threads of its last invocation."""
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    starts = [r for r in recs if r.get("event") == "start"]
-    return recs, int(starts[-1].get("threads", 1)) if starts else 1
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _clocked(recs: list[dict]) -> list[tuple[dict, float]]:
-    """Every record with the stage's clock (seconds) after it (see :func:`read_stage`)."""
-    out, clock, base, first = [], 0.0, 0.0, None
+    """Every record with the stage's core-seconds after it (see :func:`read_stage`)."""
+    out, core, last, threads = [], 0.0, None, 1
     for r in recs:
         if r.get("event") == "start":
-            base, first = clock, None
+            last, threads = None, int(r.get("threads", 1))
         if "loss" in r:
             if "elapsed_s" in r:
-                if first is None:
-                    first = float(r["elapsed_s"]) - float(r.get("step_s", 0.0))
-                clock = base + float(r["elapsed_s"]) - first
+                now = float(r["elapsed_s"])
+                if last is None:
+                    last = now - float(r.get("step_s", 0.0))
+                core += (now - last) * threads
+                last = now
             else:
-                clock += float(r.get("step_s", 0.0))
-        out.append((r, clock))
+                core += float(r.get("step_s", 0.0)) * threads
+        out.append((r, core))
     return out
 
 
@@ -72,12 +73,12 @@ def campaign(stages: list[tuple[str, Path, int | None]]) -> list[dict]:
     offset = 0.0
     previous: list[dict] = []
     for label, path, branch in stages:
-        points, threads, wall = read_stage(path)
+        points, wall = read_stage(path)
         start = offset
         if branch is not None:
             at = [r for r in previous if r["step"] <= branch]
             start = at[-1]["core_hours"] if at else 0.0
-        mine = [{**p, "stage": label, "core_hours": start + p["hours"] * threads,
+        mine = [{**p, "stage": label, "core_hours": start + p["hours"],
                  "clock": "wall" if wall else "steps"} for p in points]
         rows.extend(mine)
         previous = mine
@@ -91,9 +92,8 @@ def spent_core_hours(stages: list[tuple[str, Path, int | None]]) -> float:
     point included: what the campaign cost, not only the path to the last model."""
     total = 0.0
     for _, path, _ in stages:
-        recs, threads = _records(path)
-        clocked = _clocked(recs)
-        total += (clocked[-1][1] if clocked else 0.0) / 3600.0 * threads
+        clocked = _clocked(_records(path))
+        total += (clocked[-1][1] if clocked else 0.0) / 3600.0
     return total
 
 
