@@ -222,6 +222,19 @@ def test_resume_keeps_the_model_of_the_state(data: dict[str, Path], tmp_path: Pa
     assert load_checkpoint(out).metadata["config"]["spectral_grid"] == 12
 
 
+def test_a_resume_with_another_lam_restarts_lambda_there(data: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """--lam may change on resume, and then takes effect (the saved λ would otherwise win)."""
+    out = tmp_path / "m.pt"
+    train(tiny(data["2d"], out, max_steps=1, val_fraction=0.0, lam_init=5.0, lam_lr=0.0))
+    train(tiny(data["2d"], out, max_steps=2, val_fraction=0.0, lam_init=5.0, lam_lr=0.0,
+               resume=True))
+    train(tiny(data["2d"], out, max_steps=3, val_fraction=0.0, lam_init=40.0, lam_lr=0.0,
+               resume=True))
+    lams = [r["lambda"] for r in step_records(output_paths(out)["log"])]
+    assert lams == pytest.approx([5.0, 5.0, 40.0], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- validation
 def test_validation_split_is_by_file(multislice: Path, tmp_path: Path) -> None:
     ds = load_folder(list_raw_files(multislice), None)

@@ -131,7 +131,7 @@ def train_cmd(
     loss: Annotated[str, typer.Option("--loss", help="mse (complex) | mse_mag | l1.")] = "mse",
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of H.")] = 1e-4,
     lam_lr: Annotated[float, typer.Option("--lam-lr", help="Adam learning rate of log λ (0 keeps λ fixed).")] = 1e-2,
-    lam_init: Annotated[float | None, typer.Option("--lam", help="Initial data-consistency weight λ, then learned (default: 100, or the --init checkpoint's λ).", show_default=False)] = None,
+    lam_init: Annotated[float | None, typer.Option("--lam", help="Initial data-consistency weight λ, then learned (default: 100, or the --init checkpoint's λ); on --resume, a value other than the saved run's restarts λ there.", show_default=False)] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="MOL step size α.")] = 1.0,
     cg_iters: Annotated[int, typer.Option("--cg-iters", help="CG iterations per MOL step (data consistency), in training and validation; the bundled models use 10.")] = 10,
     layers: Annotated[int, typer.Option("--layers", help="Convolution layers of the CNN prior H.")] = 5,

@@ -17,6 +17,7 @@ resume removes the temporary files a kill left behind.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -128,6 +129,12 @@ def _restore_state(state: dict[str, Any], step: Any, optim: Any, config: TrainCo
     if "skip_gain" in state:          # the identity path's gain, as the run left it
         prior = step.prior
         prior.config = replace(prior.config, skip=float(state["skip_gain"]))
+    # A --lam other than the saved run's restarts λ there (λ is learned in the deep-
+    # equilibrium stage; stage 0 validates, and makes its regularised-SENSE patches, at it).
+    saved_lam = state["config"].get("lam_init") if isinstance(state["config"], dict) else None
+    if config.lam_init is not None and saved_lam != config.lam_init:
+        with torch.no_grad():
+            step.log_lam.fill_(math.log(config.lam_init))
     steps = int(state["steps"])
     best = float(state["best"])
     skips = int(state.get("skips", 0))
