@@ -23,6 +23,7 @@
 #   scripts/campaign_2d.sh stage0w SECS  # the same at ten times the weight
 #   scripts/campaign_2d.sh stage0x SECS  # stage 0s's recipe from scratch, the penalty also at clean patches
 #   scripts/campaign_2d.sh stage0y SECS  # stage 0v from its step 1000, the penalty at whole clean images too
+#   scripts/campaign_2d.sh stage0z SECS  # stage 0y's recipe on a deeper network (7 layers) grown from it
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
 #   scripts/campaign_2d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -38,7 +39,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=campaign/2d_lr
-STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y"
+STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y s0z"
 source scripts/campaign_common.sh
 DATA="--data $RUNS/data2d --val-data $RUNS/data2d_val"
 MASKS="--mask equispaced,random -R 4,6 --acs 16"
@@ -268,6 +269,17 @@ stage0y() {
     --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz "${BEST_MAX_L0Y:-1.01}"
 }
 
+# Stage 0z: is the 2D prior short of capacity? Stage 0y's curve is flat at about 33.0 dB
+# (steps 1250-2000). The same recipe on a 7-layer network (receptive field 15² instead
+# of 11², 1.6 times the cost of a step), grown from stage 0y's step 2000 (`s0z_init.pt`)
+# by inserting two identity layers (`train --init` with `--layers 7`): it starts as
+# exactly that model, so its curve against stage 0y's, resumed alongside on the other
+# core, measures what the depth buys per core-hour.
+stage0z() {
+  stage0ab s0z "$1" --skip --layers 7 --init "${INIT0Z:-$KEEP/s0z_init.pt}" --lr 2e-4 \
+    --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz "${BEST_MAX_L0Y:-1.01}"
+}
+
 case "${1:-}" in
   data)
     # MNI152 (a second subject for the train split) comes with nilearn: the "train" extra.
@@ -295,6 +307,7 @@ case "${1:-}" in
   stage0w) stage0vw s0w 1e-3 "${2:?seconds}" ;;
   stage0x) stage0x "${2:?seconds}" ;;
   stage0y) stage0y "${2:?seconds}" ;;
+  stage0z) stage0z "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
   *) sed -n '2,25p' "$0"; exit 2 ;;

@@ -272,6 +272,48 @@ def test_separate_validation_folder(data: dict[str, Path], tmp_path: Path) -> No
     assert not list(tmp_path.glob("p.*"))
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_deepened_prior_is_the_same_function_and_the_same_bound(dims: int) -> None:
+    from molrecon.models.cnn import CNNConfig, MolCNN
+    from molrecon.train.step import deepen_state
+
+    torch.manual_seed(1)
+    small = MolCNN(CNNConfig(dims=dims, layers=3, channels=6, skip=1.0), constraint="lr").double()
+    with torch.no_grad():                       # biases of both signs: ReLUs that cut
+        for conv in small.convs:
+            conv.bias.normal_()
+    deep = MolCNN(CNNConfig(dims=dims, layers=6, channels=6, skip=1.0), constraint="lr").double()
+    deep.load_state_dict(deepen_state(small.state_dict(), 3, 6))
+    x = torch.randn(2, 4, 12, 12, dtype=torch.complex128)
+    with torch.no_grad():
+        assert torch.allclose(deep(x), small(x), atol=1e-12)
+        assert torch.equal(deep.convs[-1].weight, small.convs[-1].weight)
+        # the inserted layers are identities: their norms multiply the bound by 1
+        norms = [float(torch.linalg.matrix_norm(c.weight.flatten(2).sum(-1), 2))
+                 for c in deep.convs[2:5]]
+    assert norms == pytest.approx([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="cannot deepen"):
+        deepen_state(small.state_dict(), 3, 2)
+
+
+def test_init_from_a_shallower_lr_prior_deepens_it_and_sn_refuses(
+        data: dict[str, Path], tmp_path: Path) -> None:
+    three = tmp_path / "three.pt"
+    train(tiny(data["2d"], three, max_steps=1, constraint="lr", penalty_crop=16))
+    five = tmp_path / "five.pt"
+    train(tiny(data["2d"], five, max_steps=1, constraint="lr", penalty_crop=16,
+               layers=5, init_weights=str(three), lr=1e-12))
+    source, grown = load_checkpoint(three), load_checkpoint(five)
+    assert grown.model.config.layers == 5
+    # with a negligible learning rate the grown network is the source's function
+    x = torch.randn(1, 1, 24, 24, dtype=torch.complex64)
+    with torch.no_grad():
+        assert torch.allclose(grown.model(x), source.model(x), atol=1e-5)
+    with pytest.raises(CheckpointError, match="differs"):
+        train(tiny(data["2d"], tmp_path / "sn.pt", max_steps=1, layers=5,
+                   init_weights=str(three)))
+
+
 def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
         data: dict[str, Path], tmp_path: Path) -> None:
     from molrecon.models.cnn import CNNConfig, MolCNN

@@ -87,6 +87,12 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
             # plane of a 3D kernel, so the new network is exactly the 2D one applied plane
             # by plane (same operator norm per layer) until training mixes the planes.
             cnn.load_state_dict(inflate_state_2d_to_3d(loaded.model.state_dict()))
+        elif (replace(source, layers=cnn.config.layers) == cnn.config
+              and 3 <= source.layers < cnn.config.layers and config.constraint == "lr"):
+            # A shallower prior starts a deeper one: the new hidden layers are identities,
+            # so the deeper network is exactly the shallower one until training uses them.
+            cnn.load_state_dict(deepen_state(loaded.model.state_dict(), source.layers,
+                                             cnn.config.layers))
         else:
             raise CheckpointError(f"architecture {source} differs from the one asked "
                                   f"for ({cnn.config})", path=config.init_weights)
@@ -111,6 +117,44 @@ def inflate_state_2d_to_3d(state: dict[str, Any]) -> dict[str, Any]:
         else:
             out[name] = value.clone()
     return out
+
+
+def deepen_state(state: dict[str, Any], layers: int, new_layers: int) -> dict[str, Any]:
+    """The state of a ``layers``-layer network as one of ``new_layers`` layers computing the
+    same function: identity C → C convolutions (the centre tap an identity matrix, zero
+    bias) are inserted before the last layer. Their input has just been through a ReLU, so
+    it is non-negative and the inserted layer's own ReLU passes it unchanged. Each inserted
+    layer's operator norm is 1, so the product of the layer norms (the certified bound of
+    an unconstrained network) is unchanged too. (Under spectral normalisation every layer's
+    target norm depends on the depth, so the function would change: LR only.)"""
+    if not 3 <= layers <= new_layers:
+        raise ValueError(f"cannot deepen a {layers}-layer network to {new_layers} layers")
+    out: dict[str, Any] = {}
+    last = layers - 1
+    for name, value in state.items():
+        index, rest = _conv_index(name)
+        if index is None:
+            out[name] = value.clone()
+        else:
+            out[f"convs.{index + (new_layers - layers if index == last else 0)}.{rest}"] = value.clone()
+    ref = state[f"convs.{last - 1}.weight"]          # a hidden C → C layer: its shape
+    channels, kernel = ref.shape[0], ref.shape[2:]
+    centre = tuple(k // 2 for k in kernel)
+    for index in range(last, last + new_layers - layers):
+        weight = torch.zeros_like(ref)
+        weight[(slice(None), slice(None), *centre)] = torch.eye(channels, dtype=ref.dtype)
+        out[f"convs.{index}.weight"] = weight
+        if f"convs.{last - 1}.bias" in state:
+            out[f"convs.{index}.bias"] = torch.zeros(channels, dtype=ref.dtype)
+    return out
+
+
+def _conv_index(name: str) -> tuple[int | None, str]:
+    """``convs.I.REST`` → (I, REST); any other parameter name → (None, name)."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "convs" and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    return None, name
 
 
 def _model_dims(kind: str) -> int:
