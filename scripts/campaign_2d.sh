@@ -264,9 +264,14 @@ stage0x() {
 # read 1.005-1.02); from the resume at step 1501 the limit is 1.01 (BEST_MAX_L0Y).
 # (Stage 0x, from scratch with --penalty-at both, was stopped at step 500 for it: 32.31 dB,
 # the same as stage 0s at step 500, whose barrier was not yet pressed.)
+# From step 2500 (tenth session) stages 0y and 0z validate and save the moving average of
+# their weights (--ema 0.998, a horizon of about 500 steps): at lr 2e-4 the validation of
+# the raw weights swung by ±0.25 dB from one validation to the next, more than the
+# difference the two stages were run to measure.
 stage0y() {
   stage0ab s0y "$1" --skip --init "${INIT0Y:-$KEEP/s0y_init.pt}" --lr 2e-4 \
-    --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz "${BEST_MAX_L0Y:-1.01}"
+    --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz "${BEST_MAX_L0Y:-1.01}" \
+    --ema 0.998
 }
 
 # Stage 0z: is the 2D prior short of capacity? Stage 0y's curve is flat at about 33.0 dB
@@ -277,7 +282,8 @@ stage0y() {
 # core, measures what the depth buys per core-hour.
 stage0z() {
   stage0ab s0z "$1" --skip --layers 7 --init "${INIT0Z:-$KEEP/s0z_init.pt}" --lr 2e-4 \
-    --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz "${BEST_MAX_L0Y:-1.01}"
+    --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz "${BEST_MAX_L0Y:-1.01}" \
+    --ema 0.998
 }
 
 case "${1:-}" in

@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 
 from _builders import Crash, crash_at, records, tiny_config
 from molrecon.cli import app
+from molrecon.deq.mol import MolStep
 from molrecon.errors import ConfigError
 from molrecon.models.checkpoint import load_checkpoint, save_checkpoint
 from molrecon.sim import SimulationConfig, simulate_to_file
 from molrecon.train import output_paths, train
-from molrecon.train.data import MaskSpec, list_raw_files, load_folder
+from molrecon.train.data import MaskSpec, list_raw_files, load_folder, split_dataset
 from molrecon.train.patches import PatchSpec, degraded_bank, draw_patch, sample_scales
+from molrecon.train.validate import _val_problems, evaluate
 
 runner = CliRunner()
 
@@ -251,6 +253,55 @@ def test_skip_gain_comes_from_the_init_and_survives_a_resume(folder2d: Path,
     train(denoise(folder2d, out, max_steps=4, val_every=2, checkpoint_every=2, skip=True,
                   resume=True))
     assert load_checkpoint(output_paths(out)["last"]).model.config.skip == pytest.approx(0.8)
+
+
+def test_ema_saves_and_validates_the_average_and_resumes_exactly(folder2d: Path,
+                                                                 tmp_path: Path) -> None:
+    """--ema: the saved models are the moving average of the weights (not the raw weights
+    the state trains on), the validation record is the average's, and an interrupted run
+    resumes to the same average as an uninterrupted one."""
+    common = {"max_steps": 6, "val_every": 3, "checkpoint_every": 2, "ema": 0.5,
+              "patch": PatchSpec(size=24, sense_fraction=0.0)}
+    full = tmp_path / "full" / "m.pt"
+    full.parent.mkdir()
+    train(denoise(folder2d, full, **common))
+    paths = output_paths(full)
+    state = torch.load(paths["state"], weights_only=True)
+    assert state["ema"]["updates"] == 6
+    last = load_checkpoint(paths["last"])
+    raw = {k.removeprefix("prior."): v for k, v in state["step"].items()
+           if k.startswith("prior.")}
+    avg = {k.removeprefix("prior."): v for k, v in state["ema"]["step"].items()
+           if k.startswith("prior.")}
+    saved = last.model.state_dict()
+    assert all(torch.equal(saved[k], avg[k]) for k in saved)
+    assert any(not torch.allclose(saved[k], raw[k]) for k in saved)   # not the raw weights
+    # the last validation (step 6) is the saved average's: evaluate it again
+    config = denoise(folder2d, tmp_path / "x.pt", **common)
+    _, val_set = split_dataset(load_folder(list_raw_files(folder2d), "2d"),
+                               config.val_fraction, config.seed)
+    logged = [r for r in records(paths["log"]) if r.get("step") == 6 and "val_psnr" in r][0]
+    again = evaluate(MolStep(last.model, last.mol_config),
+                     _val_problems(val_set, config, torch.device("cpu")), config, [])
+    assert again["val_psnr"] == pytest.approx(logged["val_psnr"], abs=1e-4)
+
+    part = tmp_path / "part" / "m.pt"
+    part.parent.mkdir()
+    with pytest.raises(Crash):
+        train(denoise(folder2d, part, **common), on_record=crash_at(5))
+    train(denoise(folder2d, part, **common, resume=True))
+    b = load_checkpoint(output_paths(part)["last"]).model.state_dict()
+    for name in saved:
+        assert torch.equal(saved[name], b[name]), name
+    # a run without --ema resumed with it: the average starts at the resumed weights
+    plain = tmp_path / "plain" / "m.pt"
+    plain.parent.mkdir()
+    train(denoise(folder2d, plain, **{**common, "ema": 0.0, "max_steps": 2}))
+    train(denoise(folder2d, plain, **{**common, "max_steps": 3}, resume=True))
+    assert torch.load(output_paths(plain)["state"], weights_only=True)["ema"]["updates"] == 1
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ConfigError, match="ema must be"):
+            denoise(folder2d, tmp_path / "bad.pt", ema=bad)
 
 
 def test_interrupted_denoise_run_resumes_exactly(folder2d: Path, tmp_path: Path) -> None:

@@ -86,6 +86,11 @@ class TrainConfig:
                       local estimate at its fixed points (``val_lipschitz``) is at most
                       this: for an LR model, the best among those at the bound, not a more
                       expansive one whose PSNR it owes to leaving it
+    ema               0 (off) or the decay d of an exponential moving average of the
+                      weights and λ, updated after every step (with the usual warm-up,
+                      min(d, (1 + n)/(10 + n)) at its n-th update): validation, the
+                      certificate and the saved models are the average's, the optimiser
+                      and the penalty act on the raw weights
     resume            continue the run whose state is beside ``out``; the options that
                       define the problem must be those the state was saved with
                       (:func:`resume_changes`), else the run is refused, unless
@@ -136,6 +141,7 @@ class TrainConfig:
     val_every: int = 50
     val_samples: int = 8
     best_max_lipschitz: float | None = None
+    ema: float = 0.0
     checkpoint_every: int = 25
     max_skips: int = 10
     grad_clip: float = 1.0
@@ -205,6 +211,9 @@ class TrainConfig:
         if self.penalty_estimator == "lanczos" and self.penalty_top > self.penalty_steps:
             raise ConfigError("penalty_top cannot exceed penalty_steps (the Lanczos steps give "
                               "at most that many Ritz values)")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) \
+                or not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be 0 (off) or a decay in (0, 1), got {self.ema!r}")
         if self.best_max_lipschitz is not None and not 0 < self.best_max_lipschitz < math.inf:
             raise ConfigError("best_max_lipschitz must be positive, got "
                               f"{self.best_max_lipschitz!r}")
@@ -285,7 +294,7 @@ OPTION_NAMES: dict[str, str] = {
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
     "penalty_every": "--penalty-every", "penalty_at": "--penalty-at",
-    "best_max_lipschitz": "--best-max-lipschitz", "batch_size": "--batch-size",
+    "best_max_lipschitz": "--best-max-lipschitz", "ema": "--ema", "batch_size": "--batch-size",
     "max_steps": "--max-steps", "time_budget_s": "--time-budget",
     "val_fraction": "--val-fraction", "readout_block": "--readout-block",
     "val_every": "--val-every", "val_samples": "--val-samples",
@@ -300,7 +309,7 @@ OPTION_NAMES: dict[str, str] = {
 #: data's kind is checked against the state on its own).
 RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "checkpoint_every",
                          "max_skips", "device", "resume", "force", "override", "init_weights",
-                         "lam_init", "kind", "best_max_lipschitz"})
+                         "lam_init", "kind", "best_max_lipschitz", "ema"})
 #: Fields that make the network what it is: a resume never changes them.
 NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "skip", "lipschitz_target",
                             "spectral_grid", "stage"})

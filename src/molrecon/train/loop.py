@@ -16,6 +16,7 @@ step in one order, so a run is reproducible bit for bit and a resumed run contin
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import math
 import time
@@ -82,6 +83,8 @@ class _Run:
     scales: list[float]
     step: Any = None                    # the MOL step: the prior H and the learnable λ
     cnn: Any = None                     # H
+    ema: Any = None                     # --ema: the moving average of ``step`` (a copy)
+    ema_updates: int = 0                # its updates so far (the warm-up's n)
     optim: Any = None
     all_params: list[Any] = field(default_factory=list)
     bank: list[Any] = field(default_factory=list)
@@ -133,6 +136,12 @@ class _Run:
 
     def elapsed(self) -> float:
         return round(self.elapsed_before + time.perf_counter() - self.t_start, 1)
+
+    @property
+    def model(self) -> Any:
+        """The MOL step that is validated and saved: the moving average with --ema, else
+        the trained one."""
+        return self.step if self.ema is None else self.ema
 
     def emit(self, record: dict[str, Any]) -> None:
         if self.log is not None:
@@ -233,6 +242,34 @@ def _setup(run: _Run, state: dict[str, Any] | None) -> None:
             state, run.step, run.optim, config, run.changes, run.paths["state"])
         run.saved_probes = state.get("probes")
     _broadcast_parameters(run.step, run.dist_info)
+    if config.ema > 0:
+        run.ema = _ema_copy(run.step)
+        saved = None if state is None else state.get("ema")
+        if saved is not None:          # else the average starts at the resumed weights
+            run.ema.load_state_dict(saved["step"])
+            run.ema_updates = int(saved["updates"])
+
+
+def _ema_copy(step: Any) -> Any:
+    """A frozen copy of the MOL step that holds the moving average."""
+    ema = copy.deepcopy(step)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    if hasattr(ema.prior, "clear_spectral_cache"):
+        ema.prior.clear_spectral_cache()
+    return ema
+
+
+def _ema_update(run: _Run) -> None:
+    """avg ← d·avg + (1 − d)·w after a step, d = min(--ema, (1 + n)/(10 + n)) at the n-th
+    update (the warm-up lets an early average forget its start)."""
+    d = min(run.config.ema, (1 + run.ema_updates) / (10 + run.ema_updates))
+    with torch.no_grad():
+        for avg, w in zip(run.ema.parameters(), run.step.parameters(), strict=True):
+            avg.lerp_(w.detach(), 1.0 - d)
+    run.ema_updates += 1
+    if hasattr(run.ema.prior, "clear_spectral_cache"):
+        run.ema.prior.clear_spectral_cache()
 
 
 def _prepare(run: _Run) -> None:
@@ -273,7 +310,7 @@ def _start(run: _Run) -> None:
                   "changed": [str(c) for c in run.changes]} if config.resume else {})})
     if run.val_problems and not config.resume:
         t0 = time.perf_counter()
-        vm = evaluate(run.step, run.val_problems, config,
+        vm = evaluate(run.model, run.val_problems, config,
                       run.val_fixed_points if config.init_weights else None)
         if config.init_weights:
             vm.update(_val_lipschitz(run, 0))
@@ -417,6 +454,8 @@ def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float
     torch.nn.utils.clip_grad_norm_(run.all_params, config.grad_clip)
     run.updating = True
     run.optim.step()
+    if run.ema is not None:
+        _ema_update(run)
     run.s += 1
     rec: dict[str, Any] = {
         "step": run.s, "epoch": epoch, "loss": stats["loss"],
@@ -451,7 +490,7 @@ def _validate(run: _Run, rec: dict[str, Any]) -> bool:
         return False
     run.val_fixed_points.clear()
     t0 = time.perf_counter()
-    vm = evaluate(run.step, run.val_problems, config, run.val_fixed_points)
+    vm = evaluate(run.model, run.val_problems, config, run.val_fixed_points)
     vm.update(_val_lipschitz(run, s))
     run.timing["val"] = time.perf_counter() - t0
     rec.update(vm)
@@ -470,7 +509,7 @@ def _val_lipschitz(run: _Run, s: int) -> dict[str, Any]:
     """The certificate's local estimates at this validation's fixed points (the checkpoint
     of step ``s`` reuses it): ``val_lipschitz`` is their largest, the number that says how
     far the model is from the bound where it reconstructs, logged beside its PSNR."""
-    cert = _certificate(run.cnn, run.val_fixed_points, run.config.seed,
+    cert = _certificate(run.model.prior, run.val_fixed_points, run.config.seed,
                         data=[Path(f).name for f in run.val_set.files])
     run.val_certificate = (s, cert)
     value = cert.get("local_max")
@@ -489,7 +528,7 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
     validation, or no best file yet) and the resume state."""
     if not run.dist_info.main:
         return
-    config, cnn, kind, paths = run.config, run.cnn, run.kind, run.paths
+    config, cnn, kind, paths = run.config, run.model.prior, run.kind, run.paths
     meta = _metadata(config, kind, run.train_set, run.val_set, steps_done, metrics,
                      run.dist_info)
     if run.val_certificate is not None and run.val_certificate[0] == steps_done:
@@ -497,7 +536,7 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
     else:
         cert = _certificate(cnn, run.val_fixed_points, config.seed,
                             data=[Path(f).name for f in run.val_set.files])
-    model_cfg = run.step.to_config()
+    model_cfg = run.model.to_config()
     _write(paths["last"], "latest model", steps_done,
            lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
                                    certificate=cert, kinds=_kinds(kind), force=True))
@@ -507,7 +546,9 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
                                        certificate=cert, kinds=_kinds(kind), force=True))
     state = _state_record(kind, config, steps_done, run.best, run.skips, run.elapsed(),
                           run.step, run.optim,
-                          probes=None if run.probes is None else run.probes.state())
+                          probes=None if run.probes is None else run.probes.state(),
+                          ema=None if run.ema is None else {"step": run.ema.state_dict(),
+                                                            "updates": run.ema_updates})
     _write(paths["state"], "resume state", steps_done,
            lambda: _save_state(paths["state"], state))
 

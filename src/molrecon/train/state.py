@@ -4,7 +4,8 @@ The resume state (``MODEL.state.pt``) holds what a run needs to continue exactly
 saved: the weights and λ, the optimiser (moments, step counts and the current, possibly
 halved, learning rates), the step count, the consecutive-skip count, the best validation PSNR
 and the wall-clock seconds trained so far (and, with ``--penalty-estimator power``, the probe
-problems' power-iteration vectors). There is no random-number state to keep: every
+problems' power-iteration vectors; with ``--ema``, the moving average of the weights and its
+update count). There is no random-number state to keep: every
 draw of step ``s`` comes from a generator seeded with the run's seed and ``s`` (the module
 :mod:`molrecon.train` says how), so the step count is the random state.
 
@@ -101,9 +102,11 @@ def _check_state(state: dict[str, Any], config: TrainConfig, kind: str, path: Pa
 
 def _state_record(kind: str, config: TrainConfig, steps: int, best: float, skips: int,
                   elapsed_s: float, step: Any, optim: Any, *,
-                  probes: dict[str, Any] | None = None) -> dict[str, Any]:
+                  probes: dict[str, Any] | None = None,
+                  ema: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resume state after ``steps`` steps, as :func:`_save_state` writes it (with the
-    "power" penalty's probe vectors, :mod:`.probes`, when the run has them)."""
+    "power" penalty's probe vectors, :mod:`.probes`, and --ema's moving average and its
+    update count, when the run has them)."""
     record = {"version": STATE_VERSION, "kind": kind, "config": _plain(asdict(config)),
               "steps": steps, "best": best, "skips": skips, "elapsed_s": elapsed_s,
               "step": step.state_dict(),
@@ -112,6 +115,8 @@ def _state_record(kind: str, config: TrainConfig, steps: int, best: float, skips
         record["skip_gain"] = float(step.prior.config.skip)
     if probes is not None:
         record["probes"] = probes
+    if ema is not None:
+        record["ema"] = ema
     return record
 
 
