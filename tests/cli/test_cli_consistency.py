@@ -302,6 +302,16 @@ def test_the_campaign_script_resumes_its_committed_state(monkeypatch: pytest.Mon
         assert "--resume" in argv
         saved = torch.load(committed, weights_only=True)["config"]
         assert resume_changes(saved, config(argv)) == []
+    # the stages resumed last (0y, and 0z on a deeper network) resume their committed state
+    for stage, name in (("stage0y", "s0y"), ("stage0z", "s0z")):
+        committed = ROOT / "campaign" / "2d_lr" / f"{name}.state.pt"
+        if committed.is_file():
+            (root / "runs" / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(committed, root / "runs" / name / f"{name}.state.pt")
+            argv = args(stage, "600")
+            assert "--resume" in argv
+            saved = torch.load(committed, weights_only=True)["config"]
+            assert resume_changes(saved, config(argv)) == []
     first = config(args("stage1", "300"))
     (root / "runs" / "s1lr" / "s1lr.state.pt").write_bytes(b"")
     again = args("stage1", "900")
