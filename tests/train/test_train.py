@@ -312,6 +312,11 @@ def test_init_from_a_shallower_lr_prior_deepens_it_and_sn_refuses(
     with pytest.raises(CheckpointError, match="differs"):
         train(tiny(data["2d"], tmp_path / "sn.pt", max_steps=1, layers=5,
                    init_weights=str(three)))
+    # nor does an SN checkpoint (free weights, rescaled by its own normalisation) start a
+    # deeper LR network
+    with pytest.raises(CheckpointError, match="differs"):
+        train(tiny(data["2d"], tmp_path / "from_sn.pt", max_steps=1, constraint="lr",
+                   layers=7, channels=64, init_weights="mol_2d_sn"))
 
 
 def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(

@@ -88,9 +88,12 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
             # by plane (same operator norm per layer) until training mixes the planes.
             cnn.load_state_dict(inflate_state_2d_to_3d(loaded.model.state_dict()))
         elif (replace(source, layers=cnn.config.layers) == cnn.config
-              and 3 <= source.layers < cnn.config.layers and config.constraint == "lr"):
+              and 3 <= source.layers < cnn.config.layers
+              and config.constraint == "lr" and loaded.model.constraint == "lr"):
             # A shallower prior starts a deeper one: the new hidden layers are identities,
-            # so the deeper network is exactly the shallower one until training uses them.
+            # so the deeper network is exactly the shallower one until training uses them
+            # (LR to LR only: an SN checkpoint stores free weights that its normalisation
+            # rescales, and the normalisation of a deeper network differs).
             cnn.load_state_dict(deepen_state(loaded.model.state_dict(), source.layers,
                                              cnn.config.layers))
         else:
@@ -133,10 +136,9 @@ def deepen_state(state: dict[str, Any], layers: int, new_layers: int) -> dict[st
     last = layers - 1
     for name, value in state.items():
         index, rest = _conv_index(name)
-        if index is None:
-            out[name] = value.clone()
-        else:
-            out[f"convs.{index + (new_layers - layers if index == last else 0)}.{rest}"] = value.clone()
+        if index == last:                  # the output layer moves to the new end
+            name = f"convs.{new_layers - 1}.{rest}"
+        out[name] = value.clone()
     ref = state[f"convs.{last - 1}.weight"]          # a hidden C → C layer: its shape
     channels, kernel = ref.shape[0], ref.shape[2:]
     centre = tuple(k // 2 for k in kernel)
