@@ -166,6 +166,35 @@ def test_3d_model_without_data_runs_on_a_simulated_scan_of_its_kind(
     assert "64×64×12 (quick; --full for 128×128×16)" in r.stderr
 
 
+def test_kind_measures_a_prior_on_a_kind_its_checkpoint_does_not_declare(
+        files: dict[str, Path], tmp_path: Path) -> None:
+    """--kind: a 3×3×3 prior trained on 2D+time series (kinds ["2dt"]) is refused a 3D
+    volume by default and measured on it with --kind 3d (exit 0, the file in the report);
+    a kind its network cannot serve is one line, exit 1; an unknown kind is a usage error."""
+    from molrecon.sim import SimulationConfig, simulate_to_file
+
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "m2dt.pt", MolCNN(CNNConfig(dims=3, layers=2, channels=2),
+                                                         "sn", 0.9),
+                            MolConfig(alpha=1.0, lam=4.0), kinds=["2dt"])
+    volume = tmp_path / "vol.h5"
+    simulate_to_file(SimulationConfig(kind="3d", matrix=(24, 24, 8), fov_mm=(240.0, 240.0, 40.0),
+                                      coils=4, acceleration=2.0, acs=6, seed=1), volume)
+    args = ["check-lipschitz", str(model), "--data", str(volume), "--power-iters", "5",
+            "--ratio-steps", "2", "--lanczos-steps", "5", "--device", "cpu", "--json"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "2dt" in refused.stderr
+    r = runner.invoke(app, [*args, "--kind", "3d"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["data"] == ["vol.h5"]
+    r = runner.invoke(app, ["check-lipschitz", str(model), "--data", str(files["data"]),
+                            "--kind", "2d", "--device", "cpu"])
+    assert r.exit_code == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "3D prior" in lines[0] and "--kind 2d" in lines[0]
+    assert check(files, "certified", "--kind", "4d").exit_code == 2
+
+
 def test_default_data_is_the_example(files: dict[str, Path],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --data the bundled example is used; the options reach the library as given."""

@@ -171,6 +171,58 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
             assert torch.equal(va, vb)
 
 
+def test_project_bound_holds_the_saved_model_at_the_bound(data: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """--project-bound: on every project_every-th step the largest Jacobian norm at the
+    whole-scan probes' fixed points is logged, and where it is above T the output is scaled
+    by T over it; re-measured with the saved model there, it reads T. A run interrupted
+    and resumed equals an uninterrupted one."""
+    from molrecon.deq.fixed_point import FixedPointConfig
+    from molrecon.deq.mol import MolConfig, MolStep
+    from molrecon.train.loop import _load_data
+    from molrecon.train.probes import PenaltyProbes
+
+    bound = 0.05
+    common = {"constraint": "lr", "max_steps": 4, "val_every": 2, "checkpoint_every": 1,
+              "lr": 3e-2, "penalty_weight": 0.0, "project_bound": bound, "project_every": 2,
+              "penalty_probes": 2}
+    out = tmp_path / "full" / "m.pt"
+    out.parent.mkdir()
+    config = tiny(data["2d"], out, **common)
+    train(config)
+    log = step_records(output_paths(out)["log"])
+    projected = [r for r in log if "probe_lipschitz" in r]
+    assert [r["step"] for r in projected] == [2, 4]
+    last = projected[-1]
+    assert last["probe_lipschitz"] > bound            # the lr makes it grow past T ...
+    assert last["output_scale"] == pytest.approx(bound / last["probe_lipschitz"])
+    # ... and the saved model reads T at the probes' fixed points (to 1 %: the fixed points
+    # move a little when H is scaled).
+    loaded = load_checkpoint(output_paths(out)["last"])
+    step = MolStep(loaded.model, MolConfig(alpha=config.alpha, lam=loaded.mol_config.lam,
+                                           cg_iters=config.cg_iters))
+    _, train_set, _ = _load_data(config, lambda _: None)
+    probes = PenaltyProbes.build(config, train_set, torch.device("cpu"), whole=True)
+    norms = probes.jacobian_norms(step, loaded.model, lanczos_steps=20,
+                                  init_iters=config.init_iters,
+                                  fwd=FixedPointConfig(tol=config.fwd_tol,
+                                                       max_iter=config.fwd_max_iter))
+    assert max(norms) == pytest.approx(bound, rel=1e-2)
+
+    part = tmp_path / "part" / "m.pt"
+    part.parent.mkdir()
+    with pytest.raises(Crash):
+        train(tiny(data["2d"], part, **common), on_record=crash_at(4))
+    train(tiny(data["2d"], part, **common, resume=True))
+    a, b = weights(output_paths(out)["last"]), weights(output_paths(part)["last"])
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    with pytest.raises(ConfigError, match="project_bound and ema"):
+        tiny(data["2d"], out, **common, ema=0.9)
+    with pytest.raises(ConfigError, match="project_bound scales"):
+        tiny(data["2d"], out, **{**common, "constraint": "sn"})
+
+
 def test_interrupt_during_a_best_save_still_writes_the_best_model(
         data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while the new best model of step 4 is being saved (step 2's is on disk): the

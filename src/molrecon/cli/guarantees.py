@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..errors import ConfigError
+from ..kinds import KINDS, KINDS_BY_PRIOR_DIMS
 from ._common import (
     DebugOpt,
     app,
@@ -128,6 +130,12 @@ def check_lipschitz_cmd(
     strict: Annotated[bool, typer.Option(
         "--strict", help="Exit 1 unless the bound is certified (an empirical verdict fails).")
     ] = False,
+    kind: Annotated[str | None, typer.Option(
+        "--kind", metavar="KIND", show_default=False,
+        help="Measure the prior on data of this kind (2d, 3d or 2dt), also one its "
+             "checkpoint was not trained on, if its network can serve it (a 3×3×3 prior of "
+             "2D+time series on 3D volumes); without --data the simulated scan is of this "
+             "kind.")] = None,
     full: Annotated[bool, typer.Option(
         "--full", help="Without --data, test a 3D or 2D+time model on the full-size simulated "
                        "scan (minutes on a CPU) instead of the quick coarse one.")] = False,
@@ -152,13 +160,16 @@ def check_lipschitz_cmd(
     check_option(0.0 < tol < 1.0, "must lie in (0, 1)", "--tol")
     check_option(max_iter >= 1, "must be at least 1", "--max-iter")
     choice(device, _DEVICES, "--device")
+    if kind is not None:
+        choice(kind, KINDS, "--kind")
     with user_errors(debug):
         from ..guarantees import CheckConfig, check_lipschitz
 
         config = CheckConfig(power_iters=power_iters, power_tol=power_tol or None,
                              ratio_steps=ratio_steps, lanczos_steps=lanczos_steps, tol=tol,
                              max_iter=max_iter, uniqueness=uniqueness, size=size_t, seed=seed)
-        loaded, problems = _model_and_problems(model, data, device, points, double, full=full)
+        loaded, problems = _model_and_problems(model, data, device, points, double, full=full,
+                                               kind=kind)
         with _live(f"measuring the prior at {len(problems)} MOL problem(s)") as say:
             report = check_lipschitz(loaded, problems, config, progress=say)
         if as_json:
@@ -169,12 +180,14 @@ def check_lipschitz_cmd(
 
 
 def _model_and_problems(model: Path, data: list[Path] | None, device: str, points: int,
-                        double: bool, *, full: bool = True) -> tuple[Any, list[Any]]:
+                        double: bool, *, full: bool = True, kind: str | None = None
+                        ) -> tuple[Any, list[Any]]:
     """The checkpoint (loaded without running code) and the MOL problems of the data.
 
     Without data: the bundled example for a model of 2D data, else a scan of the model's
     kind simulated from the validation slab (:func:`~molrecon.sim.simulated_example`;
-    its coarse quick version unless ``full``), named on stderr.
+    its coarse quick version unless ``full``), named on stderr. ``kind`` replaces the kinds
+    the checkpoint declares (one its network can serve, else :class:`ConfigError`).
     """
     import tempfile
 
@@ -186,22 +199,29 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
 
     dev = resolve_device(device)
     loaded = load_checkpoint(resolve_weights(model), map_location=dev)
+    kinds = tuple(loaded.kinds)
+    if kind is not None:
+        dims = loaded.model.config.dims
+        if kind not in KINDS_BY_PRIOR_DIMS[dims]:
+            raise ConfigError(f"--kind {kind}: a {dims}D prior serves only "
+                              f"{', '.join(KINDS_BY_PRIOR_DIMS[dims])} data")
+        kinds = (kind,)
     with tempfile.TemporaryDirectory(prefix="molrecon-example-") as tmp:
         if data:
             paths = list(data)
-        elif "2d" in loaded.kinds:
+        elif "2d" in kinds:
             paths = [example_scan()]
         else:
             from ..sim import EXAMPLE_MATRIX
 
-            kind = loaded.kinds[0]
+            kind = kinds[0]
             shown = "×".join(map(str, EXAMPLE_MATRIX[(kind, not full)]))
             other = "×".join(map(str, EXAMPLE_MATRIX[(kind, full)]))
             console.print(f"test data: a {kind} scan simulated from the validation anatomy, "
                           f"{shown}" + ("" if full else f" (quick; --full for {other})"),
                           highlight=False, soft_wrap=True)
             paths = [simulated_example(kind, tmp, quick=not full)]
-        return loaded, load_problems(paths, kinds=loaded.kinds, points=points, device=dev,
+        return loaded, load_problems(paths, kinds=kinds, points=points, device=dev,
                                      double=double)
 
 
@@ -310,6 +330,11 @@ def robustness_cmd(
         "--steps", show_default=False,
         help="Gradient-ascent steps per eps, one forward and backward solve each (default 3; "
              "with --full 5).")] = None,
+    kind: Annotated[str | None, typer.Option(
+        "--kind", metavar="KIND", show_default=False,
+        help="Attack the prior on data of this kind (2d, 3d or 2dt), also one its "
+             "checkpoint was not trained on, if its network can serve it; without --data "
+             "the simulated scan is of this kind.")] = None,
     full: Annotated[bool, typer.Option(
         "--full", help="The thorough attack (two sizes, 5 steps; the full-size simulated scan "
                        "for a 3D or 2D+time model): minutes to a quarter of an hour on a CPU.")
@@ -343,6 +368,8 @@ def robustness_cmd(
     check_option(unrolled_k >= 0, "must be >= 0", "--unrolled-k")
     check_option(points >= 1, "must be at least 1", "--points")
     check_option(lanczos_steps >= 0, "must be >= 0", "--lanczos-steps")
+    if kind is not None:
+        choice(kind, KINDS, "--kind")
     choice(device, _DEVICES, "--device")
     if data_arg is not None and data:
         raise bad_option("give the scan once: --data FILE (or FILE after MODEL, not both)",
@@ -353,7 +380,8 @@ def robustness_cmd(
 
         config = RobustnessConfig(eps=eps_t, steps=steps, unrolled_k=unrolled_k,
                                   lanczos_steps=lanczos_steps, seed=seed)
-        loaded, problems = _model_and_problems(model, files, device, points, double, full=full)
+        loaded, problems = _model_and_problems(model, files, device, points, double, full=full,
+                                               kind=kind)
         with _live(f"attacking the measurements: {len(eps_t)} size(s) × {steps} ascent "
                    "steps") as say:
             report = robustness(loaded, problems, config, progress=say)

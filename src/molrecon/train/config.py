@@ -86,6 +86,12 @@ class TrainConfig:
                       local estimate at its fixed points (``val_lipschitz``) is at most
                       this: for an LR model, the best among those at the bound, not a more
                       expansive one whose PSNR it owes to leaving it
+    project_bound     None (off) or a bound T: every project_every steps of the
+                      deep-equilibrium stage (LR), the largest singular value of H's
+                      Jacobian at the MOL fixed points of penalty_probes fixed whole
+                      training scans (20 Lanczos steps each) is measured, and where it
+                      exceeds T, H's output is scaled by T over it (:mod:`.probes`): the
+                      run trains the model at the bound instead of scaling it there after
     ema               0 (off) or the decay d of an exponential moving average of the
                       weights and λ, updated after every step (with the usual warm-up,
                       min(d, (1 + n)/(10 + n)) at its n-th update): validation, the
@@ -141,6 +147,8 @@ class TrainConfig:
     val_every: int = 50
     val_samples: int = 8
     best_max_lipschitz: float | None = None
+    project_bound: float | None = None
+    project_every: int = 5
     ema: float = 0.0
     checkpoint_every: int = 25
     max_skips: int = 10
@@ -214,6 +222,21 @@ class TrainConfig:
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) \
                 or not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be 0 (off) or a decay in (0, 1), got {self.ema!r}")
+        if self.project_bound is not None:
+            if isinstance(self.project_bound, bool) or not isinstance(
+                    self.project_bound, (int, float)) or not 0 < self.project_bound <= 1:
+                raise ConfigError("project_bound must be a bound in (0, 1], got "
+                                  f"{self.project_bound!r}")
+            if self.constraint != "lr" or self.stage != "deq" or self.unroll:
+                raise ConfigError("project_bound scales an LR model to the bound during "
+                                  "deep-equilibrium training (--constraint lr, --stage deq, "
+                                  "no --unroll)")
+            if self.ema:
+                raise ConfigError("project_bound and ema cannot be combined: an average of "
+                                  "models at the bound need not be at the bound")
+        if isinstance(self.project_every, bool) or not isinstance(self.project_every, int) \
+                or self.project_every < 1:
+            raise ConfigError(f"project_every must be an integer >= 1, got {self.project_every!r}")
         if self.best_max_lipschitz is not None and not 0 < self.best_max_lipschitz < math.inf:
             raise ConfigError("best_max_lipschitz must be positive, got "
                               f"{self.best_max_lipschitz!r}")
@@ -294,7 +317,8 @@ OPTION_NAMES: dict[str, str] = {
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
     "penalty_every": "--penalty-every", "penalty_at": "--penalty-at",
-    "best_max_lipschitz": "--best-max-lipschitz", "ema": "--ema", "batch_size": "--batch-size",
+    "best_max_lipschitz": "--best-max-lipschitz", "ema": "--ema",
+    "project_bound": "--project-bound", "project_every": "--project-every", "batch_size": "--batch-size",
     "max_steps": "--max-steps", "time_budget_s": "--time-budget",
     "val_fraction": "--val-fraction", "readout_block": "--readout-block",
     "val_every": "--val-every", "val_samples": "--val-samples",
@@ -309,7 +333,8 @@ OPTION_NAMES: dict[str, str] = {
 #: data's kind is checked against the state on its own).
 RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "checkpoint_every",
                          "max_skips", "device", "resume", "force", "override", "init_weights",
-                         "lam_init", "kind", "best_max_lipschitz", "ema"})
+                         "lam_init", "kind", "best_max_lipschitz", "ema", "project_bound",
+                         "project_every"})
 #: Fields that make the network what it is: a resume never changes them.
 NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "skip", "lipschitz_target",
                             "spectral_grid", "stage"})

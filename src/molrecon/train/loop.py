@@ -111,6 +111,7 @@ class _Run:
     val_certificate: tuple[int, dict[str, Any]] | None = None
     probes: PenaltyProbes | None = None   # the "power" penalty's probe problems
     saved_probes: Any = None              # their vectors in the resume state
+    bound_probes: PenaltyProbes | None = None   # --project-bound's whole-scan probe problems
     skipped_here: int = 0
     stopped: str = "max_steps"
     # Seconds of the recent steps, of the last validation and of the last save: the time
@@ -292,6 +293,8 @@ def _prepare(run: _Run) -> None:
             and config.penalty_estimator == "power"):
         run.probes = PenaltyProbes.build(config, run.train_set, run.device)
         run.probes.restore(run.saved_probes)
+    if config.project_bound is not None:
+        run.bound_probes = PenaltyProbes.build(config, run.train_set, run.device, whole=True)
 
 
 def _start(run: _Run) -> None:
@@ -454,10 +457,11 @@ def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float
     torch.nn.utils.clip_grad_norm_(run.all_params, config.grad_clip)
     run.updating = True
     run.optim.step()
+    projection = _project(run, run.s + 1)
     if run.ema is not None:
         _ema_update(run)
     run.s += 1
-    rec: dict[str, Any] = {
+    rec: dict[str, Any] = {**projection,
         "step": run.s, "epoch": epoch, "loss": stats["loss"],
         "fwd_iterations": stats["fwd_iterations"],
         "bwd_iterations": stats["bwd_iterations"],
@@ -480,6 +484,34 @@ def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float
     if s % config.checkpoint_every == 0 or is_best or s == config.max_steps:
         _timed_save(run, s, rec, is_best)
         run.saved_at = s
+
+
+def _project(run: _Run, s: int) -> dict[str, Any]:
+    """``--project-bound T`` on step ``s`` (every ``project_every``-th): the largest Jacobian
+    norm of H at the probes' fixed points, measured after the optimiser's step, and H's
+    output scaled by T over it where it exceeds T. Returns what the log records (nothing on
+    other steps). Every process measures the same probes with the same weights, so all
+    apply the same scale."""
+    config = run.config
+    if run.bound_probes is None or s % config.project_every != 0:
+        return {}
+    with torch.no_grad():
+        run.step.eval()
+        try:
+            norms = run.bound_probes.jacobian_norms(
+                run.step, run.cnn, lanczos_steps=20, init_iters=config.init_iters, fwd=run.fwd)
+        finally:
+            run.step.train()
+    top = max(norms)
+    if not math.isfinite(top):
+        run.warn(f"step {s}: the Jacobian norm at the probes is {top}: not projected")
+        return {"probe_lipschitz": None}
+    factor = 1.0
+    if top > config.project_bound:
+        factor = config.project_bound / top
+        run.cnn.scale_output(factor)
+    return {"probe_lipschitz": top, "probe_lipschitz_each": [round(v, 5) for v in norms],
+            "output_scale": factor}
 
 
 def _validate(run: _Run, rec: dict[str, Any]) -> bool:

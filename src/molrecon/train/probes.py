@@ -18,6 +18,11 @@ iterations from the vector it left there, and penalises the resulting ‖J v‖.
 slowly, each probe's iteration converges over a few visits, as the persistent vectors of
 spectral normalisation do. The vectors are part of the resume state, so a resumed run
 continues exactly.
+
+The same probes, as whole scans, serve ``--project-bound``: every few steps the largest
+singular value of the Jacobian at each probe's fixed point is read by Lanczos
+(:meth:`PenaltyProbes.jacobian_norms`), and the training loop scales H's output down to the
+bound where their largest exceeds it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 
 from ..deq.fixed_point import FixedPointConfig, solve_fixed_point
 from ..deq.mol import regularised_sense
-from ..models.lipschitz import tracked_jacobian_norm
+from ..models.lipschitz import lanczos_jacobian_norm, tracked_jacobian_norm
 from ..problem import Problem
 from .config import TrainConfig
 from .data import FolderDataset, make_problem
@@ -48,25 +53,24 @@ class PenaltyProbes:
     seed: int = 0
 
     @classmethod
-    def build(cls, config: TrainConfig, train_set: FolderDataset, device: Any
-              ) -> PenaltyProbes:
-        """``config.penalty_probes`` training samples (a seeded choice) and their problems."""
+    def build(cls, config: TrainConfig, train_set: FolderDataset, device: Any, *,
+              whole: bool = False) -> PenaltyProbes:
+        """``config.penalty_probes`` training samples (a seeded choice) and their problems:
+        blocks of ``config.readout_block`` readout positions where the run trains on them,
+        unless ``whole`` (whole scans, as reconstructed)."""
         n = min(config.penalty_probes, len(train_set))
         order = np.random.default_rng([config.seed, _PROBE_STREAM]).permutation(len(train_set))
         samples = [int(i) for i in order[:n]]
         problems = [
             make_problem(train_set.samples[i], train_set.kind, config.mask,
                          np.random.default_rng([config.seed, _PROBE_STREAM, k]),
-                         config.extra_noise, device, config.readout_block)
+                         config.extra_noise, device, None if whole else config.readout_block)
             for k, i in enumerate(samples)]
         return cls(problems=problems, samples=samples, vectors=[None] * n, seed=config.seed)
 
-    def estimate(self, step: Any, cnn: Any, s: int, *, iters: int, init_iters: int,
-                 fwd: FixedPointConfig) -> tuple[torch.Tensor, int]:
-        """Step ``s``'s estimate: probe ``s mod N``'s fixed point with the current model, the
-        probe's power iteration continued by ``iters`` iterations there, and ‖J v‖ (carrying
-        gradients to H). Returns the estimate and the probe's index."""
-        k = s % len(self.problems)
+    def _fixed_point(self, step: Any, k: int, *, init_iters: int,
+                     fwd: FixedPointConfig) -> torch.Tensor:
+        """Probe ``k``'s MOL fixed point with the current model (no gradient)."""
         prob = self.problems[k]
         support = prob.op.support()
         with torch.no_grad():
@@ -76,7 +80,29 @@ class PenaltyProbes:
             def fn(x: torch.Tensor) -> torch.Tensor:
                 return step(x, normal=prob.op.normal, aty=prob.aty, support=support)
 
-            x_star = solve_fixed_point(fn, x0, config=fwd).x
+            return solve_fixed_point(fn, x0, config=fwd).x
+
+    def jacobian_norms(self, step: Any, cnn: Any, *, lanczos_steps: int, init_iters: int,
+                       fwd: FixedPointConfig) -> list[float]:
+        """The largest singular value of H's Jacobian at every probe's fixed point, by
+        ``lanczos_steps`` Lanczos steps from a start fixed per probe (no gradient): what
+        ``--project-bound`` holds at the bound. Nothing carries between calls."""
+        values = []
+        for k in range(len(self.problems)):
+            x_star = self._fixed_point(step, k, init_iters=init_iters, fwd=fwd)
+            gen = torch.Generator().manual_seed(int(np.random.default_rng(
+                [self.seed, _PROBE_STREAM, k, 2]).integers(2**31 - 1)))
+            top, _ = lanczos_jacobian_norm(cnn, x_star, iters=lanczos_steps, generator=gen)
+            values.append(float(top.detach().max()))
+        return values
+
+    def estimate(self, step: Any, cnn: Any, s: int, *, iters: int, init_iters: int,
+                 fwd: FixedPointConfig) -> tuple[torch.Tensor, int]:
+        """Step ``s``'s estimate: probe ``s mod N``'s fixed point with the current model, the
+        probe's power iteration continued by ``iters`` iterations there, and ‖J v‖ (carrying
+        gradients to H). Returns the estimate and the probe's index."""
+        k = s % len(self.problems)
+        x_star = self._fixed_point(step, k, init_iters=init_iters, fwd=fwd)
         gen = torch.Generator().manual_seed(int(np.random.default_rng(
             [self.seed, _PROBE_STREAM, k, 1]).integers(2**31 - 1)))
         value, v = tracked_jacobian_norm(cnn, x_star, self.vectors[k], iters=iters,
