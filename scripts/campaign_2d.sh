@@ -301,6 +301,10 @@ stage0z() {
 # its probes at step 10 and 1.54-1.55 at step 20: Adam's steps, of a size set by the learning
 # rate whatever the weights' scale, grow the small correction network of a skip prior fast;
 # then scaled by 0.635, validation fell from 32.53 to 29.34 dB. Hence lr 3e-6 for it.
+# Stage 1p's first try at lr 2e-5 (experiments/s1p_lr2e-5.log.jsonl) rose by 4-8 % at its
+# probes every 10 steps, was scaled by 0.92-0.94 each time, and fell on validation (32.04,
+# 31.76, 31.51 dB at steps 0, 20, 40): the steps went into a gain the projection took back.
+# Hence lr 5e-6 for it.
 stage1pq() {
   local name=$1 init=$2 secs=$3
   shift 3
@@ -336,7 +340,7 @@ case "${1:-}" in
   stage0x) stage0x "${2:?seconds}" ;;
   stage0y) stage0y "${2:?seconds}" ;;
   stage0z) stage0z "${2:?seconds}" ;;
-  stage1p) stage1pq s1p "${INIT1P:-mol_2d_lr}" "${2:?seconds}" ;;
+  stage1p) stage1pq s1p "${INIT1P:-mol_2d_lr}" "${2:?seconds}" --lr 5e-6 ;;
   stage1q) stage1pq s1q "${INIT1Q:-$KEEP/s0y_step1500_x0985.pt}" "${2:?seconds}" --skip --lr 3e-6 ;;
   save) save ;;
   restore) restore ;;

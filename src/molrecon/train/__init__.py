@@ -30,9 +30,12 @@ reference's values); ``penalty_every`` > 1 applies it on every n-th step
 only, and ``penalty_crop`` evaluates it on a random window of the fixed point
 (the ascent steps cost more than the rest of a step on a CPU). That search reads
 low: 0.92-0.94 where the converged Jacobian norm at validation fixed points is
-1.009-1.017 (``benchmarks/bench_lipschitz_estimates.py``). ``penalty_estimator = "power"`` penalises the Jacobian norm instead, at the
-fixed points of a few fixed probe problems, continuing each probe's power
-iteration from step to step (:mod:`molrecon.train.probes`). MOL-SN needs no penalty: its
+1.009-1.017 (``benchmarks/bench_lipschitz_estimates.py``). ``penalty_estimator =
+"power"`` penalises the Jacobian norm instead, at the fixed points of a few fixed
+probe problems, continuing each probe's power iteration from step to step
+(:mod:`molrecon.train.probes`). ``project_bound`` replaces the penalty by a
+projection: every few steps the Jacobian norm at whole-scan probes' fixed points is
+read by Lanczos and H's output scaled down to the bound where it exceeds it. MOL-SN needs no penalty: its
 layers are constrained so that the certified bound stays below the target
 throughout.
 

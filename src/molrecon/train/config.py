@@ -181,7 +181,8 @@ class TrainConfig:
         if self.readout_block is not None and (isinstance(self.readout_block, bool) or not
                                                isinstance(self.readout_block, int)
                                                or self.readout_block < 1):
-            raise ConfigError(f"readout_block must be a positive integer, got {self.readout_block!r}")
+            raise ConfigError("readout_block must be a positive integer, got "
+                              f"{self.readout_block!r}")
         if self.lam_init is not None and not (math.isfinite(self.lam_init) and self.lam_init > 0):
             raise ConfigError(f"lam_init must be positive and finite, got {self.lam_init!r}")
         for name in ("lr", "alpha", "fwd_tol", "bwd_tol", "lipschitz_target",
@@ -212,7 +213,8 @@ class TrainConfig:
                               f"{self.penalty_estimator!r}")
         if isinstance(self.penalty_probes, bool) or not isinstance(self.penalty_probes, int) \
                 or self.penalty_probes < 1:
-            raise ConfigError(f"penalty_probes must be an integer >= 1, got {self.penalty_probes!r}")
+            raise ConfigError("penalty_probes must be an integer >= 1, got "
+                              f"{self.penalty_probes!r}")
         if isinstance(self.penalty_top, bool) or not isinstance(self.penalty_top, int) \
                 or self.penalty_top < 1:
             raise ConfigError(f"penalty_top must be an integer >= 1, got {self.penalty_top!r}")
@@ -318,7 +320,8 @@ OPTION_NAMES: dict[str, str] = {
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
     "penalty_every": "--penalty-every", "penalty_at": "--penalty-at",
     "best_max_lipschitz": "--best-max-lipschitz", "ema": "--ema",
-    "project_bound": "--project-bound", "project_every": "--project-every", "batch_size": "--batch-size",
+    "project_bound": "--project-bound", "project_every": "--project-every",
+    "batch_size": "--batch-size",
     "max_steps": "--max-steps", "time_budget_s": "--time-budget",
     "val_fraction": "--val-fraction", "readout_block": "--readout-block",
     "val_every": "--val-every", "val_samples": "--val-samples",

@@ -83,7 +83,8 @@ class PatchSpec:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8:
             raise ConfigError(f"patch size must be an integer >= 8, got {self.size!r}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
-            raise ConfigError(f"depth must be an integer >= 1 (planes per patch), got {self.depth!r}")
+            raise ConfigError("depth must be an integer >= 1 (planes per patch), got "
+                              f"{self.depth!r}")
         if not 0 < self.sigma_min <= self.sigma_max < math.inf:
             raise ConfigError("noise levels must satisfy 0 < sigma_min <= sigma_max, got "
                               f"{self.sigma_min!r}, {self.sigma_max!r}")
@@ -225,7 +226,8 @@ def draw_patch(sample: Sample, scale: float, spec: PatchSpec, rng: np.random.Gen
     clean = (mag ** gamma) * unit
     sigma = _log_uniform(rng, spec.sigma_min, spec.sigma_max)
     g = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
-    noise = torch.complex(torch.randn(clean.shape, generator=g), torch.randn(clean.shape, generator=g))
+    noise = torch.complex(torch.randn(clean.shape, generator=g),
+                          torch.randn(clean.shape, generator=g))
     noisy = clean + (sigma / math.sqrt(2.0)) * noise.to(clean.dtype)
     if volume:
         return noisy.contiguous(), clean.contiguous()
