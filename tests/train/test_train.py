@@ -203,7 +203,7 @@ def test_project_bound_holds_the_saved_model_at_the_bound(data: dict[str, Path],
                                            cg_iters=config.cg_iters))
     _, train_set, _ = _load_data(config, lambda _: None)
     probes = PenaltyProbes.build(config, train_set, torch.device("cpu"), whole=True)
-    norms = probes.jacobian_norms(step, loaded.model, lanczos_steps=20,
+    norms = probes.jacobian_norms(step, loaded.model, cold_steps=30, warm_steps=10,
                                   init_iters=config.init_iters,
                                   fwd=FixedPointConfig(tol=config.fwd_tol,
                                                        max_iter=config.fwd_max_iter))

@@ -230,13 +230,17 @@ def tracked_jacobian_norm(prior: Prior, x: torch.Tensor, v: torch.Tensor | None,
 
 
 def lanczos_jacobian_norm(prior: Prior, x: torch.Tensor, *, iters: int = 20, top: int = 1,
-                          generator: torch.Generator | None = None
+                          generator: torch.Generator | None = None,
+                          start: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top`` largest singular values of H's Jacobian at ``x`` by Lanczos on JᵀJ,
     as differentiable ‖J v‖ of their Ritz vectors v.
 
     ``x``: complex (1, D, Y, X). ``iters`` Lanczos steps (one JᵀJ product each, with full
-    reorthogonalisation) from white noise drawn from ``generator``; the Ritz vectors of the
+    reorthogonalisation) from white noise drawn from ``generator``, or, given ``start`` (a
+    real (1, D, Y, X, 2) vector such as an earlier call's top Ritz vector at a nearby point),
+    from ``start`` plus a tenth of its norm in that noise (so that no direction is missing
+    from the Krylov space); the Ritz vectors of the
     ``top`` largest Ritz values then give ‖J vᵢ‖ (each a lower bound of the Jacobian norm,
     the first one close to it), returned as a ``(top,)`` tensor that carries gradients to
     H's parameters, with the Ritz vectors ``(top, D, Y, X, 2)`` (detached, unit norm).
@@ -256,6 +260,10 @@ def lanczos_jacobian_norm(prior: Prior, x: torch.Tensor, *, iters: int = 20, top
         xr, y, u, jt_u = _linearised(prior, x)
 
         q = torch.view_as_real(_complex_noise(x, generator)).clone().to(xr)
+        q = q / torch.linalg.vector_norm(q)
+        if start is not None:
+            v0 = start.detach().reshape(q.shape).to(q)
+            q = v0 / torch.linalg.vector_norm(v0) + 0.1 * q
         basis = [q / torch.linalg.vector_norm(q)]
         alphas: list[float] = []
         betas: list[float] = []

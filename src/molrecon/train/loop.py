@@ -112,6 +112,7 @@ class _Run:
     probes: PenaltyProbes | None = None   # the "power" penalty's probe problems
     saved_probes: Any = None              # their vectors in the resume state
     bound_probes: PenaltyProbes | None = None   # --project-bound's whole-scan probe problems
+    saved_bound_probes: Any = None              # their Ritz vectors in the resume state
     skipped_here: int = 0
     stopped: str = "max_steps"
     # Seconds of the recent steps, of the last validation and of the last save: the time
@@ -242,6 +243,7 @@ def _setup(run: _Run, state: dict[str, Any] | None) -> None:
         run.start_step, run.best, run.skips, run.elapsed_before = _restore_state(
             state, run.step, run.optim, config, run.changes, run.paths["state"])
         run.saved_probes = state.get("probes")
+        run.saved_bound_probes = state.get("bound_probes")
     _broadcast_parameters(run.step, run.dist_info)
     if config.ema > 0:
         run.ema = _ema_copy(run.step)
@@ -295,6 +297,7 @@ def _prepare(run: _Run) -> None:
         run.probes.restore(run.saved_probes)
     if config.project_bound is not None:
         run.bound_probes = PenaltyProbes.build(config, run.train_set, run.device, whole=True)
+        run.bound_probes.restore(run.saved_bound_probes)
 
 
 def _start(run: _Run) -> None:
@@ -486,6 +489,13 @@ def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float
         run.saved_at = s
 
 
+#: --project-bound's Lanczos steps at a probe's first visit and, from the Ritz vector it
+#: left, at the next ones. 20 from noise read the top singular value at a 2D fixed point to
+#: three or four digits (``benchmarks/bench_lipschitz_estimates.py``); from the last
+#: visit's vector 10 read it as closely (``benchmarks/bench_projection.py``).
+PROJECT_LANCZOS = (20, 10)
+
+
 def _project(run: _Run, s: int) -> dict[str, Any]:
     """``--project-bound T`` on step ``s`` (every ``project_every``-th): the largest Jacobian
     norm of H at the probes' fixed points, measured after the optimiser's step, and H's
@@ -499,7 +509,8 @@ def _project(run: _Run, s: int) -> dict[str, Any]:
         run.step.eval()
         try:
             norms = run.bound_probes.jacobian_norms(
-                run.step, run.cnn, lanczos_steps=20, init_iters=config.init_iters, fwd=run.fwd)
+                run.step, run.cnn, cold_steps=PROJECT_LANCZOS[0], warm_steps=PROJECT_LANCZOS[1],
+                init_iters=config.init_iters, fwd=run.fwd)
         finally:
             run.step.train()
     top = max(norms)
@@ -579,6 +590,8 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
     state = _state_record(kind, config, steps_done, run.best, run.skips, run.elapsed(),
                           run.step, run.optim,
                           probes=None if run.probes is None else run.probes.state(),
+                          bound_probes=None if run.bound_probes is None
+                          else run.bound_probes.state(),
                           ema=None if run.ema is None else {"step": run.ema.state_dict(),
                                                             "updates": run.ema_updates})
     _write(paths["state"], "resume state", steps_done,

@@ -82,17 +82,23 @@ class PenaltyProbes:
 
             return solve_fixed_point(fn, x0, config=fwd).x
 
-    def jacobian_norms(self, step: Any, cnn: Any, *, lanczos_steps: int, init_iters: int,
-                       fwd: FixedPointConfig) -> list[float]:
-        """The largest singular value of H's Jacobian at every probe's fixed point, by
-        ``lanczos_steps`` Lanczos steps from a start fixed per probe (no gradient): what
-        ``--project-bound`` holds at the bound. Nothing carries between calls."""
+    def jacobian_norms(self, step: Any, cnn: Any, *, cold_steps: int, warm_steps: int,
+                       init_iters: int, fwd: FixedPointConfig) -> list[float]:
+        """The largest singular value of H's Jacobian at every probe's fixed point (no
+        gradient): what ``--project-bound`` holds at the bound. Lanczos runs ``cold_steps``
+        steps from noise at a probe's first visit and ``warm_steps`` from the top Ritz
+        vector it left there at the next ones (the model moves little between visits; the
+        vectors are part of the resume state, :meth:`state`)."""
         values = []
         for k in range(len(self.problems)):
             x_star = self._fixed_point(step, k, init_iters=init_iters, fwd=fwd)
             gen = torch.Generator().manual_seed(int(np.random.default_rng(
                 [self.seed, _PROBE_STREAM, k, 2]).integers(2**31 - 1)))
-            top, _ = lanczos_jacobian_norm(cnn, x_star, iters=lanczos_steps, generator=gen)
+            start = self.vectors[k]
+            top, ritz = lanczos_jacobian_norm(
+                cnn, x_star, iters=cold_steps if start is None else warm_steps,
+                generator=gen, start=start)
+            self.vectors[k] = ritz[:1]
             values.append(float(top.detach().max()))
         return values
 

@@ -103,10 +103,11 @@ def _check_state(state: dict[str, Any], config: TrainConfig, kind: str, path: Pa
 def _state_record(kind: str, config: TrainConfig, steps: int, best: float, skips: int,
                   elapsed_s: float, step: Any, optim: Any, *,
                   probes: dict[str, Any] | None = None,
+                  bound_probes: dict[str, Any] | None = None,
                   ema: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resume state after ``steps`` steps, as :func:`_save_state` writes it (with the
-    "power" penalty's probe vectors, :mod:`.probes`, and --ema's moving average and its
-    update count, when the run has them)."""
+    "power" penalty's probe vectors, :mod:`.probes`, --project-bound's probes' Ritz
+    vectors, and --ema's moving average and its update count, when the run has them)."""
     record = {"version": STATE_VERSION, "kind": kind, "config": _plain(asdict(config)),
               "steps": steps, "best": best, "skips": skips, "elapsed_s": elapsed_s,
               "step": step.state_dict(),
@@ -115,6 +116,8 @@ def _state_record(kind: str, config: TrainConfig, steps: int, best: float, skips
         record["skip_gain"] = float(step.prior.config.skip)
     if probes is not None:
         record["probes"] = probes
+    if bound_probes is not None:
+        record["bound_probes"] = bound_probes
     if ema is not None:
         record["ema"] = ema
     return record
