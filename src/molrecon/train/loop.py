@@ -501,7 +501,9 @@ def _project(run: _Run, s: int) -> dict[str, Any]:
     norm of H at the probes' fixed points, measured after the optimiser's step, and H's
     output scaled by T over it where it exceeds T. Returns what the log records (nothing on
     other steps). Every process measures the same probes with the same weights, so all
-    apply the same scale."""
+    apply the same scale. The measurement belongs to the step's update: an interrupt
+    during it saves nothing of this step (the resume repeats it), as the state of a step
+    measured but not yet scaled would not be the uninterrupted run's."""
     config = run.config
     if run.bound_probes is None or s % config.project_every != 0:
         return {}
