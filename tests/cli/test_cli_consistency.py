@@ -302,8 +302,9 @@ def test_the_campaign_script_resumes_its_committed_state(monkeypatch: pytest.Mon
         assert "--resume" in argv
         saved = torch.load(committed, weights_only=True)["config"]
         assert resume_changes(saved, config(argv)) == []
-    # the stages resumed last (0y, and 0z on a deeper network) resume their committed state
-    for stage, name in (("stage0y", "s0y"), ("stage0z", "s0z")):
+    # the stages resumed last (0y, 0z on a deeper network, and 1r at the bound by projection)
+    # resume their committed state
+    for stage, name in (("stage0y", "s0y"), ("stage0z", "s0z"), ("stage1r", "s1r")):
         committed = ROOT / "campaign" / "2d_lr" / f"{name}.state.pt"
         if committed.is_file():
             (root / "runs" / name).mkdir(parents=True, exist_ok=True)
