@@ -34,9 +34,10 @@ from molrecon.train.step import _build
 
 
 def _setup(ckpt: Path, args: argparse.Namespace) -> tuple[TrainConfig, object, object]:
+    from molrecon.models.bundled import resolve_weights
     from molrecon.models.checkpoint import load_checkpoint
 
-    skip = load_checkpoint(ckpt).model.config.skip > 0
+    skip = load_checkpoint(resolve_weights(str(ckpt))).model.config.skip > 0
     accels = tuple(float(r) for r in args.R.split(","))
     config = TrainConfig(data=str(args.data), out="unused.pt", constraint="lr",
                          init_weights=str(ckpt), cg_iters=args.cg_iters, skip=skip,
@@ -80,9 +81,9 @@ def main() -> None:
           "| AFTER, 40 from noise | seconds (10 warm / 20 / 40) |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for k in range(len(probes.problems)):
-        xa = probes._fixed_point(step_a, k, init_iters=cfg_a.init_iters, fwd=fwd)
+        xa = probes.fixed_point(step_a, k, init_iters=cfg_a.init_iters, fwd=fwd)
         before, vec, _ = _read(cnn_a, xa, 20, None, 1000 + k)
-        xb = probes._fixed_point(step_b, k, init_iters=cfg_b.init_iters, fwd=fwd)
+        xb = probes.fixed_point(step_b, k, init_iters=cfg_b.init_iters, fwd=fwd)
         warm, _, t_warm = _read(cnn_b, xb, 10, vec, 2000 + k)
         cold20, _, t20 = _read(cnn_b, xb, 20, None, 3000 + k)
         cold40, _, t40 = _read(cnn_b, xb, 40, None, 3000 + k)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_curve
 
+from molrecon.errors import ConfigError
 from molrecon.guarantees import (
     CheckConfig,
     check_lipschitz,
@@ -29,7 +30,7 @@ from molrecon.guarantees import (
     load_problems,
 )
 from molrecon.models.bundled import weights_dir
-from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256
+from molrecon.models.checkpoint import load_checkpoint, save_checkpoint, sha256, with_kinds
 from molrecon.sim import simulated_example
 
 DATA_TEXT = {
@@ -69,10 +70,14 @@ def main() -> None:
     check = CheckConfig(power_iters=args.power_iters, lanczos_steps=args.lanczos_steps,
                         power_tol=1e-4 if args.power_iters >= 300 else None)
 
-    loaded = load_checkpoint(args.checkpoint)
     kinds = [k for k in args.kinds.split(",") if k]
     # Measured on the data the model is bundled for (--kinds), which may differ from the
-    # kinds its training declared (a 3×3×3 network trained on 2D+time series serving volumes).
+    # kinds its training declared (a 3×3×3 network trained on 2D+time series serving volumes);
+    # kinds its network cannot serve are refused before any measurement.
+    try:
+        loaded = with_kinds(load_checkpoint(args.checkpoint), kinds)
+    except ConfigError as exc:
+        sys.exit(f"error: {args.checkpoint}: {exc}")
     with tempfile.TemporaryDirectory() as tmp:
         if "2d" in kinds:
             scan, where = example_scan(), f"the bundled example ({example_scan().name})"

@@ -246,3 +246,20 @@ def test_refuses_invalid_content(saved: tuple[Path, MolCNN, MolConfig], tmp_path
     with pytest.raises(CheckpointError, match=message) as err:
         load_checkpoint(bad)
     assert err.value.path == str(bad)
+
+
+def test_with_kinds_redeclares_a_prior_only_for_kinds_its_network_serves(tmp_path: Path) -> None:
+    """A 3×3×3 prior declared for 2D+time may be declared for volumes (same weights, the
+    file untouched); a 2D kind is refused for it, naming what it serves."""
+    from molrecon.models.checkpoint import with_kinds
+
+    path = save_checkpoint(tmp_path / "m.pt", MolCNN(CNNConfig(dims=3, layers=2, channels=2), "sn"),
+                           MolConfig(), kinds=["2dt"])
+    loaded = load_checkpoint(path)
+    as_3d = with_kinds(loaded, ["3d"])
+    assert as_3d.kinds == ("3d",) and loaded.kinds == ("2dt",)
+    assert as_3d.model is loaded.model and load_checkpoint(path).kinds == ("2dt",)
+    with pytest.raises(ConfigError, match="a 3D prior serves only 3d, 2dt data, not 2d"):
+        with_kinds(loaded, ["3d", "2d"])
+    with pytest.raises(ConfigError, match="no kind"):
+        with_kinds(loaded, [])

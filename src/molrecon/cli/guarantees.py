@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import ConfigError
-from ..kinds import KINDS, KINDS_BY_PRIOR_DIMS
+from ..kinds import KINDS
 from ._common import (
     DebugOpt,
     app,
@@ -187,25 +187,24 @@ def _model_and_problems(model: Path, data: list[Path] | None, device: str, point
     Without data: the bundled example for a model of 2D data, else a scan of the model's
     kind simulated from the validation slab (:func:`~molrecon.sim.simulated_example`;
     its coarse quick version unless ``full``), named on stderr. ``kind`` replaces the kinds
-    the checkpoint declares (one its network can serve, else :class:`ConfigError`).
+    the checkpoint declares (:func:`~molrecon.models.checkpoint.with_kinds`).
     """
     import tempfile
 
     from ..device import resolve_device
     from ..guarantees import example_scan, load_problems
     from ..models.bundled import resolve_weights
-    from ..models.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint, with_kinds
     from ..sim import simulated_example
 
     dev = resolve_device(device)
     loaded = load_checkpoint(resolve_weights(model), map_location=dev)
-    kinds = tuple(loaded.kinds)
     if kind is not None:
-        dims = loaded.model.config.dims
-        if kind not in KINDS_BY_PRIOR_DIMS[dims]:
-            raise ConfigError(f"--kind {kind}: a {dims}D prior serves only "
-                              f"{', '.join(KINDS_BY_PRIOR_DIMS[dims])} data")
-        kinds = (kind,)
+        try:
+            loaded = with_kinds(loaded, [kind])
+        except ConfigError as exc:
+            raise ConfigError(f"--kind {kind}: {exc}") from exc
+    kinds = loaded.kinds
     with tempfile.TemporaryDirectory(prefix="molrecon-example-") as tmp:
         if data:
             paths = list(data)

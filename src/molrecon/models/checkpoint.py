@@ -35,7 +35,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,20 @@ class LoadedModel:
     format_version: int
     path: Path
     sha256: str
+
+
+def with_kinds(loaded: LoadedModel, kinds: Sequence[str]) -> LoadedModel:
+    """``loaded`` declared for ``kinds`` instead of the kinds its file records: any its
+    network can serve (a 3×3×3 prior trained on 2D+time series, for volumes), else
+    :class:`ConfigError`. For measuring or bundling a prior on data it was not trained on."""
+    dims = loaded.model.config.dims
+    allowed = KINDS_BY_PRIOR_DIMS[dims]
+    wanted = tuple(str(k) for k in kinds)
+    bad = [k for k in wanted if k not in allowed]
+    if not wanted or bad:
+        raise ConfigError(f"a {dims}D prior serves only {', '.join(allowed)} data, "
+                          f"not {', '.join(bad) or 'no kind'}")
+    return replace(loaded, kinds=wanted)
 
 
 def sha256(path: str | os.PathLike[str]) -> str:

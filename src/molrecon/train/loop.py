@@ -464,12 +464,13 @@ def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float
     if run.ema is not None:
         _ema_update(run)
     run.s += 1
-    rec: dict[str, Any] = {**projection,
+    rec: dict[str, Any] = {
         "step": run.s, "epoch": epoch, "loss": stats["loss"],
         "fwd_iterations": stats["fwd_iterations"],
         "bwd_iterations": stats["bwd_iterations"],
         "lambda": float(run.step.lam.detach()), "lr": run.optim.param_groups[0]["lr"],
-        "step_s": round(time.perf_counter() - t_step, 3), "elapsed_s": run.elapsed()}
+        "step_s": round(time.perf_counter() - t_step, 3), "elapsed_s": run.elapsed(),
+        **projection}
     # Until the record is in the log, an interrupt writes it before the state (a resumed
     # run starts after this step, so its log line must not be lost).
     run.pending = rec

@@ -68,7 +68,7 @@ class PenaltyProbes:
             for k, i in enumerate(samples)]
         return cls(problems=problems, samples=samples, vectors=[None] * n, seed=config.seed)
 
-    def _fixed_point(self, step: Any, k: int, *, init_iters: int,
+    def fixed_point(self, step: Any, k: int, *, init_iters: int,
                      fwd: FixedPointConfig) -> torch.Tensor:
         """Probe ``k``'s MOL fixed point with the current model (no gradient)."""
         prob = self.problems[k]
@@ -91,7 +91,7 @@ class PenaltyProbes:
         vectors are part of the resume state, :meth:`state`)."""
         values = []
         for k in range(len(self.problems)):
-            x_star = self._fixed_point(step, k, init_iters=init_iters, fwd=fwd)
+            x_star = self.fixed_point(step, k, init_iters=init_iters, fwd=fwd)
             gen = torch.Generator().manual_seed(int(np.random.default_rng(
                 [self.seed, _PROBE_STREAM, k, 2]).integers(2**31 - 1)))
             start = self.vectors[k]
@@ -108,7 +108,7 @@ class PenaltyProbes:
         probe's power iteration continued by ``iters`` iterations there, and ‖J v‖ (carrying
         gradients to H). Returns the estimate and the probe's index."""
         k = s % len(self.problems)
-        x_star = self._fixed_point(step, k, init_iters=init_iters, fwd=fwd)
+        x_star = self.fixed_point(step, k, init_iters=init_iters, fwd=fwd)
         gen = torch.Generator().manual_seed(int(np.random.default_rng(
             [self.seed, _PROBE_STREAM, k, 1]).integers(2**31 - 1)))
         value, v = tracked_jacobian_norm(cnn, x_star, self.vectors[k], iters=iters,
