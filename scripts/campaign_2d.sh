@@ -42,7 +42,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=campaign/2d_lr
-STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y s0z s1r"
+STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y s0z s1r s0q"
 source scripts/campaign_common.sh
 DATA="--data $RUNS/data2d --val-data $RUNS/data2d_val"
 MASKS="--mask equispaced,random -R 4,6 --acs 16"
@@ -328,6 +328,20 @@ stage1r() {
     --penalty-steps 20 --penalty-top 1
 }
 
+# Stage 0q: the denoising stage held at the bound where the model is used. Every stage-0
+# model so far was scaled to the bound after training, and every deep-equilibrium stage
+# at the bound (1p-1r) stayed flat. Here stage 0y's recipe (the penalty at the clean patch
+# and a whole clean image) from its step 1500 at the bound, plus --project-bound 0.985 in
+# stage 0: every 50 steps, Lanczos at the MOL fixed points (λ 60) of 6 whole training
+# scans, and the output scaled down to 0.985 where their largest exceeds it. No --ema (an
+# average of models at the bound need not be at it), so half of stage 0y's lr. The best
+# model is chosen only at the bound (0.99 at the validation fixed points).
+stage0q() {
+  stage0ab s0q "$1" --skip --init "${INIT0Q:-$KEEP/s0y_step1500_x0985.pt}" --lr 1e-4 \
+    --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz 0.99 \
+    --project-bound 0.985 --project-every 50 --penalty-probes 6
+}
+
 case "${1:-}" in
   data)
     # MNI152 (a second subject for the train split) comes with nilearn: the "train" extra.
@@ -359,6 +373,7 @@ case "${1:-}" in
   stage1p) stage1pq s1p "${INIT1P:-mol_2d_lr}" "${2:?seconds}" --lr 5e-6 ;;
   stage1q) stage1pq s1q "${INIT1Q:-$KEEP/s0y_step1500_x0985.pt}" "${2:?seconds}" --skip --lr 3e-6 ;;
   stage1r) stage1r "${2:?seconds}" ;;
+  stage0q) stage0q "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
   *) sed -n '2,31p' "$0"; exit 2 ;;

@@ -475,3 +475,82 @@ def test_best_model_only_at_the_bound(folder2d: Path, tmp_path: Path) -> None:
     assert loose.best_val_psnr == pytest.approx(max(vals))
     with pytest.raises(ConfigError, match="best_max_lipschitz"):
         denoise(folder2d, tmp_path / "c.pt", best_max_lipschitz=0.0)
+
+
+def test_project_bound_holds_a_stage_zero_model_at_the_bound(folder2d: Path,
+                                                             tmp_path: Path) -> None:
+    """--project-bound in stage 0: the denoising loss grows H, and on every project_every-th
+    step the largest Jacobian norm at the MOL fixed points of whole training scans is logged
+    and the output scaled to T; re-measured with the saved model there, it reads T."""
+    from molrecon.deq.fixed_point import FixedPointConfig
+    from molrecon.deq.mol import MolConfig
+    from molrecon.train.loop import _load_data
+    from molrecon.train.probes import PenaltyProbes
+
+    bound = 0.3
+    out = tmp_path / "p.pt"
+    config = denoise(folder2d, out, max_steps=4, val_every=4, checkpoint_every=4, lr=3e-2,
+                     penalty_weight=0.0, project_bound=bound, project_every=2,
+                     penalty_probes=2)
+    train(config)
+    projected = [r for r in records(output_paths(out)["log"]) if "probe_lipschitz" in r]
+    assert [r["step"] for r in projected] == [2, 4]
+    last = projected[-1]
+    assert last["probe_lipschitz"] > bound
+    assert last["output_scale"] == pytest.approx(bound / last["probe_lipschitz"])
+    loaded = load_checkpoint(output_paths(out)["last"])
+    step = MolStep(loaded.model, MolConfig(alpha=config.alpha, lam=loaded.mol_config.lam,
+                                           cg_iters=config.cg_iters))
+    _, train_set, _ = _load_data(config, lambda _: None)
+    probes = PenaltyProbes.build(config, train_set, torch.device("cpu"), whole=True)
+    norms = probes.jacobian_norms(step, loaded.model, cold_steps=30, warm_steps=10,
+                                  init_iters=config.init_iters,
+                                  fwd=FixedPointConfig(tol=config.fwd_tol,
+                                                       max_iter=config.fwd_max_iter))
+    assert max(norms) == pytest.approx(bound, rel=1e-2)
+
+
+def test_volume_validation_measures_the_norm_on_whole_series(folder2dt: Path,
+                                                             tmp_path: Path) -> None:
+    """A 2D+time run's validation reads the Jacobian norm at its whole fixed points, as the
+    certificate does (a crop is another operator): val_lipschitz equals the largest Lanczos
+    value at the whole series, re-measured from the saved model; a checkpoint saved between
+    validations keeps the global bound only."""
+    from molrecon.models.certificate import certificate_for
+    from molrecon.train.loop import _load_data
+
+    out = tmp_path / "v.pt"
+    spec = PatchSpec(size=16, depth=4, sigma_min=0.1, sigma_max=0.1)
+    mask = MaskSpec(family="interleaved", acceleration=3.0, acs=8)
+    config = denoise(folder2dt, out, max_steps=3, val_every=2, checkpoint_every=1, skip=True,
+                     val_fraction=0.5, mask=mask, patch=spec)
+    train(config)
+    vals = [r for r in records(output_paths(out)["log"])
+            if r.get("val_psnr") is not None and "loss" in r]
+    assert [r["step"] for r in vals] == [2, 3]        # the cadence and the last step
+    cert = load_checkpoint(output_paths(out)["last"]).certificate
+    assert cert["local_max"] == pytest.approx(vals[-1]["val_lipschitz"])
+    assert cert["lanczos_steps"] == 20
+    loaded = load_checkpoint(output_paths(out)["last"])
+    _, _, val_set = _load_data(config, lambda _: None)
+    problems = _val_problems(val_set, config, torch.device("cpu"))
+    fps: list[Any] = []
+    evaluate(MolStep(loaded.model, loaded.mol_config), problems, config, fps)
+    assert 1 <= len(fps) <= 4 and cert["points"] == len(fps)
+    again = certificate_for(loaded.model, fps, power_iters=10, ratio_steps=0,
+                            lanczos_steps=20, seed=config.seed)
+    assert max(cert["local_lanczos"]) == pytest.approx(max(again["local_lanczos"]), rel=1e-3)
+    # Between validations (step 1's save, since overwritten): no local estimate.
+    from molrecon.train.validate import _certificate
+    assert _certificate(loaded.model, fps, 0, local=False).get("local_max") is None
+    assert _certificate(loaded.model, fps, 0)["local_max"] is not None
+    # Whole series larger than the 64² a crop would keep, six of them: four spread over the
+    # list (the first, the last and two between), each read whole.
+    gen = torch.Generator().manual_seed(5)
+    six = [torch.randn(1, 4, 72, 72, dtype=torch.complex64, generator=gen) * (1 + k)
+           for k in range(6)]
+    got = _certificate(loaded.model, six, 0)
+    assert got["points"] == 4
+    want = certificate_for(loaded.model, [six[i] for i in (0, 2, 3, 5)], power_iters=10,
+                           ratio_steps=0, lanczos_steps=20, seed=0)
+    assert got["local_lanczos"] == pytest.approx(want["local_lanczos"], rel=1e-4)

@@ -86,8 +86,8 @@ class TrainConfig:
                       local estimate at its fixed points (``val_lipschitz``) is at most
                       this: for an LR model, the best among those at the bound, not a more
                       expansive one whose PSNR it owes to leaving it
-    project_bound     None (off) or a bound T: every project_every steps of the
-                      deep-equilibrium stage (LR), the largest singular value of H's
+    project_bound     None (off) or a bound T: every project_every steps (LR; the
+                      deep-equilibrium stage or stage 0), the largest singular value of H's
                       Jacobian at the MOL fixed points of penalty_probes fixed whole
                       training scans (20 Lanczos steps each) is measured, and where it
                       exceeds T, H's output is scaled by T over it (:mod:`.probes`): the
@@ -229,10 +229,9 @@ class TrainConfig:
                     self.project_bound, (int, float)) or not 0 < self.project_bound <= 1:
                 raise ConfigError("project_bound must be a bound in (0, 1], got "
                                   f"{self.project_bound!r}")
-            if self.constraint != "lr" or self.stage != "deq" or self.unroll:
+            if self.constraint != "lr" or self.unroll:
                 raise ConfigError("project_bound scales an LR model to the bound during "
-                                  "deep-equilibrium training (--constraint lr, --stage deq, "
-                                  "no --unroll)")
+                                  "training (--constraint lr, no --unroll)")
             if self.ema:
                 raise ConfigError("project_bound and ema cannot be combined: an average of "
                                   "models at the bound need not be at the bound")

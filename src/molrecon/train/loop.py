@@ -581,8 +581,11 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
     if run.val_certificate is not None and run.val_certificate[0] == steps_done:
         cert = run.val_certificate[1]           # measured at this step's validation
     else:
+        # Between validations a 3D or 2D+time checkpoint keeps the global bound only:
+        # whole volumes at every save would cost minutes on a CPU.
         cert = _certificate(cnn, run.val_fixed_points, config.seed,
-                            data=[Path(f).name for f in run.val_set.files])
+                            data=[Path(f).name for f in run.val_set.files],
+                            local=cnn.config.dims != 3)
     model_cfg = run.model.to_config()
     _write(paths["last"], "latest model", steps_done,
            lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
