@@ -336,6 +336,9 @@ stage1r() {
 # scans, and the output scaled down to 0.985 where their largest exceeds it. No --ema (an
 # average of models at the bound need not be at it), so half of stage 0y's lr. The best
 # model is chosen only at the bound (0.99 at the validation fixed points).
+# Outcome (twelfth session): the loss grew the probes' norm to 1.02-1.08 within every 50
+# steps, each projection shrank H by 4-9 %, and validation fell 32.53 -> 29.99 dB by step
+# 250: stopped (campaign/2d_lr/experiments/s0q.log.jsonl).
 stage0q() {
   stage0ab s0q "$1" --skip --init "${INIT0Q:-$KEEP/s0y_step1500_x0985.pt}" --lr 1e-4 \
     --penalty-at clean,image --penalty-every 4 --val-every 250 --best-max-lipschitz 0.99 \

@@ -48,6 +48,9 @@ stage0a() {
 # here t0a's recipe goes on from its step 1200 held at the bound where it is used:
 # --project-bound 0.985 every 50 steps at the MOL fixed points of 4 whole training series,
 # at λ 30 (the λ the bundled 2D+time model is used near), the best model only at 0.99.
+# Outcome (twelfth session): stopped before its first step. A whole-series Lanczos reading
+# costs about 5 minutes on one core, so the validation and every projection took longer
+# than the steps between them, and the same projection in 2D stage 0 (0q) lost 2.5 dB.
 stage0b() {
   block_stage0 t0b "$1" "${INIT_T0B:-$KEEP/t0a.pt}" --lam 30 \
     --val-every 150 --val-samples 6 --checkpoint-every 50 --seed $SEED \
