@@ -96,6 +96,9 @@ def test_every_command_that_takes_a_model_takes_a_bundled_name(tmp_path: Path) -
                             "--device", "cpu", "--quiet"])
     assert r.exit_code == 0, r.output
     assert load_checkpoint(out).metadata["config"]["init_weights"] == "mol_2d_lr"
+    # The bundled 2D model has an identity path; --init keeps it without --skip.
+    bundled = load_checkpoint(resolve_weights("mol_2d_lr")).model.config.skip
+    assert bundled > 0 and load_checkpoint(out).model.config.skip == pytest.approx(bundled)
 
 
 @pytest.mark.parametrize("kind", KINDS)

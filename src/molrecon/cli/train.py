@@ -136,7 +136,7 @@ def train_cmd(
     cg_iters: Annotated[int, typer.Option("--cg-iters", help="CG iterations per MOL step (data consistency), in training and validation; the bundled models use 10.")] = 10,
     layers: Annotated[int, typer.Option("--layers", help="Convolution layers of the CNN prior H.")] = 5,
     channels: Annotated[int, typer.Option("--channels", help="Feature channels of H's hidden layers.")] = 64,
-    skip: Annotated[bool, typer.Option("--skip", help="LR: an identity path around the network, H(x) = x + N(x) (N learns the correction, as residual denoisers do; a fresh model starts at H = I; with --init, the path keeps that model's gain). Its certified bound adds the path's gain to the layers' product: like any LR model it rests on the penalty and check-lipschitz's local estimates.")] = False,
+    skip: Annotated[bool, typer.Option("--skip", help="LR: an identity path around the network, H(x) = x + N(x) (N learns the correction, as residual denoisers do; a fresh model starts at H = I; with --init, the path keeps that model's gain, and an --init model that has one keeps it without --skip). Its certified bound adds the path's gain to the layers' product: like any LR model it rests on the penalty and check-lipschitz's local estimates.")] = False,
     lipschitz_target: Annotated[float, typer.Option("--lipschitz-target", help="SN: certified bound target L < 1.")] = 0.99,
     spectral_grid: Annotated[int | None, typer.Option("--spectral-grid", help="SN: frequency grid per axis of the certified bound (coarser is faster and looser).", show_default=False)] = None,
     penalty_weight: Annotated[float, typer.Option("--penalty-weight", help="LR: weight of the log-barrier penalty.")] = 1e-6,
@@ -206,6 +206,13 @@ def train_cmd(
         from ..train.data import MaskSpec
         from ..train.patches import PatchSpec
 
+        if init_weights is not None and not skip:
+            # A model with an identity path (the bundled mol_2d_lr) is fine-tuned with it:
+            # --init decides the network's form, as its layer weights do.
+            from ..models.bundled import resolve_weights
+            from ..models.checkpoint import load_checkpoint
+
+            skip = load_checkpoint(resolve_weights(str(init_weights))).model.config.skip > 0
         config = TrainConfig(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]
             lipschitz_target=lipschitz_target, spectral_grid=spectral_grid, layers=layers, channels=channels,
