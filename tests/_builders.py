@@ -49,3 +49,25 @@ def write_raw_table(path: Path, xml: str, table: np.ndarray) -> Path:
         ds[0] = xml.encode()
         grp.create_dataset("data", data=table, maxshape=(None,))
     return path
+
+
+def probe_norms(config: TrainConfig, checkpoint: Path) -> list[float]:
+    """The largest Jacobian norm of a saved model's H at the MOL fixed points of the whole-scan
+    probes ``train --project-bound`` measures for ``config`` (30 Lanczos steps from noise)."""
+    import torch
+
+    from molrecon.deq.fixed_point import FixedPointConfig
+    from molrecon.deq.mol import MolConfig, MolStep
+    from molrecon.models.checkpoint import load_checkpoint
+    from molrecon.train.loop import _load_data
+    from molrecon.train.probes import PenaltyProbes
+
+    loaded = load_checkpoint(checkpoint)
+    step = MolStep(loaded.model, MolConfig(alpha=config.alpha, lam=loaded.mol_config.lam,
+                                           cg_iters=config.cg_iters))
+    _, train_set, _ = _load_data(config, lambda _: None)
+    probes = PenaltyProbes.build(config, train_set, torch.device("cpu"), whole=True)
+    return probes.jacobian_norms(step, loaded.model, cold_steps=30, warm_steps=10,
+                                 init_iters=config.init_iters,
+                                 fwd=FixedPointConfig(tol=config.fwd_tol,
+                                                      max_iter=config.fwd_max_iter))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _builders import Crash, crash_at, records, tiny_config
+from _builders import Crash, crash_at, probe_norms, records, tiny_config
 from conftest import message_lines
 from molrecon.cli import app
 from molrecon.errors import CheckpointError, ConfigError, InputDataError, OutputError
@@ -177,11 +177,6 @@ def test_project_bound_holds_the_saved_model_at_the_bound(data: dict[str, Path],
     whole-scan probes' fixed points is logged, and where it is above T the output is scaled
     by T over it; re-measured with the saved model there, it reads T. A run interrupted
     and resumed equals an uninterrupted one."""
-    from molrecon.deq.fixed_point import FixedPointConfig
-    from molrecon.deq.mol import MolConfig, MolStep
-    from molrecon.train.loop import _load_data
-    from molrecon.train.probes import PenaltyProbes
-
     bound = 0.05
     common = {"constraint": "lr", "max_steps": 4, "val_every": 2, "checkpoint_every": 1,
               "lr": 3e-2, "penalty_weight": 0.0, "project_bound": bound, "project_every": 2,
@@ -198,16 +193,7 @@ def test_project_bound_holds_the_saved_model_at_the_bound(data: dict[str, Path],
     assert last["output_scale"] == pytest.approx(bound / last["probe_lipschitz"])
     # ... and the saved model reads T at the probes' fixed points (to 1 %: the fixed points
     # move a little when H is scaled).
-    loaded = load_checkpoint(output_paths(out)["last"])
-    step = MolStep(loaded.model, MolConfig(alpha=config.alpha, lam=loaded.mol_config.lam,
-                                           cg_iters=config.cg_iters))
-    _, train_set, _ = _load_data(config, lambda _: None)
-    probes = PenaltyProbes.build(config, train_set, torch.device("cpu"), whole=True)
-    norms = probes.jacobian_norms(step, loaded.model, cold_steps=30, warm_steps=10,
-                                  init_iters=config.init_iters,
-                                  fwd=FixedPointConfig(tol=config.fwd_tol,
-                                                       max_iter=config.fwd_max_iter))
-    assert max(norms) == pytest.approx(bound, rel=1e-2)
+    assert max(probe_norms(config, output_paths(out)["last"])) == pytest.approx(bound, rel=1e-2)
 
     part = tmp_path / "part" / "m.pt"
     part.parent.mkdir()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _builders import Crash, crash_at, records, tiny_config
+from _builders import Crash, crash_at, probe_norms, records, tiny_config
 from molrecon.cli import app
 from molrecon.deq.mol import MolStep
 from molrecon.errors import ConfigError
@@ -482,11 +482,6 @@ def test_project_bound_holds_a_stage_zero_model_at_the_bound(folder2d: Path,
     """--project-bound in stage 0: the denoising loss grows H, and on every project_every-th
     step the largest Jacobian norm at the MOL fixed points of whole training scans is logged
     and the output scaled to T; re-measured with the saved model there, it reads T."""
-    from molrecon.deq.fixed_point import FixedPointConfig
-    from molrecon.deq.mol import MolConfig
-    from molrecon.train.loop import _load_data
-    from molrecon.train.probes import PenaltyProbes
-
     bound = 0.3
     out = tmp_path / "p.pt"
     config = denoise(folder2d, out, max_steps=4, val_every=4, checkpoint_every=4, lr=3e-2,
@@ -498,16 +493,7 @@ def test_project_bound_holds_a_stage_zero_model_at_the_bound(folder2d: Path,
     last = projected[-1]
     assert last["probe_lipschitz"] > bound
     assert last["output_scale"] == pytest.approx(bound / last["probe_lipschitz"])
-    loaded = load_checkpoint(output_paths(out)["last"])
-    step = MolStep(loaded.model, MolConfig(alpha=config.alpha, lam=loaded.mol_config.lam,
-                                           cg_iters=config.cg_iters))
-    _, train_set, _ = _load_data(config, lambda _: None)
-    probes = PenaltyProbes.build(config, train_set, torch.device("cpu"), whole=True)
-    norms = probes.jacobian_norms(step, loaded.model, cold_steps=30, warm_steps=10,
-                                  init_iters=config.init_iters,
-                                  fwd=FixedPointConfig(tol=config.fwd_tol,
-                                                       max_iter=config.fwd_max_iter))
-    assert max(norms) == pytest.approx(bound, rel=1e-2)
+    assert max(probe_norms(config, output_paths(out)["last"])) == pytest.approx(bound, rel=1e-2)
 
 
 def test_volume_validation_measures_the_norm_on_whole_series(folder2dt: Path,
