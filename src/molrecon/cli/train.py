@@ -206,13 +206,6 @@ def train_cmd(
         from ..train.data import MaskSpec
         from ..train.patches import PatchSpec
 
-        if init_weights is not None and not skip:
-            # A model with an identity path (the bundled mol_2d_lr) is fine-tuned with it:
-            # --init decides the network's form, as its layer weights do.
-            from ..models.bundled import resolve_weights
-            from ..models.checkpoint import load_checkpoint
-
-            skip = load_checkpoint(resolve_weights(str(init_weights))).model.config.skip > 0
         config = TrainConfig(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]
             lipschitz_target=lipschitz_target, spectral_grid=spectral_grid, layers=layers, channels=channels,

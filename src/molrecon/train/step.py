@@ -57,10 +57,12 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     """The MOL step (prior + learnable λ) on ``device``, and its prior.
 
     With ``skip``, the identity path's gain is 1 for a new network and the ``--init``
-    checkpoint's otherwise (a model scaled to the bound keeps its scale)."""
+    checkpoint's otherwise (a model scaled to the bound keeps its scale). An LR ``--init``
+    model that has an identity path (the bundled ``mol_2d_lr``) keeps it without ``skip``:
+    the checkpoint decides the network's form, as it decides its weights."""
     gain = 1.0 if config.skip else 0.0
     loaded = load_checkpoint(resolve_weights(config.init_weights)) if config.init_weights else None
-    if loaded is not None and config.skip and loaded.model.config.skip > 0:
+    if loaded is not None and loaded.model.config.skip > 0 and config.constraint == "lr":
         gain = loaded.model.config.skip
     cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels,
                            skip=gain),
