@@ -111,13 +111,15 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
 def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
                  data: list[str] | None = None, *, local: bool = True) -> dict[str, Any]:
     """The checkpoint's certificate: the global bound and local estimates at validation fixed
-    points, computed by the same code and with the same iterations as ``molrecon
-    check-lipschitz`` in the bundling script (10 power iterations, 20 Lanczos steps).
+    points, computed by the same code as ``molrecon check-lipschitz`` (10 power iterations
+    and 20 Lanczos steps, which read the top singular value at a fixed point to three or
+    four digits: ``benchmarks/bench_lipschitz_estimates.py``).
 
     Up to :data:`VAL_LIPSCHITZ_POINTS` fixed points spread over the validation problems (so
     that every part of a mixed folder, e.g. brain and torso series, is read), each whole:
-    the norm at a crop of a volume is the norm of another operator, and read 0.99 where the
-    whole series read 1.03 (``BENCHMARKS.md``, the 2D+time campaign). ``local`` False
+    the norm at a crop of a volume is the norm of another operator: central 64² crops read
+    0.98–0.99 where the whole 2D+time series read 1.09–1.24
+    (``benchmarks/bench_val_lipschitz.py``, BENCHMARKS.md). ``local`` False
     (a 3D or 2D+time checkpoint saved between validations, where whole volumes would cost
     minutes per save on a CPU) keeps the global bound only; the validation records carry
     the local estimates."""
@@ -129,8 +131,8 @@ def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
     k = min(n, VAL_LIPSCHITZ_POINTS)
     picks = sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
     points = [fixed_points[i].detach() for i in picks] if local else []
-    # Ten power iterations read the top of the Jacobian's crowded spectrum low by up to a
-    # few per cent; 20 Lanczos steps read it (benchmarks/bench_lipschitz_estimates.py).
+    # Ten power iterations alone read the top of the Jacobian's crowded spectrum low by up to
+    # a few per cent; the 20 Lanczos steps are what read it.
     return certificate_for(cnn, points, data=data or [], power_iters=10,
                            ratio_steps=0, lanczos_steps=20, seed=seed)
 
