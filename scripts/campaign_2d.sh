@@ -42,7 +42,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=campaign/2d_lr
-STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y s0z s1r s0q"
+STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y s0z s1r"
 source scripts/campaign_common.sh
 DATA="--data $RUNS/data2d --val-data $RUNS/data2d_val"
 MASKS="--mask equispaced,random -R 4,6 --acs 16"

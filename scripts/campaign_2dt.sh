@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=campaign/2dt_lr
-STAGES="t0a t0b"
+STAGES="t0a"
 source scripts/campaign_common.sh
 # Brain series (36 training, 4 validation) and cardiac-like cine series of the procedural
 # torso (24, 2), in one folder each for training and validation (hard links).
