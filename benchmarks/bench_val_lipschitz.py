@@ -26,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from molrecon.models.checkpoint import load_checkpoint
     from molrecon.train import TrainConfig
     from molrecon.train.data import MaskSpec, list_raw_files, load_folder
-    from molrecon.train.validate import _val_problems, evaluate
+    from molrecon.train.validate import _val_problems, evaluate, spread_indices
 
     loaded = load_checkpoint(resolve_weights(str(args.model)))
     mol = loaded.mol_config if args.lam is None else replace(loaded.mol_config, lam=args.lam)
@@ -69,10 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                          seed=args.seed, device="cpu")
     val = load_folder(list_raw_files(args.val_data), None)
     problems = _val_problems(val, config, torch.device("cpu"))
-    n = min(config.val_samples, len(val))        # the samples _val_problems takes
-    idx = np.linspace(0, len(val) - 1, n).round().astype(int) if n else []
-    names = [f"{Path(val.samples[int(i)].source).name} #{val.samples[int(i)].index}"
-             for i in idx]
+    names = [f"{Path(val.samples[i].source).name} #{val.samples[i].index}"
+             for i in spread_indices(len(val), config.val_samples)]   # _val_problems' items
     fps: list[torch.Tensor] = []
     metrics = evaluate(MolStep(loaded.model, mol), problems, config, fps)
     rows = []

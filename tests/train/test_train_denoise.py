@@ -540,3 +540,14 @@ def test_volume_validation_measures_the_norm_on_whole_series(folder2dt: Path,
     want = certificate_for(loaded.model, [six[i] for i in (0, 2, 3, 5)], power_iters=10,
                            ratio_steps=0, lanczos_steps=20, seed=0)
     assert got["local_lanczos"] == pytest.approx(want["local_lanczos"], rel=1e-4)
+
+
+def test_spread_indices_take_the_ends_and_spread_between() -> None:
+    """The validation items and the certificate's points: spread, ends included, never more
+    than there are."""
+    from molrecon.train.validate import spread_indices
+
+    assert spread_indices(6, 4) == [0, 2, 3, 5]
+    assert spread_indices(3, 8) == [0, 1, 2]
+    assert spread_indices(5, 1) == [0]
+    assert spread_indices(5, 0) == [] and spread_indices(0, 4) == []

@@ -43,20 +43,27 @@ def _load_validation(folder: str, kind: str, train_folder: str,
     return val
 
 
+def spread_indices(n: int, k: int) -> list[int]:
+    """min(k, n) indices spread evenly over range(n), the first and the last included (the
+    first alone for one): which validation items are used, and which of their fixed points
+    the training certificate measures."""
+    m = min(k, n)
+    return [int(i) for i in np.linspace(0, n - 1, m).round()] if m > 0 else []
+
+
 def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[Problem]:
     """Fixed validation problems (masks seeded per item, the same for every evaluation).
 
     With several accelerations the highest is used.
     """
     out = []
-    n = min(config.val_samples, len(val))
-    idx = np.linspace(0, len(val) - 1, n).round().astype(int) if n else []
+    idx = spread_indices(len(val), config.val_samples)
     spec = config.mask
     if spec.accelerations:
         spec = replace(spec, acceleration=max(spec.accelerations), accelerations=())
     for j, i in enumerate(idx):
         rng = np.random.default_rng([config.seed, 7_777_777, j])
-        out.append(make_problem(val.samples[int(i)], val.kind, spec, rng, 0.0, device))
+        out.append(make_problem(val.samples[i], val.kind, spec, rng, 0.0, device))
     return out
 
 
@@ -108,6 +115,10 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
             "val_iterations": float(np.mean(iters)), "val_failed": failed}
 
 
+#: Validation fixed points the training certificate measures (spread over the problems).
+VAL_LIPSCHITZ_POINTS = 4
+
+
 def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
                  data: list[str] | None = None, *, local: bool = True) -> dict[str, Any]:
     """The checkpoint's certificate: the global bound and local estimates at validation fixed
@@ -127,16 +138,9 @@ def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
 
     if not fixed_points:
         return {}
-    n = len(fixed_points)
-    k = min(n, VAL_LIPSCHITZ_POINTS)
-    picks = sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
-    points = [fixed_points[i].detach() for i in picks] if local else []
+    picks = spread_indices(len(fixed_points), VAL_LIPSCHITZ_POINTS) if local else []
+    points = [fixed_points[i].detach() for i in picks]
     # Ten power iterations alone read the top of the Jacobian's crowded spectrum low by up to
     # a few per cent; the 20 Lanczos steps are what read it.
     return certificate_for(cnn, points, data=data or [], power_iters=10,
                            ratio_steps=0, lanczos_steps=20, seed=seed)
-
-
-#: Validation fixed points the training certificate measures (spread over the problems).
-VAL_LIPSCHITZ_POINTS = 4
-
