@@ -51,8 +51,9 @@ def write_raw_table(path: Path, xml: str, table: np.ndarray) -> Path:
     return path
 
 
-def probe_norms(config: TrainConfig, checkpoint: Path) -> list[float]:
-    """The largest Jacobian norm of a saved model's H at the MOL fixed points of the whole-scan
+def probe_norms(config: TrainConfig, checkpoint: Path, measure: str = "lipschitz") -> list[float]:
+    """The largest Jacobian norm (or, ``measure`` "monotone", the top of the spectrum of the
+    Jacobian's symmetric part) of a saved model's H at the MOL fixed points of the whole-scan
     probes ``train --project-bound`` measures for ``config`` (30 Lanczos steps from noise)."""
     import torch
 
@@ -70,4 +71,5 @@ def probe_norms(config: TrainConfig, checkpoint: Path) -> list[float]:
     return probes.jacobian_norms(step, loaded.model, cold_steps=30, warm_steps=10,
                                  init_iters=config.init_iters,
                                  fwd=FixedPointConfig(tol=config.fwd_tol,
-                                                      max_iter=config.fwd_max_iter))
+                                                      max_iter=config.fwd_max_iter),
+                                 measure=measure)

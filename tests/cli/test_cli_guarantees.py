@@ -44,7 +44,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, model in (("certified", _designed([0.5 * eye])),
                         ("empirical", _designed([torch.cat([eye, eye], 0),
                                                  torch.cat([eye, -0.5 * eye], 1)])),
-                        ("violated", _designed([1.5 * eye]))):
+                        ("violated", _designed([1.5 * eye])),
+                        # 1.2 × a rotation by 60° of the (re, im) pair: ‖J‖ 1.2, μ 0.6
+                        ("monotone", _designed([1.2 * torch.tensor([[0.5, -0.75 ** 0.5],
+                                                                    [0.75 ** 0.5, 0.5]])]))):
         out[name] = save_checkpoint(d / f"{name}.pt", model, cfg)
     torch.manual_seed(0)
     out["sn"] = save_checkpoint(d / "sn.pt", MolCNN(CNNConfig(layers=3, channels=8), "sn", 0.9),
@@ -101,6 +104,24 @@ def test_empirical_warns_and_strict_fails(files: dict[str, Path]) -> None:
     d = json.loads(r.stdout)
     assert d["verdict"] == "empirical"
     assert d["certified"]["bound"] > 1.5 and d["local"]["max"] < 0.51
+
+
+def test_monotone_warns_and_strict_fails(files: dict[str, Path]) -> None:
+    """Expansive (‖J‖ = 1.2) but monotone (μ = 0.6): exit 0 with a warning, 1 with --strict;
+    the table shows μ and the robustness bounds use m = 1 − μ."""
+    r = check(files, "monotone")
+    assert r.exit_code == 0, r.output
+    assert "monotone, not contractive" in r.stderr
+    assert "local μ, top of ½(J+Jᵀ)" in r.stdout and "0.6000" in r.stdout
+    assert "margin m = 1 − μ" in r.stdout
+    r = check(files, "monotone", "--strict", "--json")
+    assert r.exit_code == 1
+    d = json.loads(r.stdout)
+    assert d["verdict"] == "monotone"
+    assert d["local"]["max"] == pytest.approx(1.2, rel=1e-3)
+    assert d["local"]["monotone_max"] == pytest.approx(0.6, rel=1e-3)
+    assert d["robustness_bounds"]["basis"] == "monotone"
+    assert d["robustness_bounds"]["tight"] == pytest.approx(0.5 * (4.0 / 0.4) ** 0.5, rel=1e-3)
 
 
 def test_violated_exit_1(files: dict[str, Path]) -> None:

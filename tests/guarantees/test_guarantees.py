@@ -158,6 +158,12 @@ def test_decide_rules() -> None:
     assert decide(certified_bound=3.0, local_max=0.9)[0] == "empirical"
     assert decide(certified_bound=3.0, local_max=1.0)[0] == "violated"
     assert decide(certified_bound=0.9, local_max=0.5, uniqueness_consistent=False)[0] == "violated"
+    # Expansive but monotone: the verdict says so; not monotone, or uniqueness broken: violated.
+    assert decide(certified_bound=3.0, local_max=1.2, monotone_max=0.6)[0] == "monotone"
+    assert decide(certified_bound=3.0, local_max=1.2, monotone_max=1.0)[0] == "violated"
+    verdict, reasons = decide(certified_bound=3.0, local_max=1.2, monotone_max=0.6,
+                              uniqueness_consistent=False)
+    assert verdict == "violated" and len(reasons) == 2
 
 
 def test_certified_linear_model(tmp_path: Path) -> None:
@@ -194,8 +200,35 @@ def test_empirical_relu_model(tmp_path: Path) -> None:
     assert rep.local.power.max == pytest.approx(0.5, rel=1e-3)       # reaches Lip(H) = ½
     assert rep.local.max <= 0.5 * (1 + 1e-4)
     assert rep.verdict == "empirical"
-    assert rep.robustness.basis == "local"
+    # The margin of uniqueness and robustness comes from μ, the top of H's numerical range
+    # (½ here too: H's Jacobian is ½ on the active channels, 0 elsewhere).
+    assert rep.robustness.basis == "monotone"
+    assert rep.robustness.lipschitz == pytest.approx(0.5, rel=1e-3)
+    assert rep.local.monotone_max <= rep.local.max + 1e-6
     assert not rep.contraction_certified.contracts and rep.contraction_local.contracts
+
+
+def rotation_model(gain: float, degrees: float) -> MolCNN:
+    """H(x) = gain·e^{iθ}·x (a 1×1 layer rotating the (re, im) channel pair): ‖J‖ = gain, and
+    ½(J + Jᵀ) = gain·cos θ · I, so F = I − H is (1 − gain·cos θ)-monotone."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return designed_model([gain * torch.tensor([[c, -s], [s, c]])])
+
+
+def test_expansive_but_monotone_model(tmp_path: Path) -> None:
+    """‖J‖ = 1.2 but μ = 0.6: verdict monotone, the margin 0.4 from μ, and the fixed point
+    unique from four starts (Anderson converges where the α = 1 step expands)."""
+    loaded = as_loaded(tmp_path, rotation_model(1.2, 60.0))
+    rep = check_lipschitz(loaded, [tiny_problem()],
+                          CheckConfig(power_iters=20, max_iter=200, uniqueness=True))
+    assert rep.local.max == pytest.approx(1.2, rel=1e-3)
+    assert rep.local.monotone_max == pytest.approx(0.6, rel=1e-3)
+    assert rep.verdict == "monotone", rep.reasons
+    assert rep.robustness.basis == "monotone"
+    assert rep.robustness.margin == pytest.approx(0.4, rel=1e-3)
+    assert rep.uniqueness is not None and rep.uniqueness.consistent
+    assert all(rep.uniqueness.converged)
+    assert not rep.contraction_local.contracts
 
 
 def test_violated_model(tmp_path: Path) -> None:
@@ -311,9 +344,12 @@ def test_robustness_local_basis_takes_the_larger_of_power_and_lanczos(
     prob = tiny_problem(8, 8, coils=2, step=3, acs=2)
     base: dict[str, Any] = {"eps": (0.01,), "steps": 1, "unrolled_k": 0}
     with_lz = robustness(loaded, [prob], RobustnessConfig(**base, lanczos_steps=10))
-    assert with_lz.bounds.basis == "local"
+    # With Lanczos steps the margin comes from μ, read by Lanczos on ½(J + Jᵀ) (½ here: the
+    # Jacobian is symmetric), not from the low power iteration.
+    assert with_lz.bounds.basis == "monotone"
     assert with_lz.bounds.lipschitz == pytest.approx(0.5, rel=1e-4)
     without = robustness(loaded, [prob], RobustnessConfig(**base, lanczos_steps=0))
+    assert without.bounds.basis == "local"
     assert without.bounds.lipschitz == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="lanczos_steps"):
         RobustnessConfig(lanczos_steps=-1)

@@ -14,7 +14,8 @@ from molrecon.models import (
     local_lipschitz_power,
     local_lipschitz_ratio,
 )
-from molrecon.models.lipschitz import jacobian_norm, lanczos_jacobian_norm, tracked_jacobian_norm
+from molrecon.models.lipschitz import (jacobian_norm, lanczos_jacobian_norm, monotonicity_estimate,
+                                      tracked_jacobian_norm)
 
 
 def test_reference_architecture_parameter_count() -> None:
@@ -280,3 +281,51 @@ def test_lanczos_reads_the_top_singular_values_in_far_fewer_products_than_power(
     assert float(after[0].detach()) < float(exact[0])
     with pytest.raises(ValueError):
         lanczos_jacobian_norm(model, torch.cat([x, x]), iters=5)
+
+
+def test_monotonicity_estimate_reads_the_numerical_range_not_the_norm() -> None:
+    """H(x) = c·x with c = 1.5·e^{iπ/3}: on the real view J is 1.5 times a rotation by 60°,
+    so ‖J‖ = 1.5 (not a contraction) while ½(J + Jᵀ) = 1.5·cos 60° · I = 0.75 I: F = I − H is
+    0.25-monotone. H(x) = −1.3·x: ‖J‖ = 1.3 but μ = −1.3."""
+    x = torch.randn(1, 1, 6, 5, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    c = 1.5 * complex(0.5, 3 ** 0.5 / 2)
+    found = monotonicity_estimate(lambda z: c * z, x, iters=5, generator=gen)
+    assert float(found.top[0].detach()) == pytest.approx(0.75, rel=1e-9)
+    assert found.smallest == pytest.approx(0.75, rel=1e-9)
+    norm, _ = lanczos_jacobian_norm(lambda z: c * z, x, iters=5, generator=gen)
+    assert float(norm[0].detach()) == pytest.approx(1.5, rel=1e-9)
+    neg = monotonicity_estimate(lambda z: -1.3 * z, x, iters=5, generator=gen)
+    assert float(neg.top[0].detach()) == pytest.approx(-1.3, rel=1e-9)
+    with pytest.raises(ValueError):
+        monotonicity_estimate(lambda z: z, torch.cat([x, x]), iters=5)
+
+
+def test_monotonicity_estimate_matches_the_dense_symmetric_part() -> None:
+    """At a point of a small ReLU network: the top and bottom of the spectrum of ½(J + Jᵀ)
+    from the dense Jacobian, read by Lanczos to 1e-6; the top is at most ‖J‖; it carries
+    gradients to H's parameters, and a step against them lowers it."""
+    torch.manual_seed(7)
+    model = MolCNN(CNNConfig(layers=3, channels=6, skip=1.0), "lr").double()
+    shape = (1, 8, 7)
+    x = torch.randn(1, *shape, dtype=torch.complex128)
+    xr = torch.view_as_real(x).clone()
+    jac = torch.autograd.functional.jacobian(
+        lambda z: torch.view_as_real(model(torch.view_as_complex(z))).reshape(-1), xr)
+    jac = jac.reshape(xr.numel(), xr.numel())
+    sym = torch.linalg.eigvalsh(0.5 * (jac + jac.T))
+    found = monotonicity_estimate(model, x, iters=xr.numel(), top=2,
+                                  generator=torch.Generator().manual_seed(0))
+    assert found.top.shape == (2,) and found.vectors.shape == (2, *shape, 2)
+    assert torch.allclose(found.top.detach(), sym.flip(0)[:2], rtol=1e-6)
+    assert found.smallest == pytest.approx(float(sym[0]), rel=1e-6)
+    assert float(found.top[0].detach()) <= float(torch.linalg.matrix_norm(jac, 2)) + 1e-12
+    found.top[0].backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in model.convs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(1e-3 * p.grad)
+    after = monotonicity_estimate(model, x, iters=xr.numel(),
+                                  generator=torch.Generator().manual_seed(0))
+    assert float(after.top[0].detach()) < float(sym[-1])

@@ -209,6 +209,35 @@ def test_project_bound_holds_the_saved_model_at_the_bound(data: dict[str, Path],
         tiny(data["2d"], out, **{**common, "constraint": "sn"})
 
 
+def test_project_bound_on_the_monotone_measure(data: dict[str, Path], tmp_path: Path) -> None:
+    """--bound-measure monotone: the projection holds the top of the spectrum of ½(J + Jᵀ) at
+    the probes' fixed points (logged as probe_monotone; the saved model re-measured there
+    reads T), validation logs val_monotone, which never exceeds val_lipschitz, and the best
+    model is gated on it; an unknown measure is refused."""
+    bound = 0.05
+    out = tmp_path / "m.pt"
+    config = tiny(data["2d"], out, constraint="lr", max_steps=4, val_every=2,
+                  checkpoint_every=1, lr=3e-2, penalty_weight=0.0, project_bound=bound,
+                  project_every=2, penalty_probes=2, bound_measure="monotone",
+                  best_max_lipschitz=10.0)
+    train(config)
+    log = step_records(output_paths(out)["log"])
+    projected = [r for r in log if "probe_monotone" in r]
+    assert [r["step"] for r in projected] == [2, 4]
+    assert not any("probe_lipschitz" in r for r in log)
+    last = projected[-1]
+    assert last["probe_monotone"] > bound
+    assert last["output_scale"] == pytest.approx(bound / last["probe_monotone"])
+    # To 5 %: the fixed points move when H is scaled, and the projection's 10 warm Lanczos
+    # steps read the top of an indefinite symmetric spectrum less tightly than JᵀJ's.
+    saved = probe_norms(config, output_paths(out)["last"], measure="monotone")
+    assert max(saved) == pytest.approx(bound, rel=5e-2)
+    vals = [r for r in log if r.get("val_psnr") is not None]
+    assert vals and all(r["val_monotone"] <= r["val_lipschitz"] + 1e-6 for r in vals)
+    with pytest.raises(ConfigError, match="bound_measure"):
+        tiny(data["2d"], out, bound_measure="norm")
+
+
 def test_interrupt_during_a_best_save_still_writes_the_best_model(
         data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while the new best model of step 4 is being saved (step 2's is on disk): the

@@ -7,8 +7,12 @@ robustness bounds that follow, optionally the uniqueness of the fixed point
 
     certified  global bound < 1                               exit 0
     empirical  no certificate, local estimates < 1            exit 0 (warning; 1 with --strict)
-    violated   a local estimate >= 1, or fixed points from
-               different starts disagree beyond the margin    exit 1
+    monotone   a local Lipschitz estimate >= 1, but the top
+               of H's numerical range (½(J + Jᵀ)) < 1: F =
+               I − H monotone at the data                     exit 0 (warning; 1 with --strict)
+    violated   a local estimate >= 1 and not monotone, or
+               fixed points from different starts disagree
+               beyond the margin                              exit 1
 
 robustness: worst-case measurement perturbations of MOL (implicit gradient
 through the equilibrium) and of the same CNN unrolled for K steps, next to the
@@ -128,7 +132,7 @@ def check_lipschitz_cmd(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of random probes and starts.")] = 0,
     strict: Annotated[bool, typer.Option(
-        "--strict", help="Exit 1 unless the bound is certified (an empirical verdict fails).")
+        "--strict", help="Exit 1 unless the bound is certified (an empirical or monotone verdict fails).")
     ] = False,
     kind: Annotated[str | None, typer.Option(
         "--kind", metavar="KIND", show_default=False,
@@ -230,8 +234,9 @@ def _finish(report: LipschitzReport, *, strict: bool) -> None:
         for note in report.reasons[1:]:
             warn(note)
         return
-    if report.verdict == "empirical":
-        warn(f"empirical only: {report.reasons[0]}; the fixed point's uniqueness and the "
+    if report.verdict in ("empirical", "monotone"):
+        what = "empirical only" if report.verdict == "empirical" else "monotone, not contractive"
+        warn(f"{what}: {report.reasons[0]}; the fixed point's uniqueness and the "
              "robustness bounds are not guaranteed")
         for note in report.reasons[1:]:
             warn(note)
@@ -275,11 +280,19 @@ def _print_check(r: LipschitzReport) -> None:
         steps = r.local.points[0].lanczos_steps
         t.add_row("local Lanczos ‖J_H(x*)‖", f"{lz.min:.4f} / {lz.median:.4f} / {lz.max:.4f}",
                   f"min/med/max, {steps} steps")
+    mono = r.local.monotone
+    if mono is not None:
+        t.add_row("local μ, top of ½(J+Jᵀ)",
+                  f"{mono.min:.4f} / {mono.median:.4f} / {mono.max:.4f}",
+                  "min/med/max; F = I − H monotone where < 1")
     fallback = sum(p.point != "fixed point" for p in r.local.points)
     if fallback:
         t.add_row("points not at a fixed point", str(fallback), "CG-SENSE used")
     cc, cl = r.contraction_certified, r.contraction_local
     t.add_row("margin m = 1 − L", f"{_fmt(cc.margin)} / {_fmt(cl.margin)}", "certified / local")
+    if r.local.monotone_max is not None:
+        t.add_row("margin m = 1 − μ", _fmt(1.0 - r.local.monotone_max),
+                  "local; uniqueness, robustness")
     t.add_row(f"step contraction ρ(α={r.alpha:g})", f"{_fmt(cc.factor)} / {_fmt(cl.factor)}",
               "certified / local")
     t.add_row("admissible α", f"(0, {_fmt(cc.alpha_max)}) / (0, {_fmt(cl.alpha_max)})",
@@ -293,7 +306,8 @@ def _print_check(r: LipschitzReport) -> None:
         rel = {True: "≤", False: ">", None: "no"}[u.consistent]
         t.add_row("uniqueness ‖xᵢ − xⱼ‖/‖x‖", _fmt(u.max_distance, ".3g"),
                   f"{rel} bound {_fmt(u.bound, '.3g')}")
-    colour = {"certified": "green", "empirical": "yellow", "violated": "red"}[r.verdict]
+    colour = {"certified": "green", "empirical": "yellow", "monotone": "yellow",
+              "violated": "red"}[r.verdict]
     t.add_row("verdict", f"[{colour}]{r.verdict}[/{colour}]", "")
     stdout.print(t)
     notes = [
@@ -419,6 +433,9 @@ def _print_robustness(r: RobustnessReport) -> None:
         row += [_fmt(b.tight), _fmt(b.paper)]
         t.add_row(*row)
     stdout.print(t)
-    kind = "guarantees" if b.basis == "certified" else "estimates (m from the local estimate)"
-    stdout.print(f"bounds are {kind}: L = {b.lipschitz:.4g}, m = {b.margin:.4g}, "
+    kind = {"certified": "guarantees",
+            "monotone": "estimates (m = 1 − μ, μ the top of H's numerical range at the data)",
+            }.get(b.basis, "estimates (m from the local estimate)")
+    name = "μ" if b.basis == "monotone" else "L"
+    stdout.print(f"bounds are {kind}: {name} = {b.lipschitz:.4g}, m = {b.margin:.4g}, "
                  f"λ = {b.lam:.4g}, ‖A‖ = {b.op_norm:.4g}", soft_wrap=True)

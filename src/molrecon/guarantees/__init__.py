@@ -52,13 +52,31 @@ attained by actual points or directions, so they are *lower* estimates of
 Lip(H); they cannot certify anything, only refute (an estimate ≥ 1 proves
 that H is not contractive).
 
+Monotone without contraction
+----------------------------
+Uniqueness and robustness (below) use only that F = I − H is m-monotone, and
+Lip(H) ≤ L < 1 is one way to get it (m = 1 − L). Near a point x the sharp
+condition is on the symmetric part of H's Jacobian J: ⟨F(u) − F(v), u − v⟩ ≥
+m‖u − v‖² for u, v near x iff μ = λ_max(½(J + Jᵀ)) ≤ 1 − m, where μ ≤ ‖J‖
+always. A prior may exceed 1 in norm only through negative or rotating
+directions (networks with an identity path do: their spectrum of ½(J + Jᵀ)
+reaches −0.4 to −1.2 at the data) and still be monotone there. Lanczos on
+½(J + Jᵀ) reads μ at every fixed point beside ‖J‖
+(:func:`molrecon.models.lipschitz.monotonicity_estimate`); without a
+certificate the margin of the uniqueness test and of the robustness bounds
+is m = 1 − μ (basis ``monotone``). The step contraction below still needs L.
+
 Verdict
 -------
-* ``violated``: some local estimate is ≥ 1 (H is provably not a contraction),
-  or fixed points reached from different starts differ by more than the
-  margin allows (``uniqueness``);
+* ``violated``: some local Lipschitz estimate is ≥ 1 and μ is not < 1 at
+  every point (or was not measured), or fixed points reached from different
+  starts differ by more than the margin allows (``uniqueness``);
 * ``certified``: the certified global bound is < 1;
-* ``empirical``: no global certificate, but every local estimate is < 1.
+* ``empirical``: no global certificate, but every local estimate is < 1;
+* ``monotone``: some local Lipschitz estimate is ≥ 1 (the α = 1 step is not a
+  contraction there), but μ < 1 at every point: F = I − H is monotone at the
+  data, so the fixed point is unique and the robustness bounds hold locally,
+  and the solver's convergence is what the residual reports.
 
 Step contraction
 ----------------

@@ -128,8 +128,15 @@ def check_lipschitz(loaded: LoadedModel, problems: Sequence[Problem],
     gb = global_bound(model, size=cfg.size, layer_iters=cfg.layer_iters, seed=cfg.seed)
     est, op_norm = _estimates_at_fixed_points(model, mol_cfg, problems, cfg, say)
     local_max = est.max
+    mono = est.monotone_max
+    # The margin m of uniqueness and robustness: 1 − the certified bound where there is one;
+    # otherwise 1 − μ, the top of H's numerical range at the data, which is what F = I − H's
+    # monotonicity needs (μ ≤ the Jacobian norm, so this margin is never the smaller one);
+    # 1 − the local Lipschitz estimate where μ was not measured (no Lanczos steps).
     if gb.certified:
         lip, basis = gb.bound, "certified"
+    elif mono is not None:
+        lip, basis = mono, "monotone"
     else:
         lip, basis = local_max, "local"
     bounds = robustness_bounds(lam=mol_cfg.lam, lipschitz=lip, op_norm=op_norm, basis=basis)
@@ -144,7 +151,8 @@ def check_lipschitz(loaded: LoadedModel, problems: Sequence[Problem],
                                             max_iter=cfg.max_iter, seed=cfg.seed))
         uniq = _merge_uniqueness(results)
     verdict, reasons = decide(certified_bound=gb.bound, local_max=local_max,
-                              uniqueness_consistent=None if uniq is None else uniq.consistent)
+                              uniqueness_consistent=None if uniq is None else uniq.consistent,
+                              monotone_max=mono)
     if est.power_converged is False:
         reasons = (*reasons, f"a power iteration stopped at its cap ({cfg.power_iters}) before "
                              "converging: the local estimates may read low")

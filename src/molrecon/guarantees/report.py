@@ -72,8 +72,10 @@ class StepContraction:
 class RobustnessBounds:
     """Amplification bounds ‖Δx‖/‖Δb‖ of the normalised problem (see the package docstring).
 
-    ``basis`` is "certified" (m from the global certificate: guarantees) or
-    "local" (m from the local estimates: estimates). ``op_norm`` is ‖A‖.
+    ``basis`` is "certified" (m = 1 − L from the global certificate: guarantees),
+    "monotone" (m = 1 − μ, μ the largest top of the spectrum of ½(J + Jᵀ) at the data, which
+    ``lipschitz`` then holds: estimates) or "local" (m = 1 − the local Lipschitz estimate:
+    estimates). ``op_norm`` is ‖A‖.
     """
 
     lam: float

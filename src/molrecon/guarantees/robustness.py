@@ -22,7 +22,7 @@ from ..deq.implicit import deq_solve, unrolled
 from ..deq.mol import support_of
 from ..errors import ConfigError
 from ..models.certificate import global_bound, prior_in_precision, seeded_generator
-from ..models.lipschitz import jacobian_norm, lanczos_jacobian_norm
+from ..models.lipschitz import jacobian_norm, lanczos_jacobian_norm, monotonicity_estimate
 from .problems import (
     _bcast,
     _complex_noise,
@@ -124,6 +124,7 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
     mol_res: dict[float, list[_Run]] = {e: [] for e in cfg.eps}
     unr_res: dict[float, list[_Run]] = {e: [] for e in cfg.eps}
     local_max = 0.0
+    mono_max: float | None = None
     op_norm = 0.0
     for n, prob in enumerate(problems, 1):
         def say(stage: str, detail: str = "", n: int = n, prob: Problem = prob) -> None:
@@ -131,18 +132,24 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
                 where = f"{stage}, {prob.source} ({n}/{len(problems)})"
                 progress(f"{where}: {detail}" if detail else where)
 
-        powers, prob_norm, mol_runs, unr_runs = _attack_problem(model, mol_cfg, prob, cfg, gen,
-                                                                say)
+        powers, monos, prob_norm, mol_runs, unr_runs = _attack_problem(model, mol_cfg, prob,
+                                                                       cfg, gen, say)
         for v in powers:
             local_max = max(local_max, v)
+        for v in monos:
+            mono_max = v if mono_max is None else max(mono_max, v)
         op_norm = max(op_norm, prob_norm)
         for e, run in mol_runs:
             mol_res[e].append(run)
         for e, run in unr_runs:
             unr_res[e].append(run)
 
+    # m as in check-lipschitz: certified, else from the top μ of H's numerical range (what
+    # monotonicity needs), else from the local Lipschitz estimate.
     if gb.certified:
         lip, basis = gb.bound, "certified"
+    elif mono_max is not None:
+        lip, basis = mono_max, "monotone"
     else:
         lip, basis = local_max, "local"
     bounds = robustness_bounds(lam=lam, lipschitz=lip, op_norm=op_norm, basis=basis)
@@ -159,12 +166,13 @@ def robustness(loaded: LoadedModel, problems: Sequence[Problem],
 
 def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: RobustnessConfig,
                     gen: torch.Generator, say: Callable[[str], None]
-                    ) -> tuple[list[float], float, list[tuple[float, _Run]],
+                    ) -> tuple[list[float], list[float], float, list[tuple[float, _Run]],
                                list[tuple[float, _Run]]]:
     """Attack one problem at every ε, MOL and (K > 0) unrolled.
 
     Returns the local estimates (the larger of the power iteration and Lanczos) at its
-    finite fixed points, its ‖A‖, and
+    finite fixed points, the top μ of the spectrum of ½(J + Jᵀ) there (with Lanczos steps;
+    else empty), its ‖A‖, and
     the (ε, run) pairs of MOL and of the unrolled network. Each ε starts from
     the perturbation the previous ε found; the first from one draw of ``gen``.
     """
@@ -181,6 +189,7 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
         x_star = solve_mol(step, prob, prob.start, tol=tol, max_iter=cfg.max_iter).x
         warm[0] = x_star
     powers: list[float] = []
+    monos: list[float] = []
     for i in range(x_star.shape[0]):
         xi = x_star[i:i + 1]
         if bool(torch.isfinite(torch.view_as_real(xi)).all()):
@@ -190,6 +199,9 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
                 top, _ = lanczos_jacobian_norm(prior, xi, iters=cfg.lanczos_steps,
                                                generator=gen)
                 value = max(value, float(top.detach().max()))
+                found = monotonicity_estimate(prior, xi, iters=cfg.lanczos_steps,
+                                              generator=gen)
+                monos.append(float(found.top.detach().max()))
             powers.append(value)
     op_norm = operator_norm(prob.op, iters=cfg.norm_iters, seed=cfg.seed)
     direction = _complex_noise(prob.kspace.shape, prob.dtype, prob.kspace.device, gen)
@@ -208,7 +220,7 @@ def _attack_problem(model: MolCNN, mol_cfg: MolConfig, prob: Problem, cfg: Robus
                        direction=d_unr)
             unr_runs.append((e, (*r, prob.op.adjoint(r[0] * prob.support()))))
             d_unr = r[0]
-    return powers, op_norm, mol_runs, unr_runs
+    return powers, monos, op_norm, mol_runs, unr_runs
 
 
 def _implicit_solver(step: MolStep, prob: Problem, cfg: RobustnessConfig, tol: float,

@@ -5,8 +5,9 @@ Lip(H), the product of the layers' certified operator-norm bounds, valid for
 every image size (:func:`global_bound`), with the layers' measured norms on one
 size beside it (:func:`layer_norms_at_size`); the local estimates at given
 points, lower bounds attained by actual points and directions
-(:func:`local_estimates`); the verdict certified / empirical / violated
-(:func:`decide`); and the plain dict that training writes into a checkpoint
+(:func:`local_estimates`), with the top μ of the spectrum of the Jacobian's
+symmetric part, what F = I − H's monotonicity needs below 1; the verdict certified /
+empirical / monotone / violated (:func:`decide`); and the plain dict that training writes into a checkpoint
 (:func:`certificate_for`). ``molrecon check-lipschitz`` (:mod:`molrecon.guarantees`)
 measures the same quantities at the fixed points of real reconstructions.
 """
@@ -25,15 +26,16 @@ import torch
 import torch.nn.functional as nnf
 
 from ..errors import ConfigError
-from .lipschitz import jacobian_norm, lanczos_jacobian_norm, local_lipschitz_ratio
+from .lipschitz import (jacobian_norm, lanczos_jacobian_norm, local_lipschitz_ratio,
+                        monotonicity_estimate)
 from .spectral import layer_bounds
 
 if TYPE_CHECKING:
     from .checkpoint import LoadedModel
     from .cnn import MolCNN
 
-Verdict = Literal["certified", "empirical", "violated"]
-VERDICTS: tuple[str, ...] = ("certified", "empirical", "violated")
+Verdict = Literal["certified", "empirical", "monotone", "violated"]
+VERDICTS: tuple[str, ...] = ("certified", "empirical", "monotone", "violated")
 
 def finite_or_none(v: float | None) -> float | None:
     """JSON-safe float: None for missing or non-finite values."""
@@ -132,6 +134,9 @@ class PointEstimate:
     #: ‖J v‖ of the top Ritz vector after ``lanczos_steps`` Lanczos steps (None: not run).
     lanczos: float | None = None
     lanczos_steps: int | None = None
+    #: μ = max ⟨v, J v⟩ over the top Ritz vector of ½(J + Jᵀ) after ``lanczos_steps`` steps:
+    #: F = I − H is (1 − μ)-monotone near the point where μ < 1 (None: not run).
+    monotone: float | None = None
 
     @property
     def max(self) -> float:
@@ -148,7 +153,8 @@ class PointEstimate:
                 "converged": self.converged, "power_iterations": self.power_iterations,
                 "power_converged": self.power_converged,
                 "lanczos": None if self.lanczos is None else finite_or_none(self.lanczos),
-                "lanczos_steps": self.lanczos_steps}
+                "lanczos_steps": self.lanczos_steps,
+                "monotone": None if self.monotone is None else finite_or_none(self.monotone)}
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,18 @@ class LocalEstimates:
         return max(p.max for p in self.points)
 
     @property
+    def monotone(self) -> Summary | None:
+        """μ at every point (None unless every point has one)."""
+        vals = [p.monotone for p in self.points]
+        return None if any(v is None for v in vals) else Summary(tuple(vals))  # type: ignore[arg-type]
+
+    @property
+    def monotone_max(self) -> float | None:
+        """The largest μ (a non-finite one counts as infinite), or None where not measured."""
+        m = self.monotone
+        return None if m is None else max(v if math.isfinite(v) else math.inf for v in m.values)
+
+    @property
     def power_converged(self) -> bool | None:
         """Whether every power iteration met its tolerance (None: fixed counts were run)."""
         flags = [p.power_converged for p in self.points]
@@ -182,8 +200,11 @@ class LocalEstimates:
 
     def as_dict(self) -> dict[str, Any]:
         lz = self.lanczos
+        mono = self.monotone
         return {"max": finite_or_none(self.max), "power": self.power.as_dict(),
                 "ratio": self.ratio.as_dict(), "lanczos": None if lz is None else lz.as_dict(),
+                "monotone": None if mono is None else mono.as_dict(),
+                "monotone_max": finite_or_none(self.monotone_max),
                 "points": [p.as_dict() for p in self.points]}
 
 
@@ -252,7 +273,9 @@ def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
     10 iterations, at most ``power_iters`` (:func:`~molrecon.models.lipschitz.jacobian_norm`);
     None: exactly ``power_iters`` iterations. ``lanczos_steps`` > 0 adds the Lanczos estimate
     of :func:`~molrecon.models.lipschitz.lanczos_jacobian_norm` with that many steps, which
-    reads the top of a crowded spectrum where the power iteration still climbs.
+    reads the top of a crowded spectrum where the power iteration still climbs, and μ, the
+    top of the spectrum of ½(J + Jᵀ) (:func:`~molrecon.models.lipschitz.monotonicity_estimate`,
+    as many steps).
 
     ``points``: complex ``(B, D, Y, X)`` tensors; ``labels``: (source, item,
     point kind) per item, in order (default: ("", index, "point")). ``on_point(i)`` is
@@ -275,31 +298,51 @@ def local_estimates(model: MolCNN, points: Sequence[torch.Tensor], *,
         power = jacobian_norm(prior, x, max_iters=power_iters, rtol=power_tol, generator=gen)
         with torch.no_grad():
             ratio_t, _ = local_lipschitz_ratio(prior, x, steps=ratio_steps, generator=gen)
-        lanczos = None
+        lanczos = mono = None
         if lanczos_steps > 0:
             values, _ = lanczos_jacobian_norm(prior, x, iters=lanczos_steps, generator=gen)
             lanczos = float(values.detach().max())
+            found = monotonicity_estimate(prior, x, iters=lanczos_steps, generator=gen)
+            mono = float(found.top.detach().max())
         src, item, kind = labels[n] if labels is not None else ("", n, "point")
         out.append(PointEstimate(source=src, item=item, point=kind, power=power.value,
                                  ratio=float(ratio_t), power_iterations=power.iterations,
                                  power_converged=power.converged if power_tol is not None
                                  else None, lanczos=lanczos,
-                                 lanczos_steps=lanczos_steps if lanczos_steps > 0 else None))
+                                 lanczos_steps=lanczos_steps if lanczos_steps > 0 else None,
+                                 monotone=mono))
     return LocalEstimates(tuple(out))
 
 
 def decide(*, certified_bound: float, local_max: float,
-           uniqueness_consistent: bool | None = None) -> tuple[Verdict, tuple[str, ...]]:
-    """The verdict (see the package docstring) and the reasons for it."""
-    reasons: list[str] = []
+           uniqueness_consistent: bool | None = None,
+           monotone_max: float | None = None) -> tuple[Verdict, tuple[str, ...]]:
+    """The verdict (see the :mod:`molrecon.guarantees` docstring) and the reasons for it.
+
+    ``monotone_max``: the largest μ (top of the spectrum of ½(J + Jᵀ)) at the same points, or
+    None where not measured. A local Lipschitz estimate ≥ 1 with every μ < 1 is the verdict
+    ``monotone``: H is not a contraction near the data, but F = I − H is monotone there,
+    which is what the fixed point's uniqueness and the robustness bounds rest on."""
+    uniqueness_broken = ("fixed points from different starts differ by more than the "
+                         "monotonicity margin allows")
     if not local_max < 1.0:                     # also NaN: an overflowing estimate refutes
-        reasons.append(f"a local Lipschitz estimate is {local_max:.4g} >= 1: H is not a "
-                       "contraction near the data")
-    if uniqueness_consistent is False:
-        reasons.append("fixed points from different starts differ by more than the "
-                       "monotonicity margin allows")
-    if reasons:
+        lip = (f"a local Lipschitz estimate is {local_max:.4g} >= 1: H is not a "
+               "contraction near the data")
+        if monotone_max is not None and monotone_max < 1.0 and uniqueness_consistent is not False:
+            return "monotone", (
+                f"{lip}, but the top of its numerical range is {monotone_max:.4g} < 1 at every "
+                f"point: F = I − H is monotone there (margin {1.0 - monotone_max:.4g}), so the "
+                "fixed point is unique and the robustness bounds hold locally; the plain "
+                "α = 1 step does not contract there (convergence is measured)",)
+        reasons = [lip]
+        if monotone_max is not None and not monotone_max < 1.0:
+            reasons.append(f"the top of H's numerical range is {monotone_max:.4g} >= 1: F = "
+                           "I − H is not monotone near the data")
+        if uniqueness_consistent is False:
+            reasons.append(uniqueness_broken)
         return "violated", tuple(reasons)
+    if uniqueness_consistent is False:
+        return "violated", (uniqueness_broken,)
     if certified_bound < 1.0:                  # NaN is not < 1: no certificate
         reason = (f"certified global bound {certified_bound:.4g} < 1 "
                   "(all inputs, all image sizes)")
@@ -334,7 +377,8 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
     ``verdict``, ``date`` (:func:`~molrecon.models.save_checkpoint` recomputes
     the first three from the weights it writes, so they always agree); with
     ``lanczos_steps`` > 0 also ``local_lanczos`` and ``lanczos_steps``, and
-    ``local_max`` includes the Lanczos values.
+    ``local_max`` includes the Lanczos values, and ``local_monotone`` (μ per point) and
+    ``local_monotone_max``.
     """
     model = _as_model(subject)
     gb = global_bound(model)
@@ -356,7 +400,8 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
                                   seed=seed)
         finally:
             model.train(was_training)
-        verdict, _ = decide(certified_bound=gb.bound, local_max=est.max)
+        verdict, _ = decide(certified_bound=gb.bound, local_max=est.max,
+                            monotone_max=est.monotone_max)
         cert.update({
             "local_power": [finite_or_none(p.power) for p in est.points],
             "local_ratio": [finite_or_none(p.ratio) for p in est.points],
@@ -369,6 +414,8 @@ def certificate_for(subject: LoadedModel | MolCNN, points: Sequence[torch.Tensor
         if lanczos_steps > 0:
             cert["local_lanczos"] = [finite_or_none(p.lanczos) for p in est.points]
             cert["lanczos_steps"] = lanczos_steps
+            cert["local_monotone"] = [finite_or_none(p.monotone) for p in est.points]
+            cert["local_monotone_max"] = finite_or_none(est.monotone_max)
     else:
         cert.update({"local_power": [], "local_ratio": [], "local_max": None, "points": 0,
                      "verdict": "certified" if gb.certified else None})

@@ -76,6 +76,60 @@ def _jtj(xr: torch.Tensor, y: torch.Tensor, u: torch.Tensor, jt_u: torch.Tensor,
 
 
 @dataclass(frozen=True)
+class _Lanczos:
+    """What :func:`_lanczos_top` found: the ``top`` largest Ritz values (descending) and
+    their unit Ritz vectors ``(top, D, Y, X, 2)``, and the smallest Ritz value."""
+
+    values: list[float]
+    vectors: torch.Tensor
+    smallest: float
+
+
+def _lanczos_top(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 xr: torch.Tensor, *, iters: int, top: int,
+                 generator: torch.Generator | None, start: torch.Tensor | None) -> _Lanczos:
+    """Lanczos with full reorthogonalisation on the symmetric real operator ``op`` (acting
+    on vectors shaped like ``xr``), from white noise drawn from ``generator`` or from
+    ``start`` plus a tenth of its norm in that noise (so that no direction is missing from
+    the Krylov space). Returns the ``top`` largest Ritz pairs, detached."""
+    q = torch.view_as_real(_complex_noise(x, generator)).clone().to(xr)
+    q = q / torch.linalg.vector_norm(q)
+    if start is not None:
+        v0 = start.detach().reshape(q.shape).to(q)
+        q = v0 / torch.linalg.vector_norm(v0) + 0.1 * q
+    basis = [q / torch.linalg.vector_norm(q)]
+    alphas: list[float] = []
+    betas: list[float] = []
+    tiny = torch.finfo(xr.dtype).eps
+    for _ in range(iters):
+        w = op(basis[-1]).detach()
+        alphas.append(float(torch.sum(w * basis[-1])))
+        for _pass in range(2):                        # full reorthogonalisation, twice
+            for b in basis:
+                w = w - torch.sum(w * b) * b
+        beta = float(torch.linalg.vector_norm(w))
+        if beta <= tiny * max(1.0, abs(alphas[0])) or len(alphas) == iters:
+            break                                     # an invariant subspace, or done
+        betas.append(beta)
+        basis.append(w / beta)
+    k = len(alphas)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[:k - 1], dtype=torch.float64)
+        tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+    evals, vecs = torch.linalg.eigh(tri)              # ascending
+    n = min(top, k)
+    stack = torch.stack(basis[:k])                    # (k, 1, D, Y, X, 2)
+    ritz = []
+    for i in range(n):
+        s = vecs[:, k - 1 - i].to(stack.dtype)
+        v = torch.tensordot(s, stack, dims=1)
+        ritz.append(v / torch.linalg.vector_norm(v).clamp_min(tiny))
+    return _Lanczos([float(evals[k - 1 - i]) for i in range(n)], torch.cat(ritz).detach(),
+                    float(evals[0]))
+
+
+@dataclass(frozen=True)
 class PowerEstimate:
     """The Jacobian-norm estimate of :func:`jacobian_norm`: its value (the largest over
     batch items), the power iterations it took, and whether it met its tolerance."""
@@ -258,42 +312,58 @@ def lanczos_jacobian_norm(prior: Prior, x: torch.Tensor, *, iters: int = 20, top
         raise ValueError("iters and top must be >= 1")
     with torch.enable_grad():
         xr, y, u, jt_u = _linearised(prior, x)
-
-        q = torch.view_as_real(_complex_noise(x, generator)).clone().to(xr)
-        q = q / torch.linalg.vector_norm(q)
-        if start is not None:
-            v0 = start.detach().reshape(q.shape).to(q)
-            q = v0 / torch.linalg.vector_norm(v0) + 0.1 * q
-        basis = [q / torch.linalg.vector_norm(q)]
-        alphas: list[float] = []
-        betas: list[float] = []
-        tiny = torch.finfo(xr.dtype).eps
-        for _ in range(iters):
-            w = _jtj(xr, y, u, jt_u, basis[-1])[1].detach()
-            alphas.append(float(torch.sum(w * basis[-1])))
-            for _pass in range(2):                        # full reorthogonalisation, twice
-                for b in basis:
-                    w = w - torch.sum(w * b) * b
-            beta = float(torch.linalg.vector_norm(w))
-            if beta <= tiny * max(1.0, abs(alphas[0])) or len(alphas) == iters:
-                break                                     # an invariant subspace, or done
-            betas.append(beta)
-            basis.append(w / beta)
-        k = len(alphas)
-        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(betas[:k - 1], dtype=torch.float64)
-            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-        _, vecs = torch.linalg.eigh(tri)                  # ascending
-        n = min(top, k)
-        stack = torch.stack(basis[:k])                    # (k, 1, D, Y, X, 2)
-        ritz = []
-        for i in range(n):
-            s = vecs[:, k - 1 - i].to(stack.dtype)
-            v = torch.tensordot(s, stack, dims=1)
-            ritz.append(v / torch.linalg.vector_norm(v).clamp_min(tiny))
+        ritz = _lanczos_top(lambda v: _jtj(xr, y, u, jt_u, v)[1], x, xr, iters=iters,
+                            top=top, generator=generator, start=start).vectors
         values = []
-        for v in ritz:
+        for v in ritz.split(1):
             (jv,) = torch.autograd.grad(jt_u, u, v, create_graph=True)    # J v, H-differentiable
             values.append(torch.linalg.vector_norm(jv))
-    return torch.stack(values), torch.cat(ritz).detach()              # (top,), (top, D, Y, X, 2)
+    return torch.stack(values), ritz                                  # (top,), (top, D, Y, X, 2)
+
+
+@dataclass(frozen=True)
+class NumericalRange:
+    """What :func:`monotonicity_estimate` read at one image: ``top`` (a ``(k,)`` tensor of
+    the largest values of ⟨v, J v⟩ over the Ritz vectors v, carrying gradients to H's
+    parameters), ``vectors`` (those unit vectors, detached) and ``smallest`` (the smallest
+    Ritz value of the symmetric part, a float)."""
+
+    top: torch.Tensor
+    vectors: torch.Tensor
+    smallest: float
+
+
+def monotonicity_estimate(prior: Prior, x: torch.Tensor, *, iters: int = 20, top: int = 1,
+                          generator: torch.Generator | None = None,
+                          start: torch.Tensor | None = None) -> NumericalRange:
+    """The largest eigenvalues μ of the symmetric part S = ½(J + Jᵀ) of H's Jacobian at ``x``,
+    by Lanczos on S (one J v and one Jᵀ v per step; arguments as
+    :func:`lanczos_jacobian_norm`).
+
+    Why: MOL's uniqueness and robustness rest on F = I − H being m-monotone,
+    ⟨F(x) − F(y), x − y⟩ ≥ m‖x − y‖², and locally that is μ ≤ 1 − m: the top of H's
+    numerical range sup ⟨v, J v⟩/‖v‖², not its spectral norm ‖J‖. Always μ ≤ ‖J‖, so a
+    Lipschitz constant L < 1 gives m ≥ 1 − L (the method's sufficient condition), while a
+    prior whose Jacobian has norm above 1 only through negative or rotational directions
+    is still monotone. A lower estimate of μ at ``x``, like the Jacobian norm's: the value
+    of ⟨v, J v⟩ at unit vectors that Lanczos found.
+    """
+    if x.shape[0] != 1:
+        raise ValueError("monotonicity_estimate takes one image (batch of 1)")
+    if iters < 1 or top < 1:
+        raise ValueError("iters and top must be >= 1")
+    with torch.enable_grad():
+        xr, y, u, jt_u = _linearised(prior, x)
+
+        def sym(v: torch.Tensor) -> torch.Tensor:
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+            (jtv,) = torch.autograd.grad(y, xr, v, retain_graph=True)
+            return 0.5 * (jv + jtv)
+
+        found = _lanczos_top(sym, x, xr, iters=iters, top=top, generator=generator,
+                             start=start)
+        values = []
+        for v in found.vectors.split(1):
+            (jv,) = torch.autograd.grad(jt_u, u, v, create_graph=True)    # J v, H-differentiable
+            values.append(torch.sum(v * jv))
+    return NumericalRange(torch.stack(values), found.vectors, found.smallest)

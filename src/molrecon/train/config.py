@@ -22,6 +22,8 @@ Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
 PenaltyEstimator = Literal["ratio", "power", "sample", "lanczos"]
 STAGES: tuple[str, ...] = ("deq", "denoise")
+#: What --project-bound and --best-max-lipschitz hold (``TrainConfig.bound_measure``).
+BOUND_MEASURES: tuple[str, ...] = ("lipschitz", "monotone")
 #: Initial λ of a run that neither gives one nor starts from a checkpoint.
 DEFAULT_LAM = 100.0
 RecordFn = Callable[[dict[str, Any]], None]
@@ -92,6 +94,12 @@ class TrainConfig:
                       training scans (20 Lanczos steps each) is measured, and where it
                       exceeds T, H's output is scaled by T over it (:mod:`.probes`): the
                       run trains the model at the bound instead of scaling it there after
+    bound_measure     what project_bound and best_max_lipschitz hold: "lipschitz" (the
+                      largest singular value of H's Jacobian) or "monotone" (the top μ of
+                      its symmetric part ½(J + Jᵀ), what F = I − H's monotonicity and so
+                      MOL's uniqueness and robustness need: μ ≤ ‖J‖, and a network with an
+                      identity path is expansive mostly through negative directions);
+                      validation logs both (``val_lipschitz``, ``val_monotone``)
     ema               0 (off) or the decay d of an exponential moving average of the
                       weights and λ, updated after every step (with the usual warm-up,
                       min(d, (1 + n)/(10 + n)) at its n-th update): validation, the
@@ -149,6 +157,7 @@ class TrainConfig:
     best_max_lipschitz: float | None = None
     project_bound: float | None = None
     project_every: int = 5
+    bound_measure: str = "lipschitz"
     ema: float = 0.0
     checkpoint_every: int = 25
     max_skips: int = 10
@@ -238,6 +247,9 @@ class TrainConfig:
         if isinstance(self.project_every, bool) or not isinstance(self.project_every, int) \
                 or self.project_every < 1:
             raise ConfigError(f"project_every must be an integer >= 1, got {self.project_every!r}")
+        if self.bound_measure not in BOUND_MEASURES:
+            raise ConfigError(f"bound_measure must be one of {', '.join(BOUND_MEASURES)}, got "
+                              f"{self.bound_measure!r}")
         if self.best_max_lipschitz is not None and not 0 < self.best_max_lipschitz < math.inf:
             raise ConfigError("best_max_lipschitz must be positive, got "
                               f"{self.best_max_lipschitz!r}")
@@ -320,7 +332,7 @@ OPTION_NAMES: dict[str, str] = {
     "penalty_every": "--penalty-every", "penalty_at": "--penalty-at",
     "best_max_lipschitz": "--best-max-lipschitz", "ema": "--ema",
     "project_bound": "--project-bound", "project_every": "--project-every",
-    "batch_size": "--batch-size",
+    "bound_measure": "--bound-measure", "batch_size": "--batch-size",
     "max_steps": "--max-steps", "time_budget_s": "--time-budget",
     "val_fraction": "--val-fraction", "readout_block": "--readout-block",
     "val_every": "--val-every", "val_samples": "--val-samples",
@@ -336,7 +348,7 @@ OPTION_NAMES: dict[str, str] = {
 RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "checkpoint_every",
                          "max_skips", "device", "resume", "force", "override", "init_weights",
                          "lam_init", "kind", "best_max_lipschitz", "ema", "project_bound",
-                         "project_every"})
+                         "project_every", "bound_measure"})
 #: Fields that make the network what it is: a resume never changes them.
 NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "skip", "lipschitz_target",
                             "spectral_grid", "stage"})

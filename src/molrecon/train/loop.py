@@ -514,19 +514,21 @@ def _project(run: _Run, s: int) -> dict[str, Any]:
         try:
             norms = run.bound_probes.jacobian_norms(
                 run.step, run.cnn, cold_steps=PROJECT_LANCZOS[0], warm_steps=PROJECT_LANCZOS[1],
-                init_iters=config.init_iters, fwd=run.fwd)
+                init_iters=config.init_iters, fwd=run.fwd, measure=config.bound_measure)
         finally:
             run.step.train()
     top = max(norms)
+    key = "probe_monotone" if config.bound_measure == "monotone" else "probe_lipschitz"
     if not math.isfinite(top):
-        run.warn(f"step {s}: the Jacobian norm at the probes is {top}: not projected")
-        return {"probe_lipschitz": None}
+        run.warn(f"step {s}: the {config.bound_measure} estimate at the probes is {top}: "
+                 "not projected")
+        return {key: None}
     factor = 1.0
     if top > config.project_bound:
+        # H -> cH scales J, and with it both its norm and the top of its symmetric part, by c
         factor = config.project_bound / top
         run.cnn.scale_output(factor)
-    return {"probe_lipschitz": top, "probe_lipschitz_each": [round(v, 5) for v in norms],
-            "output_scale": factor}
+    return {key: top, f"{key}_each": [round(v, 5) for v in norms], "output_scale": factor}
 
 
 def _validate(run: _Run, rec: dict[str, Any]) -> bool:
@@ -543,7 +545,8 @@ def _validate(run: _Run, rec: dict[str, Any]) -> bool:
     rec.update(vm)
     run.best_sense = vm.get("val_sense_psnr")
     limit = config.best_max_lipschitz
-    if limit is not None and not vm.get("val_lipschitz", math.inf) <= limit:
+    held = "val_monotone" if config.bound_measure == "monotone" else "val_lipschitz"
+    if limit is not None and not vm.get(held, math.inf) <= limit:
         return False                       # not at the bound: never the best model
     if vm["val_psnr"] is not None and vm["val_psnr"] > run.best:
         run.best = float(vm["val_psnr"])
@@ -555,12 +558,14 @@ def _validate(run: _Run, rec: dict[str, Any]) -> bool:
 def _val_lipschitz(run: _Run, s: int) -> dict[str, Any]:
     """The certificate's local estimates at this validation's fixed points (the checkpoint
     of step ``s`` reuses it): ``val_lipschitz`` is their largest, the number that says how
-    far the model is from the bound where it reconstructs, logged beside its PSNR."""
+    far the model is from the bound where it reconstructs, logged beside its PSNR, and
+    ``val_monotone`` the largest top of the spectrum of ½(J + Jᵀ) there (F = I − H is
+    monotone where it is below 1)."""
     cert = _certificate(run.model.prior, run.val_fixed_points, run.config.seed,
                         data=[Path(f).name for f in run.val_set.files])
     run.val_certificate = (s, cert)
-    value = cert.get("local_max")
-    return {} if value is None else {"val_lipschitz": value}
+    names = {"local_max": "val_lipschitz", "local_monotone_max": "val_monotone"}
+    return {log: cert[key] for key, log in names.items() if cert.get(key) is not None}
 
 
 # ------------------------------------------------------------------------------- saving

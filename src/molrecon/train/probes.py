@@ -35,7 +35,8 @@ import torch
 
 from ..deq.fixed_point import FixedPointConfig, solve_fixed_point
 from ..deq.mol import regularised_sense
-from ..models.lipschitz import lanczos_jacobian_norm, tracked_jacobian_norm
+from ..models.lipschitz import (lanczos_jacobian_norm, monotonicity_estimate,
+                                tracked_jacobian_norm)
 from ..problem import Problem
 from .config import TrainConfig
 from .data import FolderDataset, make_problem
@@ -83,9 +84,11 @@ class PenaltyProbes:
             return solve_fixed_point(fn, x0, config=fwd).x
 
     def jacobian_norms(self, step: Any, cnn: Any, *, cold_steps: int, warm_steps: int,
-                       init_iters: int, fwd: FixedPointConfig) -> list[float]:
-        """The largest singular value of H's Jacobian at every probe's fixed point (no
-        gradient): what ``--project-bound`` holds at the bound. Lanczos runs ``cold_steps``
+                       init_iters: int, fwd: FixedPointConfig,
+                       measure: str = "lipschitz") -> list[float]:
+        """At every probe's fixed point (no gradient), what ``--project-bound`` holds at the
+        bound: the largest singular value of H's Jacobian (``measure`` "lipschitz") or the
+        top of the spectrum of its symmetric part ("monotone"). Lanczos runs ``cold_steps``
         steps from noise at a probe's first visit and ``warm_steps`` from the top Ritz
         vector it left there at the next ones (the model moves little between visits; the
         vectors are part of the resume state, :meth:`state`)."""
@@ -95,9 +98,14 @@ class PenaltyProbes:
             gen = torch.Generator().manual_seed(int(np.random.default_rng(
                 [self.seed, _PROBE_STREAM, k, 2]).integers(2**31 - 1)))
             start = self.vectors[k]
-            top, ritz = lanczos_jacobian_norm(
-                cnn, x_star, iters=cold_steps if start is None else warm_steps,
-                generator=gen, start=start)
+            iters = cold_steps if start is None else warm_steps
+            if measure == "monotone":
+                found = monotonicity_estimate(cnn, x_star, iters=iters, generator=gen,
+                                              start=start)
+                top, ritz = found.top, found.vectors
+            else:
+                top, ritz = lanczos_jacobian_norm(cnn, x_star, iters=iters, generator=gen,
+                                                  start=start)
             self.vectors[k] = ritz[:1]
             values.append(float(top.detach().max()))
         return values
