@@ -63,16 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     from molrecon.models.certificate import seeded_generator
     from molrecon.models.checkpoint import load_checkpoint
     from molrecon.models.lipschitz import lanczos_jacobian_norm, monotonicity_estimate
-    from molrecon.train import TrainConfig
-    from molrecon.train.data import MaskSpec, list_raw_files, load_folder
-    from molrecon.train.validate import _val_problems, evaluate, spread_indices
+    from molrecon.train.validate import evaluate, spread_indices, validation_problems
 
-    accels = tuple(float(r) for r in args.R.split(","))
-    config = TrainConfig(data=str(args.val_data), out="unused.pt", val_samples=args.samples,
-                         mask=MaskSpec(family=args.mask, accelerations=accels, acs=args.acs),
-                         seed=args.seed, device="cpu")
-    val = load_folder(list_raw_files(args.val_data), None)
-    problems = _val_problems(val, config, torch.device("cpu"))
+    problems, _, config = validation_problems(
+        args.val_data, mask=args.mask, accelerations=tuple(float(r) for r in args.R.split(",")),
+        acs=args.acs, samples=args.samples, seed=args.seed)
     rows = []
     for text in args.models:
         name, path, lam, scale = _spec(text)

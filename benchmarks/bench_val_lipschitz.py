@@ -56,20 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     from molrecon.models.bundled import resolve_weights
     from molrecon.models.certificate import certificate_for
     from molrecon.models.checkpoint import load_checkpoint
-    from molrecon.train import TrainConfig
-    from molrecon.train.data import MaskSpec, list_raw_files, load_folder
-    from molrecon.train.validate import _val_problems, evaluate, spread_indices
+    from molrecon.train.validate import evaluate, validation_problems
 
     loaded = load_checkpoint(resolve_weights(str(args.model)))
     mol = loaded.mol_config if args.lam is None else replace(loaded.mol_config, lam=args.lam)
-    accels = tuple(float(r) for r in args.R.split(","))
-    config = TrainConfig(data=str(args.val_data), out="unused.pt", val_samples=args.samples,
-                         mask=MaskSpec(family=args.mask, accelerations=accels, acs=args.acs),
-                         seed=args.seed, device="cpu")
-    val = load_folder(list_raw_files(args.val_data), None)
-    problems = _val_problems(val, config, torch.device("cpu"))
-    names = [f"{Path(val.samples[i].source).name} #{val.samples[i].index}"
-             for i in spread_indices(len(val), config.val_samples)]   # _val_problems' items
+    problems, names, config = validation_problems(
+        args.val_data, mask=args.mask, accelerations=tuple(float(r) for r in args.R.split(",")),
+        acs=args.acs, samples=args.samples, seed=args.seed)
     fps: list[torch.Tensor] = []
     metrics = evaluate(MolStep(loaded.model, mol), problems, config, fps)
     rows = []

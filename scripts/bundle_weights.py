@@ -41,6 +41,15 @@ DATA_TEXT = {
             "coils, noise 0.005–0.02"),
 }
 
+#: What a verdict means, after its name on the card.
+VERDICT_TEXT = {
+    "empirical": " (no global certificate; every local Lipschitz estimate at the data is below 1)",
+    "monotone": (" (a local Lipschitz estimate at the data is at least 1, so the plain α = 1 step "
+                 "is not a contraction there, but the top of H's numerical range, μ, is below 1 "
+                 "at every point: F = I − H is monotone there, which is what the fixed point's "
+                 "uniqueness and the robustness bounds rest on; the solver converges by Anderson "
+                 "acceleration, its residual measured)"),
+}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +107,8 @@ def main() -> None:
                      "local_power_iterations": [p["power_iterations"]
                                                 for p in val["local"]["points"]],
                      "local_lanczos": [p.get("lanczos") for p in val["local"]["points"]],
+                     "local_monotone": [p.get("monotone") for p in val["local"]["points"]],
+                     "local_monotone_max": val["local"].get("monotone_max"),
                      "local_max": val["local"]["max"], "points": len(files),
                      "verdict": val["verdict"], "measured_by": "scripts/bundle_weights.py"})
     cert["at_bundled_example"] = {"data": where, "verdict": rep["verdict"],
@@ -149,7 +160,9 @@ def main() -> None:
         val_line = (f"* local estimates at the fixed points of {cert.get('points')} validation "
                     f"files ({', '.join(cert.get('data', []))}): max {cert['local_max']:.4f} "
                     f"(the largest of the converged power iteration, Lanczos and the ratio "
-                    f"search), verdict there: **{cert.get('verdict')}**\n")
+                    f"search)" + (f"; μ, the top of ½(J + Jᵀ), max {cert['local_monotone_max']:.4f}"
+                                  if cert.get("local_monotone_max") is not None else "")
+                    + f"; verdict there: **{cert.get('verdict')}**\n")
     tuning = meta.get("lambda_tuning")
     lam_text = (f"λ = {loaded.mol_config.lam:.4g} (chosen on validation problems by "
                 f"`scripts/tune_lambda.py`"
@@ -158,6 +171,9 @@ def main() -> None:
                 if isinstance(tuning, dict) else f"trained λ = {loaded.mol_config.lam:.4g}")
     skip = loaded.model.config.skip
     lanczos_text = (f", Lanczos {loc['lanczos']['max']:.4f}" if loc.get("lanczos") else "")
+    if loc.get("monotone_max") is not None:
+        lanczos_text += (f"; μ, the top of ½(J + Jᵀ) (F = I − H is monotone where it is below 1): "
+                         f"{loc['monotone_max']:.4f}")
     skip_text = (f" around an identity path of gain {skip:.4g} (H(x) = {skip:.4g}·x + N(x): the "
                  "network learns the correction)" if skip else "")
     bound_text = (f"the identity path's gain {skip:.4g} + the product of the per-layer spectral "
@@ -195,7 +211,7 @@ Command:
 
 ## Lipschitz certificate (`molrecon check-lipschitz`)
 
-* verdict: **{rep.get('verdict')}**
+* verdict: **{rep.get('verdict')}**{VERDICT_TEXT.get(str(rep.get('verdict')), '')}
 * certified global bound ({bound_text}; holds for every image size): {cb['bound']:.4g} — {'below 1: certified contraction' if cb.get('certified') else 'not below 1: no certificate (the LR penalty acts at training points only)'}
 * per-layer bounds: {', '.join(f'{v:.4g}' for v in cb['layer_bounds'])}
 * local estimates: {check.power_iters} power iterations{' (or to a 1e-4 rise over 10)' if check.power_tol else ''}, {check.lanczos_steps} Lanczos steps and {check.ratio_steps} steps of the ratio search per point

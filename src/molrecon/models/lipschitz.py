@@ -75,6 +75,13 @@ def _jtj(xr: torch.Tensor, y: torch.Tensor, u: torch.Tensor, jt_u: torch.Tensor,
     return jv, w
 
 
+def _check_lanczos_args(name: str, x: torch.Tensor, iters: int, top: int) -> None:
+    if x.shape[0] != 1:
+        raise ValueError(f"{name} takes one image (batch of 1)")
+    if iters < 1 or top < 1:
+        raise ValueError("iters and top must be >= 1")
+
+
 @dataclass(frozen=True)
 class _Lanczos:
     """What :func:`_lanczos_top` found: the ``top`` largest Ritz values (descending) and
@@ -306,10 +313,7 @@ def lanczos_jacobian_norm(prior: Prior, x: torch.Tensor, *, iters: int = 20, top
     on several of the top Ritz values presses the whole top of the spectrum down, not just
     the one direction a short power iteration happens to find.
     """
-    if x.shape[0] != 1:
-        raise ValueError("lanczos_jacobian_norm takes one image (batch of 1)")
-    if iters < 1 or top < 1:
-        raise ValueError("iters and top must be >= 1")
+    _check_lanczos_args("lanczos_jacobian_norm", x, iters, top)
     with torch.enable_grad():
         xr, y, u, jt_u = _linearised(prior, x)
         ritz = _lanczos_top(lambda v: _jtj(xr, y, u, jt_u, v)[1], x, xr, iters=iters,
@@ -348,10 +352,7 @@ def monotonicity_estimate(prior: Prior, x: torch.Tensor, *, iters: int = 20, top
     is still monotone. A lower estimate of μ at ``x``, like the Jacobian norm's: the value
     of ⟨v, J v⟩ at unit vectors that Lanczos found.
     """
-    if x.shape[0] != 1:
-        raise ValueError("monotonicity_estimate takes one image (batch of 1)")
-    if iters < 1 or top < 1:
-        raise ValueError("iters and top must be >= 1")
+    _check_lanczos_args("monotonicity_estimate", x, iters, top)
     with torch.enable_grad():
         xr, y, u, jt_u = _linearised(prior, x)
 

@@ -67,6 +67,24 @@ def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[
     return out
 
 
+def validation_problems(folder: str | Path, *, mask: str, accelerations: tuple[float, ...],
+                        acs: int, samples: int, seed: int
+                        ) -> tuple[list[Problem], list[str], TrainConfig]:
+    """The validation problems ``molrecon train`` would build from ``folder`` with these mask
+    options, sample count and seed (for benchmarks that measure a checkpoint where its
+    training validated), their names (``file #index``) and the config that evaluates them."""
+    from .data import MaskSpec
+
+    config = TrainConfig(data=str(folder), out="unused.pt", val_samples=samples,
+                         mask=MaskSpec(family=mask, accelerations=accelerations, acs=acs),
+                         seed=seed, device="cpu")
+    val = load_folder(list_raw_files(folder), None)
+    problems = _val_problems(val, config, torch.device("cpu"))
+    names = [f"{Path(val.samples[i].source).name} #{val.samples[i].index}"
+             for i in spread_indices(len(val), config.val_samples)]   # _val_problems' items
+    return problems, names, config
+
+
 def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
              fixed_points: list[Any] | None = None) -> dict[str, float | None]:
     """Mean PSNR/SSIM of MOL and of CG-SENSE on fixed validation problems (magnitudes).
