@@ -22,6 +22,7 @@ def _describe(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, "dims": loaded.model.config.dims, "steps": meta.get("steps"),
             "lam": loaded.mol_config.lam, "certified_bound": cert.get("certified_bound"),
             "verdict": check.get("verdict"), "local_lipschitz": (check.get("local") or {}).get("max"),
+            "local_monotone": (check.get("local") or {}).get("monotone_max"),
             "val_psnr": last.get("val_psnr"), "val_sense_psnr": last.get("val_sense_psnr"),
             "card": entry["path"].removesuffix(".pt") + ".md"}
 
@@ -52,6 +53,8 @@ def models_cmd(
                 lip = f"certified {bound:.4f}"
             elif r["local_lipschitz"] is not None:
                 lip = f"{r['verdict']}, local {r['local_lipschitz']:.3f}"
+                if r["local_monotone"] is not None:
+                    lip += f", μ {r['local_monotone']:.3f}"
             else:
                 lip = str(r["verdict"] or "-")
             val = "" if r["val_psnr"] is None else f"{r['val_psnr']:.2f}"
