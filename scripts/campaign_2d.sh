@@ -337,7 +337,10 @@ stage1r() {
 # reads μ 1.04-1.07, as large as its norm. So here stage 1q's recipe is held at μ ≤ 0.985
 # instead (--bound-measure monotone): the projection no longer pays for negative
 # directions the guarantees do not need. From the bundled mol_2d_lr (stage 0y's step 1500
-# × 0.9853) at its λ of use, 40; lr 1e-5.
+# × 0.9853) at its λ of use, 40; lr 1e-5. That model (sha256 31bd2021…) was replaced on
+# 2026-12-06 (thirteenth session): to repeat this stage from scratch, take it from git,
+# `git show cdff59a:src/molrecon/data/weights/mol_2d_lr.pt > s1s_init.pt`, and set
+# INIT1S=s1s_init.pt (a resume needs nothing: the state holds the weights).
 # Outcome (thirteenth session, stopped at step 90): validation 32.49 -> 32.72 dB by step 40,
 # then flat (32.73, 32.74); μ at the validation fixed points 0.981 -> 0.965 while ‖J‖ rose
 # to 2.6 through negative directions and the MOL iterations from 16 to 23.
