@@ -234,6 +234,10 @@ def test_project_bound_on_the_monotone_measure(data: dict[str, Path], tmp_path: 
     assert max(saved) == pytest.approx(bound, rel=5e-2)
     vals = [r for r in log if r.get("val_psnr") is not None]
     assert vals and all(r["val_monotone"] <= r["val_lipschitz"] + 1e-6 for r in vals)
+    # Gated on val_monotone (here below the limit): the best file is the best validation's
+    # model; without the gate's key no validation could be the best.
+    best = max(vals, key=lambda r: r["val_psnr"])
+    assert load_checkpoint(output_paths(out)["best"]).metadata["steps"] == best["step"]
     with pytest.raises(ConfigError, match="bound_measure"):
         tiny(data["2d"], out, bound_measure="norm")
 

@@ -84,10 +84,9 @@ def _check_lanczos_args(name: str, x: torch.Tensor, iters: int, top: int) -> Non
 
 @dataclass(frozen=True)
 class _Lanczos:
-    """What :func:`_lanczos_top` found: the ``top`` largest Ritz values (descending) and
-    their unit Ritz vectors ``(top, D, Y, X, 2)``, and the smallest Ritz value."""
+    """What :func:`_lanczos_top` found: the unit Ritz vectors ``(top, D, Y, X, 2)`` of the
+    ``top`` largest Ritz values (descending), and the smallest Ritz value."""
 
-    values: list[float]
     vectors: torch.Tensor
     smallest: float
 
@@ -132,7 +131,7 @@ def _lanczos_top(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         s = vecs[:, k - 1 - i].to(stack.dtype)
         v = torch.tensordot(s, stack, dims=1)
         ritz.append(v / torch.linalg.vector_norm(v).clamp_min(tiny))
-    return _Lanczos([float(evals[k - 1 - i]) for i in range(n)], torch.cat(ritz).detach(),
+    return _Lanczos(torch.cat(ritz).detach(),
                     float(evals[0]))
 
 
