@@ -36,9 +36,14 @@ SEED=23
 # 3D network on the whole block), so it comes every 8th step at twice stage 0y's weight
 # (5.4 s a mean step at 2 threads, 8–10 s at one). The recipe is block_stage0's
 # (scripts/campaign_common.sh), shared with the 3D campaign.
+# From step 1208 (fourteenth session) its validation reads whole series, which read 1.1–1.25
+# for the Jacobian norm but μ ≈ 0.99 for monotonicity (the top of ½(J + Jᵀ), what the
+# guarantees need): the best model is held by μ, and the certificate reads 2 of the 6
+# validation series (one brain, one torso; about 9 minutes each on one core for both).
 stage0a() {
   block_stage0 t0a "$1" "${INIT_T0A:-campaign/2d_lr/s0y_step1500_x0985.pt}" --lam 60 \
-    --val-every 400 --val-samples 6 --checkpoint-every 100 --seed $SEED
+    --val-every 400 --val-samples 6 --checkpoint-every 100 --seed $SEED \
+    --bound-measure monotone --best-max-lipschitz 1.0 --val-points 2
 }
 
 # Stage t0b: t0a's step 1200 gained 0.34 dB on validation over step 800, but read 1.126 at

@@ -240,6 +240,8 @@ def test_project_bound_on_the_monotone_measure(data: dict[str, Path], tmp_path: 
     assert load_checkpoint(output_paths(out)["best"]).metadata["steps"] == best["step"]
     with pytest.raises(ConfigError, match="bound_measure"):
         tiny(data["2d"], out, bound_measure="norm")
+    with pytest.raises(ConfigError, match="val_points"):
+        tiny(data["2d"], out, val_points=0)
 
 
 def test_interrupt_during_a_best_save_still_writes_the_best_model(

@@ -81,7 +81,9 @@ class TrainConfig:
                       hybrid-space problems, :func:`make_problem`); validation uses whole scans
     val_*             validation split (fraction of files), cadence and problem count;
                       val_data: a separate folder of validation scans (then the whole
-                      of ``data`` trains and val_fraction is not used)
+                      of ``data`` trains and val_fraction is not used); val_points: how
+                      many of the validation fixed points (spread over the problems) the
+                      certificate measures (``val_lipschitz``, ``val_monotone``)
     checkpoint_every  steps between saves; max_skips consecutive skips stop the run
     grad_clip         global gradient-norm clip
     best_max_lipschitz  if set, a validation makes the best model only where the largest
@@ -154,6 +156,7 @@ class TrainConfig:
     readout_block: int | None = None
     val_every: int = 50
     val_samples: int = 8
+    val_points: int = 4
     best_max_lipschitz: float | None = None
     project_bound: float | None = None
     project_every: int = 5
@@ -204,7 +207,7 @@ class TrainConfig:
             if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
                 raise ConfigError(f"{name} must be >= 0 and finite, got {value!r}")
         for name in ("max_steps", "batch_size", "cg_iters", "init_iters", "val_every",
-                     "checkpoint_every", "penalty_every", "val_samples", "fwd_max_iter",
+                     "checkpoint_every", "penalty_every", "val_samples", "val_points", "fwd_max_iter",
                      "bwd_max_iter", "max_skips", "layers", "channels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -335,7 +338,7 @@ OPTION_NAMES: dict[str, str] = {
     "bound_measure": "--bound-measure", "batch_size": "--batch-size",
     "max_steps": "--max-steps", "time_budget_s": "--time-budget",
     "val_fraction": "--val-fraction", "readout_block": "--readout-block",
-    "val_every": "--val-every", "val_samples": "--val-samples",
+    "val_every": "--val-every", "val_samples": "--val-samples", "val_points": "--val-points",
     "checkpoint_every": "--checkpoint-every", "max_skips": "--max-skips", "seed": "--seed",
     "device": "--device", "resume": "--resume", "override": "--override",
     "init_weights": "--init", "force": "--force", "stage": "--stage", "gradient": "--gradient",
@@ -348,7 +351,7 @@ OPTION_NAMES: dict[str, str] = {
 RESUME_FREE = frozenset({"out", "max_steps", "time_budget_s", "val_every", "checkpoint_every",
                          "max_skips", "device", "resume", "force", "override", "init_weights",
                          "lam_init", "kind", "best_max_lipschitz", "ema", "project_bound",
-                         "project_every", "bound_measure"})
+                         "project_every", "bound_measure", "val_points"})
 #: Fields that make the network what it is: a resume never changes them.
 NETWORK_FIELDS = frozenset({"constraint", "layers", "channels", "skip", "lipschitz_target",
                             "spectral_grid", "stage"})

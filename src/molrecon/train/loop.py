@@ -562,7 +562,8 @@ def _val_lipschitz(run: _Run, s: int) -> dict[str, Any]:
     ``val_monotone`` the largest top of the spectrum of ½(J + Jᵀ) there (F = I − H is
     monotone where it is below 1)."""
     cert = _certificate(run.model.prior, run.val_fixed_points, run.config.seed,
-                        data=[Path(f).name for f in run.val_set.files])
+                        data=[Path(f).name for f in run.val_set.files],
+                        points=run.config.val_points)
     run.val_certificate = (s, cert)
     names = {"local_max": "val_lipschitz", "local_monotone_max": "val_monotone"}
     return {log: cert[key] for key, log in names.items() if cert.get(key) is not None}
@@ -590,7 +591,7 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
         # whole volumes at every save would cost minutes on a CPU.
         cert = _certificate(cnn, run.val_fixed_points, config.seed,
                             data=[Path(f).name for f in run.val_set.files],
-                            local=cnn.config.dims != 3)
+                            local=cnn.config.dims != 3, points=config.val_points)
     model_cfg = run.model.to_config()
     _write(paths["last"], "latest model", steps_done,
            lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
