@@ -178,11 +178,16 @@ def main() -> None:
                  "network learns the correction)" if skip else "")
     bound_text = (f"the identity path's gain {skip:.4g} + the product of the per-layer spectral "
                   "bounds" if skip else "product of the per-layer spectral bounds")
+    ens = loaded.model.config.ensemble
+    ens_text = ("" if ens == 1 else
+                f"\nAveraged over {ens} flips of the image ("
+                + ("left-right" if ens == 2 else "left-right, up-down and both")
+                + f": {ens} network passes per step; `reconstruct --ensemble 1` for one).")
     card = f"""# {args.name}
 
 MOL prior ({'MOL-SN, certified' if loaded.constraint == 'sn' else 'MOL-LR, Lipschitz penalty'}),
 {loaded.model.config.layers} conv layers × {loaded.model.config.channels} channels{skip_text},
-{'×'.join([str(loaded.model.config.kernel)] * loaded.model.config.dims)} kernels, {loaded.model.config.dims}D.
+{'×'.join([str(loaded.model.config.kernel)] * loaded.model.config.dims)} kernels, {loaded.model.config.dims}D.{ens_text}
 Serves data kinds: {', '.join(kinds)}{served_note}.
 
 * sha256: `{digest}`

@@ -12,7 +12,9 @@ kinds unchanged; the table is kept in the metadata under ``lambda_tuning``).
 the gain of an identity path: :meth:`MolCNN.scale_output`), i.e. H → cH,
 which multiplies every Lipschitz constant of H by c: below 1 for a prior whose local
 estimate at the data (``molrecon check-lipschitz``) is not below 1, above 1 to compare
-a prior held well below the bound with others at the same bound.
+a prior held well below the bound with others at the same bound. ``--ensemble G`` makes the
+prior the average of its network over G image flips (``CNNConfig.ensemble``: 2 or 4; 1 off),
+and the written checkpoint keeps it.
 
     python scripts/tune_lambda.py runs/s0lr/s0lr.pt --val-data runs/data2d_val \
         --lams 30,60,90,150,250 -R 4,6 --out runs/s0lr/tuned.pt
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                          "and the gain of an identity path): H → cH multiplies every "
                          "Lipschitz constant by c (c < 1 for a prior whose local estimate at the data is not below 1; c > 1 to compare a "
                          "prior held well below it at the same bound)")
+    ap.add_argument("--ensemble", type=int, choices=(1, 2, 4),
+                    help="average the prior over this many image flips (default: the "
+                         "checkpoint's)")
     ap.add_argument("--out", type=Path, help="write the checkpoint with the best λ here")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.output_scale != 1.0:
         loaded.model.scale_output(args.output_scale)
+    if args.ensemble is not None:
+        loaded.model.config = replace(loaded.model.config, ensemble=args.ensemble)
     val = load_folder(list_raw_files(args.val_data), None,
                       warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     if not val.samples:
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = dict(loaded.metadata)
         meta["lambda_tuning"] = {"val_data": args.val_data.name, "accelerations": args.accelerations,
                                  "mask": args.mask, "problems": len(problems), "rows": rows,
-                                 "chosen": best["lambda"], "output_scale": args.output_scale}
+                                 "chosen": best["lambda"], "output_scale": args.output_scale,
+                                 "ensemble": loaded.model.config.ensemble}
         save_checkpoint(args.out, loaded.model, replace(loaded.mol_config, lam=best["lambda"]),
                         metadata=meta, certificate=loaded.certificate, kinds=loaded.kinds,
                         force=True)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .config import SENSE_ITERS, SENSE_LAMBDA
+from .config import ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
 from .errors import CheckpointError, ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
 
@@ -49,7 +49,9 @@ class ReconConfig:
     ``max_iter``/``tol`` govern the MOL fixed-point iteration: it stops when the
     relative fixed-point residual ‖T(x) − x‖/‖x‖ ≤ ``tol`` for every slice.
     ``alpha``/``solver``/``cg_iters`` override the checkpoint's values (the
-    fixed point does not depend on α; only the speed does).
+    fixed point does not depend on α; only the speed does); ``ensemble`` (1, 2 or 4)
+    overrides the number of image flips the prior averages over
+    (:class:`molrecon.models.cnn.CNNConfig`; 1 is the fastest, the fixed point moves).
     ``sense_lambda`` is the Tikhonov weight of CG-SENSE relative to the data
     scale (the data are normalised first, so it is dimensionless).
     ``compile``/``precision`` select MOL's fast step (:mod:`molrecon.deq.accel`):
@@ -67,6 +69,7 @@ class ReconConfig:
     alpha: float | None = None
     solver: Literal["anderson", "plain"] = "anderson"
     cg_iters: int | None = None
+    ensemble: int | None = None
     sense_lambda: float = SENSE_LAMBDA
     sense_iters: int = SENSE_ITERS
     espirit_crop: float = 0.8
@@ -98,6 +101,10 @@ class ReconConfig:
             raise ConfigError("--espirit-crop must lie in [0, 1)")
         if self.cg_iters is not None and self.cg_iters < 1:
             raise ConfigError("--cg-iters must be at least 1")
+        if self.ensemble is not None and (isinstance(self.ensemble, bool)
+                                          or self.ensemble not in ENSEMBLE_SIZES):
+            raise ConfigError(f"--ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, "
+                              f"got {self.ensemble!r}")
         if self.coils is not None and self.coils != "auto" and (
                 isinstance(self.coils, bool) or not isinstance(self.coils, int) or self.coils < 1):
             raise ConfigError(f"--coils must be a positive integer or 'auto', got {self.coils!r}")
@@ -439,5 +446,6 @@ def load_engine(config: ReconConfig, kind: str, device: torch.device, *,
     fixed_point = FixedPointConfig(method=config.solver, tol=config.tol,
                                    max_iter=config.max_iter, warn=False)
     return MolEngine.from_loaded(loaded, fixed_point, device, alpha=config.alpha,
-                                 cg_iters=config.cg_iters, compile=config.compile,
+                                 cg_iters=config.cg_iters, ensemble=config.ensemble,
+                                 compile=config.compile,
                                  precision=config.precision)

@@ -62,10 +62,15 @@ def test_normal_with_phase_encoding_ffts_equals_the_operator(kind: str, d: int) 
     assert _rel(got, op.normal(truth)) < 1e-6
 
 
-@pytest.mark.parametrize("dims,d", [(2, 1), (3, 4)])
-def test_frozen_prior_is_the_model_bit_for_bit(dims: int, d: int) -> None:
+@pytest.mark.parametrize("dims,d,constraint,skip,ensemble", [
+    (2, 1, "sn", 0.0, 1), (3, 4, "sn", 0.0, 1), (2, 1, "sn", 0.0, 4),
+    (2, 1, "lr", 0.97, 1), (3, 4, "lr", 0.97, 2)])
+def test_frozen_prior_is_the_model_bit_for_bit(dims: int, d: int, constraint: str, skip: float,
+                                               ensemble: int) -> None:
+    # The identity path and the flip ensemble too: the bundled LR models have the path.
     torch.manual_seed(1)
-    model = MolCNN(CNNConfig(dims=dims, layers=3, channels=8), "sn", 0.95)
+    model = MolCNN(CNNConfig(dims=dims, layers=3, channels=8, skip=skip, ensemble=ensemble),
+                   constraint, 0.95)  # type: ignore[arg-type]
     x = torch.randn(2, d, 16, 12, dtype=torch.complex64)
     with torch.no_grad():
         assert torch.equal(FrozenPrior(model)(x), model(x))
@@ -92,6 +97,22 @@ def test_fast_step_reaches_the_eager_fixed_point() -> None:
 def test_defaults_keep_the_eager_step(tmp_path: Path) -> None:
     engine = MolEngine.from_loaded(_loaded(tmp_path), FixedPointConfig(), torch.device("cpu"))
     assert engine.fast is None and engine.precision == "fp32" and not engine.compile
+    assert engine.report_header()["ensemble"] == 1
+
+
+def test_the_engine_sets_the_flip_ensemble_and_the_fixed_point_moves(tmp_path: Path) -> None:
+    op, k, _ = _case()
+    xs = {}
+    for g in (1, 4):
+        (tmp_path / str(g)).mkdir()
+        engine = MolEngine.from_loaded(_loaded(tmp_path / str(g)), FixedPointConfig(tol=1e-6),
+                                       torch.device("cpu"), ensemble=g)
+        assert engine.report_header()["ensemble"] == g
+        assert engine.step.prior.config.ensemble == g
+        res = engine.solve(op, k, op.adjoint(k))
+        assert res.converged
+        xs[g] = res.x
+    assert _rel(xs[4], xs[1]) > 1e-4               # another operator, another fixed point
 
 
 def test_bf16_prior_passes_the_gate_on_a_small_case(tmp_path: Path) -> None:

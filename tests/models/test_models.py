@@ -105,6 +105,37 @@ def test_identity_skip_adds_the_input_and_one_to_the_bound(dims: int) -> None:
     assert CNNConfig.from_dict({**keys, "skip": 0.5}).skip == 0.5
 
 
+@pytest.mark.parametrize("dims,constraint,skip", [(2, "sn", 0.0), (3, "lr", 0.9)])
+def test_flip_ensemble_averages_the_network_over_flips(dims: int, constraint: str,
+                                                       skip: float) -> None:
+    torch.manual_seed(4)
+    one = MolCNN(CNNConfig(dims=dims, layers=3, channels=5, skip=skip), constraint, 0.95)
+    one = one.double()  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 9, 7, dtype=torch.complex128)
+    for g, flips in ((2, [(), (-1,)]), (4, [(), (-1,), (-2,), (-2, -1)])):
+        ens = MolCNN(CNNConfig(dims=dims, layers=3, channels=5, skip=skip, ensemble=g),
+                     constraint, 0.95).double()  # type: ignore[arg-type]
+        ens.load_state_dict(one.state_dict())
+        want = sum(one(x.flip(a)).flip(a) if a else one(x) for a in flips) / g
+        torch.testing.assert_close(ens(x), want, rtol=1e-12, atol=1e-12)
+        for a in flips[1:]:                       # equivariant to its flips, unlike the network
+            torch.testing.assert_close(ens(x.flip(a)), ens(x).flip(a), rtol=1e-12, atol=1e-12)
+        # the same global bound, and never more expansive than the network at its flips
+        assert certified_bound(ens) == pytest.approx(certified_bound(one), rel=1e-12)
+        def top(model: MolCNN, p: torch.Tensor) -> float:
+            return float(lanczos_jacobian_norm(model, p, iters=60)[0].max().detach())
+        at = [top(one, x[:1].flip(a) if a else x[:1]) for a in flips]
+        assert top(ens, x[:1]) <= max(at) * (1 + 1e-4)
+    assert not torch.allclose(one(x.flip(-1)), one(x).flip(-1))  # the check above could fail
+    for bad in (3, 8, 0, True):
+        with pytest.raises(ConfigError, match="ensemble"):
+            CNNConfig(ensemble=bad)
+    keys = CNNConfig(ensemble=4).to_dict()
+    assert CNNConfig.from_dict(keys).ensemble == 4
+    del keys["ensemble"]                       # checkpoints from before the option: off
+    assert CNNConfig.from_dict(keys).ensemble == 1
+
+
 def test_2d_model_treats_depth_as_batch_and_3d_model_mixes_it() -> None:
     torch.manual_seed(1)
     x = torch.randn(1, 4, 10, 8, dtype=torch.complex64)

@@ -392,6 +392,30 @@ def test_init_from_a_shallower_lr_prior_deepens_it_and_sn_refuses(
                    layers=7, channels=64, init_weights="mol_2d_sn"))
 
 
+def test_init_from_a_flip_ensemble_trains_its_network_alone(
+        data: dict[str, Path], tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from molrecon.models import save_checkpoint
+
+    one = tmp_path / "one.pt"
+    train(tiny(data["2d"], one, max_steps=1, constraint="lr", penalty_crop=16))
+    source = load_checkpoint(one)
+    source.model.config = replace(source.model.config, ensemble=4)
+    ens = save_checkpoint(tmp_path / "ens.pt", source.model, source.mol_config,
+                          kinds=source.kinds)
+    assert load_checkpoint(ens).model.config.ensemble == 4
+    out = tmp_path / "from_ens.pt"
+    train(tiny(data["2d"], out, max_steps=1, constraint="lr", penalty_crop=16,
+               init_weights=str(ens), lr=1e-12))
+    got = load_checkpoint(out).model
+    assert got.config.ensemble == 1
+    source.model.config = replace(source.model.config, ensemble=1)
+    x = torch.randn(1, 1, 24, 24, dtype=torch.complex64)
+    with torch.no_grad():
+        assert torch.allclose(got(x), source.model(x), atol=1e-5)
+
+
 def test_a_2d_prior_starts_a_3d_one_as_the_same_network_plane_by_plane(
         data: dict[str, Path], tmp_path: Path) -> None:
     from molrecon.models.cnn import CNNConfig, MolCNN

@@ -19,7 +19,8 @@ def _describe(entry: dict[str, Any]) -> dict[str, Any]:
     cert = loaded.certificate
     last = meta.get("last_metrics") or {}
     check = cert.get("at_bundled_example") or {}
-    return {**entry, "dims": loaded.model.config.dims, "steps": meta.get("steps"),
+    return {**entry, "dims": loaded.model.config.dims, "ensemble": loaded.model.config.ensemble,
+            "steps": meta.get("steps"),
             "lam": loaded.mol_config.lam, "certified_bound": cert.get("certified_bound"),
             "verdict": check.get("verdict"), "local_lipschitz": (check.get("local") or {}).get("max"),
             "local_monotone": (check.get("local") or {}).get("monotone_max"),

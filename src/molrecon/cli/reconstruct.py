@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from ..config import SENSE_ITERS, SENSE_LAMBDA
+from ..config import ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
 from ._common import DebugOpt, app, console, stage_logger, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "
@@ -51,6 +51,8 @@ def reconstruct_cmd(
         "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).")] = None,
     cg_iters: Annotated[int | None, typer.Option(
         "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).", min=1, metavar="N")] = None,
+    ensemble: Annotated[int | None, typer.Option(
+        "--ensemble", help="Average the prior over N flips of the image: 1 (off, the fastest), 2 (left-right) or 4 (left-right and up-down; N times the prior's cost). Default: the model's (the card says).", metavar="N")] = None,
     solver: Annotated[Literal["anderson", "plain"], typer.Option(
         "--solver", help="anderson | plain")] = "anderson",
     sense_lambda: Annotated[float, typer.Option(
@@ -81,7 +83,7 @@ def reconstruct_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
-    n_coils = _check_usage(device=device, coils=coils, tol=tol, alpha=alpha)
+    n_coils = _check_usage(device=device, coils=coils, tol=tol, alpha=alpha, ensemble=ensemble)
     for flag, used in (("--compile", compile_step), ("--precision", precision != "fp32")):
         if used and method != "mol":
             raise typer.BadParameter(f"{flag} is used by --method mol only (this run is "
@@ -113,7 +115,7 @@ def reconstruct_cmd(
         config = ReconConfig(
             method=method, weights=None if weights is None else str(weights), device=device,  # type: ignore[arg-type]
             max_iter=max_iter, tol=tol, alpha=alpha, solver=solver,  # type: ignore[arg-type]
-            batch_size=batch_size, keep_baselines=compare, cg_iters=cg_iters,
+            batch_size=batch_size, keep_baselines=compare, cg_iters=cg_iters, ensemble=ensemble,
             sense_lambda=sense_lambda, sense_iters=sense_iters, espirit_crop=espirit_crop,
             coils=n_coils,
             coil_compression=coil_compression, maps=None if maps is None else str(maps),
@@ -340,13 +342,16 @@ def _gather(outcomes: list[Any], inputs: list[Path], world: int) -> list[Any]:
 
 
 def _check_usage(*, device: str, coils: str | None, tol: float,
-                 alpha: float | None) -> int | str | None:
+                 alpha: float | None, ensemble: int | None = None) -> int | str | None:
     """The option values that typer's choices and closed ranges cannot express are usage
     errors (exit 2), checked before any work. Returns ``--coils`` as an int, ``"auto"`` or None."""
     if not 0.0 < tol < 1.0:
         raise typer.BadParameter("must lie in (0, 1)", param_hint="--tol")
     if alpha is not None and not 0.0 < alpha <= 1.0:
         raise typer.BadParameter("must lie in (0, 1]", param_hint="--alpha")
+    if ensemble is not None and ensemble not in ENSEMBLE_SIZES:
+        raise typer.BadParameter(f"must be one of {', '.join(map(str, ENSEMBLE_SIZES))}",
+                                 param_hint="--ensemble")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
     if coils is None or coils == "auto":

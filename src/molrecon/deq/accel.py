@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as nnf
 
 from ..errors import ConfigError
-from ..models.cnn import MolCNN
+from ..models.cnn import MolCNN, flip_average
 from ..physics.sense import normal_from_parts
 from ..solvers import conjugate_gradient
 
@@ -118,6 +118,8 @@ class FrozenPrior(nn.Module):
             self.weights = [w.detach().clone() for w in model.effective_weights()]
             self.biases = [None if b is None else b.detach().clone() for b in model.biases()]
         self.dims = model.config.dims
+        self.skip = float(model.config.skip)
+        self.ensemble = model.config.ensemble
         self.pad = model.config.kernel // 2
         self.bf16 = bool(bf16)
         dev = self.weights[0].device if device is None else device
@@ -126,6 +128,9 @@ class FrozenPrior(nn.Module):
         self._copy_out = compile and dev.type == "cuda"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flip_average(self._network, x, self.ensemble)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
         b, d, y, xx = x.shape
         r = torch.view_as_real(x).to(self.weights[0].dtype)              # (B, D, Y, X, 2)
         if self.dims == 2:
@@ -139,6 +144,8 @@ class FrozenPrior(nn.Module):
             h = h.reshape(b, d, 2, y, xx).permute(0, 1, 3, 4, 2)        # (B, D, Y, X, 2)
         else:
             h = h.permute(0, 2, 3, 4, 1)                                # (B, D, Y, X, 2)
+        if self.skip > 0:
+            h = h + self.skip * r.float()                               # H(x) = s·x + N(x)
         return torch.view_as_complex(h.contiguous()).to(x.dtype)        # (B, D, Y, X)
 
 

@@ -61,10 +61,11 @@ class MolEngine:
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, fixed_point: FixedPointConfig,
                     device: torch.device, *, alpha: float | None = None,
-                    cg_iters: int | None = None, compile: bool = False,
-                    precision: str = "fp32") -> MolEngine:
+                    cg_iters: int | None = None, ensemble: int | None = None,
+                    compile: bool = False, precision: str = "fp32") -> MolEngine:
         """The engine of ``loaded``; ``alpha``/``cg_iters`` override the checkpoint's (the
-        fixed point does not depend on α, only the speed does). ``compile`` and
+        fixed point does not depend on α, only the speed does), and ``ensemble`` the
+        number of flips its prior averages over (``CNNConfig.ensemble``). ``compile`` and
         ``precision`` (``fp32`` | ``bf16`` | ``auto``) select the fast step of
         :mod:`molrecon.deq.accel`; with both at their defaults the eager step runs."""
         mol_cfg = loaded.mol_config
@@ -73,6 +74,8 @@ class MolEngine:
         if cg_iters is not None:
             mol_cfg = replace(mol_cfg, cg_iters=cg_iters)
         mol_cfg = replace(mol_cfg, learn_lam=False)
+        if ensemble is not None:
+            loaded.model.config = replace(loaded.model.config, ensemble=ensemble)
         step = MolStep(loaded.model, mol_cfg).to(device).eval()
         bound = loaded.certificate.get("certified_bound")
         rho = None
@@ -132,6 +135,7 @@ class MolEngine:
             "alpha": cfg.alpha,
             "lambda": cfg.lam,
             "cg_iters": cfg.cg_iters,
+            "ensemble": ld.model.config.ensemble,
             "solver": self.fixed_point.method,
             "compile": self.compile,
             "precision": self.precision,

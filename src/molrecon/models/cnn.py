@@ -13,6 +13,19 @@ built model (last layer zero) is exactly s·I. Scaling the output by c
 bound is s + Π‖W_i‖, so it is rarely certified: contractivity rests on the LR
 penalty and the local estimates, as for the plain LR network.
 
+``ensemble=G`` (2 or 4; 1, the default, is off) makes H the average of the
+network over G in-plane flips of the image (left-right; and up-down and both):
+H(x) = (1/G) Σ_g T_g N(T_g x) with T_g its own inverse. Each T_g is a
+permutation, so the average is no more expansive than its terms: the global
+bound and every constraint hold for it as for the network, the Lipschitz
+constant and the top of the symmetric Jacobian's spectrum at x are at most the
+largest of the network's at the flipped images, and F = I − H stays monotone
+where every term is. The average is equivariant to the flips, as the images'
+statistics are, and costs G network passes (one after another: no more memory).
+Training trains the network alone (``train --init`` of an ensemble checkpoint
+starts from its network); the ensemble is set on the trained model
+(``scripts/tune_lambda.py --ensemble``, ``reconstruct --ensemble``).
+
 Complex ↔ real happens only here: an image ``(B, D, Y, X)`` complex becomes
 two real channels (real, imaginary). This map is an isometry, so the
 Lipschitz constant of H on complex images is that of the real network.
@@ -61,6 +74,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from ..config import ENSEMBLE_SIZES
 from ..errors import ConfigError
 from .spectral import GridMaximum, bound_at, default_grid, grid_correction, grid_maximum
 
@@ -69,6 +83,22 @@ CONSTRAINTS: tuple[str, ...] = ("sn", "lr")
 
 #: Relative headroom of the per-layer budget (see module docstring).
 SN_HEADROOM = 1e-5
+
+#: The image axes flipped by each member of an ensemble of G (``CNNConfig.ensemble``).
+ENSEMBLE_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {
+    1: ((),), 2: ((), (-1,)), 4: ((), (-1,), (-2,), (-2, -1))}
+assert tuple(ENSEMBLE_FLIPS) == ENSEMBLE_SIZES
+
+
+def flip_average(net: Any, x: torch.Tensor, ensemble: int) -> torch.Tensor:
+    """(1/G) Σ_g T_g net(T_g x) over the flips of :data:`ENSEMBLE_FLIPS` [G] (x complex
+    (B, D, Y, X); each flip is its own inverse), one pass after another."""
+    out: torch.Tensor | None = None
+    for axes in ENSEMBLE_FLIPS[ensemble]:
+        y = net(x.flip(axes)).flip(axes) if axes else net(x)
+        out = y if out is None else out + y
+    assert out is not None
+    return out if ensemble == 1 else out / ensemble
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,7 @@ class CNNConfig:
     kernel: int = 3
     bias: bool = True
     skip: float = 0.0
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.dims, bool) or not isinstance(self.dims, int) or self.dims not in (2, 3):
@@ -99,6 +130,9 @@ class CNNConfig:
                 or not 0.0 <= self.skip < math.inf):
             raise ConfigError(f"skip (the identity path's gain) must be a finite number >= 0, "
                               f"got {self.skip!r}")
+        if isinstance(self.ensemble, bool) or self.ensemble not in ENSEMBLE_FLIPS:
+            raise ConfigError(f"ensemble (flips averaged) must be one of "
+                              f"{', '.join(map(str, ENSEMBLE_FLIPS))}, got {self.ensemble!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +140,7 @@ class CNNConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CNNConfig:
         expected = {"dims", "layers", "channels", "kernel", "bias"}
-        optional = {"skip"}                    # absent in checkpoints from before it existed
+        optional = {"skip", "ensemble"}        # absent in checkpoints from before they existed
         if not expected <= set(data) <= expected | optional:
             raise ConfigError(f"architecture keys must be {sorted(expected)} (and optionally "
                               f"{sorted(optional)}), got {sorted(data)}")
@@ -246,6 +280,10 @@ class MolCNN(nn.Module):
         if not x.is_complex() or x.ndim != 4:
             raise ValueError("MolCNN expects a complex (B, D, Y, X) image, "
                              f"got {x.dtype} {tuple(x.shape)}")
+        return flip_average(self._network, x, self.config.ensemble)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """The network (with its identity path) on one complex (B, D, Y, X) image."""
         b, d, y, xx = x.shape
         weights = self.effective_weights()
         real_dtype = weights[0].dtype
@@ -273,5 +311,5 @@ class MolCNN(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"dims={c.dims}, layers={c.layers}, channels={c.channels}, kernel={c.kernel}, "
-                f"skip={c.skip}, constraint={self.constraint!r}, lipschitz_target={self.lipschitz_target}, "
+                f"skip={c.skip}, ensemble={c.ensemble}, constraint={self.constraint!r}, lipschitz_target={self.lipschitz_target}, "
                 f"spectral_grid={self.spectral_grid}")

@@ -59,7 +59,9 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     With ``skip``, the identity path's gain is 1 for a new network and the ``--init``
     checkpoint's otherwise (a model scaled to the bound keeps its scale). An LR ``--init``
     model that has an identity path (the bundled ``mol_2d_lr``) keeps it without ``skip``:
-    the checkpoint decides the network's form, as it decides its weights."""
+    the checkpoint decides the network's form, as it decides its weights. Training trains the
+    network alone: an ``--init`` checkpoint's flip ensemble (``CNNConfig.ensemble``, an
+    inference setting) is not carried over."""
     gain = 1.0 if config.skip else 0.0
     loaded = load_checkpoint(resolve_weights(config.init_weights)) if config.init_weights else None
     if loaded is not None and loaded.model.config.skip > 0 and config.constraint == "lr":
@@ -81,7 +83,7 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
             if last.bias is not None:
                 last.bias.zero_()
     else:
-        source = loaded.model.config
+        source = replace(loaded.model.config, ensemble=cnn.config.ensemble)
         if source == cnn.config:
             cnn.load_state_dict(loaded.model.state_dict())
         elif replace(source, dims=cnn.config.dims) == cnn.config and source.dims == 2:
