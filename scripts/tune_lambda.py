@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from molrecon.config import ENSEMBLE_SIZES
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                          "and the gain of an identity path): H → cH multiplies every "
                          "Lipschitz constant by c (c < 1 for a prior whose local estimate at the data is not below 1; c > 1 to compare a "
                          "prior held well below it at the same bound)")
-    ap.add_argument("--ensemble", type=int, choices=(1, 2, 4),
+    ap.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES,
                     help="average the prior over this many image flips (default: the "
                          "checkpoint's)")
     ap.add_argument("--out", type=Path, help="write the checkpoint with the best λ here")

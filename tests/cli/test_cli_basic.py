@@ -145,8 +145,7 @@ def test_reconstruct_passes_its_options_to_the_job_exactly(tmp_path: Path,
     out, rep, png = tmp_path / "o.nii.gz", tmp_path / "r.json", tmp_path / "p.png"
     res = runner.invoke(app, [
         "reconstruct", str(raw), str(out), "-m", "sense", "--device", "cpu", "--max-iter", "7",
-        "--tol", "0.001", "--alpha", "0.5", "--cg-iters", "4", "--ensemble", "2",
-        "--solver", "plain",
+        "--tol", "0.001", "--alpha", "0.5", "--cg-iters", "4", "--solver", "plain",
         "--sense-lambda", "0.01", "--sense-iters", "12", "--espirit-crop", "0.5",
         "--batch-size", "2", "--coils", "4",
         "--coil-compression", "scc", "--complex", "--report", str(rep), "--preview", str(png),
@@ -155,9 +154,13 @@ def test_reconstruct_passes_its_options_to_the_job_exactly(tmp_path: Path,
     ((args, kwargs),) = calls
     assert args == (raw, out, ReconConfig(
         method="sense", weights=None, device="cpu", max_iter=7, tol=0.001, alpha=0.5,
-        solver="plain", cg_iters=4, ensemble=2, sense_lambda=0.01, sense_iters=12, espirit_crop=0.5,
+        solver="plain", cg_iters=4, sense_lambda=0.01, sense_iters=12, espirit_crop=0.5,
         batch_size=2,
         keep_baselines=True, coils=4, coil_compression="scc", maps=None))
     assert kwargs == {"fmt": "nifti", "complex_out": True, "force": True, "preview": png,
                       "report": rep, "dataset": None, "progress": kwargs["progress"]}
     assert callable(kwargs["progress"])
+    # --ensemble (MOL only, like --compile and --precision)
+    res = runner.invoke(app, ["reconstruct", str(raw), str(out), "--ensemble", "2", "-q"])
+    assert res.exit_code == 0, res.output
+    assert calls[-1][0][2].ensemble == 2 and calls[-1][0][2].method == "mol"

@@ -139,6 +139,7 @@ def test_acceleration_and_mask_read_alike_in_simulate_and_train(
     (["simulate", "--dataset", "DIR", "--count", "2", "--orientation", "coronal"],
      "--orientation / --tilt"),
     (["reconstruct", "IN", "OUT", "--ensemble", "3"], "--ensemble"),
+    (["reconstruct", "IN", "OUT", "-m", "sense", "--ensemble", "2"], "--ensemble"),
     (["train", "--cg-iters", "0"], "--cg-iters"),
     (["train", "--alpha", "2.5"], "--alpha"),
     (["train", "--val-fraction", "1"], "--val-fraction"),

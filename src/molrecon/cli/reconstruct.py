@@ -84,7 +84,8 @@ def reconstruct_cmd(
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
     n_coils = _check_usage(device=device, coils=coils, tol=tol, alpha=alpha, ensemble=ensemble)
-    for flag, used in (("--compile", compile_step), ("--precision", precision != "fp32")):
+    for flag, used in (("--compile", compile_step), ("--precision", precision != "fp32"),
+                       ("--ensemble", ensemble is not None)):
         if used and method != "mol":
             raise typer.BadParameter(f"{flag} is used by --method mol only (this run is "
                                      f"--method {method})", param_hint=flag)

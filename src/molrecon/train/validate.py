@@ -133,20 +133,17 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
             "val_iterations": float(np.mean(iters)), "val_failed": failed}
 
 
-#: Validation fixed points the training certificate measures (spread over the problems).
-VAL_LIPSCHITZ_POINTS = 4
 
 
 def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
                  data: list[str] | None = None, *, local: bool = True,
-                 points: int = VAL_LIPSCHITZ_POINTS) -> dict[str, Any]:
+                 points: int = TrainConfig.val_points) -> dict[str, Any]:
     """The checkpoint's certificate: the global bound and local estimates at validation fixed
     points, computed by the same code as ``molrecon check-lipschitz`` (10 power iterations
     and 20 Lanczos steps, which read the top singular value at a fixed point to three or
     four digits: ``benchmarks/bench_lipschitz_estimates.py``).
 
-    Up to ``points`` (default :data:`VAL_LIPSCHITZ_POINTS`, ``train --val-points``) fixed
-    points spread over the validation problems (so
+    Up to ``points`` (``train --val-points``, default 4) fixed points spread over the validation problems (so
     that every part of a mixed folder, e.g. brain and torso series, is read), each whole:
     the norm at a crop of a volume is the norm of another operator: central 64² crops read
     0.98–0.99 where the whole 2D+time series read 1.09–1.24
@@ -159,8 +156,8 @@ def _certificate(cnn: Any, fixed_points: list[Any], seed: int,
     if not fixed_points:
         return {}
     picks = spread_indices(len(fixed_points), points) if local else []
-    points = [fixed_points[i].detach() for i in picks]
+    at = [fixed_points[i].detach() for i in picks]
     # Ten power iterations alone read the top of the Jacobian's crowded spectrum low by up to
     # a few per cent; the 20 Lanczos steps are what read it.
-    return certificate_for(cnn, points, data=data or [], power_iters=10,
+    return certificate_for(cnn, at, data=data or [], power_iters=10,
                            ratio_steps=0, lanczos_steps=20, seed=seed)
