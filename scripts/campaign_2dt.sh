@@ -5,6 +5,7 @@
 #   scripts/campaign_2dt.sh data          # simulate the 2D+time training and validation folders (≈ 4 min)
 #   scripts/campaign_2dt.sh stage0a SECS  # denoiser pretraining of blocks of frames (resumes)
 #   scripts/campaign_2dt.sh stage0b SECS  # the same held at the bound by projection (resumes)
+#   scripts/campaign_2dt.sh stage1a SECS  # deep equilibrium on readout blocks, μ penalised (resumes)
 #   scripts/campaign_2dt.sh save          # copy the small resumable state into campaign/2dt_lr/
 #   scripts/campaign_2dt.sh restore       # put the committed state back under runs/ to continue
 #
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=campaign/2dt_lr
-STAGES="t0a"
+STAGES="t0a t1a"
 source scripts/campaign_common.sh
 # Brain series (36 training, 4 validation) and cardiac-like cine series of the procedural
 # torso (24, 2), in one folder each for training and validation (hard links).
@@ -62,6 +63,16 @@ stage0b() {
     --project-bound 0.985 --project-every 50 --penalty-probes 4 --best-max-lipschitz 0.99
 }
 
+# Stage t1a: the 2D+time prior has only been trained as a denoiser (stage t0a). Here the
+# recipe's stage 1: the deep equilibrium itself on 16 readout positions of whole series
+# (every frame, 128 phase lines), from the bundled mol_2dt_lr at its λ of use (20), with the
+# μ penalty (deq_block_stage, campaign_common.sh). Validation on 4 of the 6 series every 40
+# steps (spread over the folder: brain and torso), the certificate at the first and last.
+stage1a() {
+  deq_block_stage t1a "$1" "${INIT_T1A:-src/molrecon/data/weights/mol_2dt_lr.pt}" --lam 20 \
+    --val-every 40 --val-samples 4 --val-points 2 --checkpoint-every 10 --seed $SEED
+}
+
 case "${1:-}" in
   data)
     "$PY" scripts/make_training_data.py --kind 2dt --out "$RUNS/data2dt" --train 36 --val 4
@@ -77,6 +88,7 @@ case "${1:-}" in
     done ;;
   stage0a) stage0a "${2:?seconds}" ;;
   stage0b) stage0b "${2:?seconds}" ;;
+  stage1a) stage1a "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
   *) sed -n '2,12p' "$0"; exit 2 ;;

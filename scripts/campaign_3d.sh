@@ -5,6 +5,7 @@
 #   scripts/campaign_3d.sh data          # simulate the 3D training and validation folders (≈ 2 min)
 #   scripts/campaign_3d.sh stage0a SECS  # denoiser pretraining of blocks of partitions (resumes)
 #   scripts/campaign_3d.sh stage0b SECS  # the same from the bundled 3D model, held by μ (resumes)
+#   scripts/campaign_3d.sh stage1a SECS  # deep equilibrium on readout blocks, μ penalised (resumes)
 #   scripts/campaign_3d.sh save          # copy the small resumable state into campaign/3d_lr/
 #   scripts/campaign_3d.sh restore       # put the committed state back under runs/ to continue
 #
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=campaign/3d_lr
-STAGES="v0a v0b"
+STAGES="v0a v0b v1a"
 source scripts/campaign_common.sh
 # Brain volumes of 128 × 128 × 16 partitions (240 × 240 × 20 mm), 36 training, 4 validation.
 DATA="--data $RUNS/data3d --val-data $RUNS/data3d_val"
@@ -47,11 +48,22 @@ stage0b() {
     --bound-measure monotone --best-max-lipschitz 1.0 --val-points 2
 }
 
+# Stage v1a: the 3D prior has only ever been trained as a denoiser (of 2D+time blocks, then
+# of 3D blocks in v0a/v0b). Here the recipe's stage 1: the deep equilibrium itself on 16
+# readout positions of the volumes (16 × 128 × 16, Poisson (ky, kz) masks at R 4 and 6), from
+# the bundled mol_3d_lr at its λ of use (40), with the μ penalty (deq_block_stage,
+# campaign_common.sh). Validation on the 4 volumes every 40 steps, the certificate at 2.
+stage1a() {
+  deq_block_stage v1a "$1" "${INIT_V1A:-src/molrecon/data/weights/mol_3d_lr.pt}" --lam 40 \
+    --val-every 40 --val-samples 4 --val-points 2 --checkpoint-every 10 --seed $SEED
+}
+
 case "${1:-}" in
   data)
     "$PY" scripts/make_training_data.py --kind 3d --out "$RUNS/data3d" --train 36 --val 4 ;;
   stage0a) stage0a "${2:?seconds}" ;;
   stage0b) stage0b "${2:?seconds}" ;;
+  stage1a) stage1a "${2:?seconds}" ;;
   save) save ;;
   restore) restore ;;
   *) sed -n '2,12p' "$0"; exit 2 ;;

@@ -47,3 +47,24 @@ block_stage0() {
     --penalty-at clean,image --penalty-every 8 --best-max-lipschitz 1.01 \
     --max-steps 100000 --time-budget "$secs" --quiet "$@" "${resume[@]}"
 }
+
+# The deep-equilibrium stage of the priors with 3×3×3 kernels (the recipe's stage 1): MOL
+# solved to its fixed point on blocks of 16 readout positions (exact: the readout is fully
+# sampled, so the block is a hybrid-space problem of its own), the implicit gradient, λ fixed,
+# and the penalty on what the guarantees need, the top μ of ½(J + Jᵀ) at every training
+# sample's fixed point (Lanczos, every 2nd step), where the stage-0 penalty read the norm.
+# The best model is held by μ ≤ 1 at the validation fixed points. Resumes when the stage's
+# state exists.
+#   deq_block_stage NAME SECS INIT [more train options: λ, validation cadence, seed]
+deq_block_stage() {
+  local name=$1 secs=$2 init=$3 resume=()
+  shift 3
+  mkdir -p "$RUNS/$name"
+  [ -f "$RUNS/$name/$name.state.pt" ] && resume=(--resume)
+  OMP_NUM_THREADS=$THREADS "$MOL" train $DATA $MASKS --out "$RUNS/$name/$name.pt" \
+    --stage deq --skip --init "$init" --constraint lr --cg-iters 10 --lr 1e-5 --lam-lr 0 \
+    --readout-block 16 --batch-size 2 --penalty-estimator monotone --penalty-steps 10 \
+    --penalty-top 1 --penalty-weight 1e-4 --penalty-threshold 0.995 --penalty-every 2 \
+    --bound-measure monotone --best-max-lipschitz 1.0 --max-steps 100000 \
+    --time-budget "$secs" --quiet "$@" "${resume[@]}"
+}

@@ -130,7 +130,7 @@ def test_reconstruct_accepts_the_trained_weights(data: dict[str, Path], tmp_path
 
 
 # ----------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("estimator", ["ratio", "power", "sample", "lanczos"])
+@pytest.mark.parametrize("estimator", ["ratio", "power", "sample", "lanczos", "monotone"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str, Path],
                                                                   tmp_path: Path,
                                                                   estimator: str) -> None:
@@ -169,6 +169,39 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
         assert len(probes["samples"]) == 2 and all(v is not None for v in probes["vectors"])
         for va, vb in zip(sa["probes"]["vectors"], probes["vectors"]):
             assert torch.equal(va, vb)
+
+
+def test_monotone_penalty_reads_mu_and_presses_it_down() -> None:
+    """--penalty-estimator monotone: the penalty reads the top μ of ½(J + Jᵀ) at the point
+    (what monotonicity_estimate reads there, at most the Jacobian norm) and its gradient
+    lowers μ there; a plain gradient step on the norm's penalty is not needed for that."""
+    from molrecon.models.cnn import CNNConfig, MolCNN
+    from molrecon.models.lipschitz import lanczos_jacobian_norm, monotonicity_estimate
+    from molrecon.train.step import _lipschitz_penalty, _StepOutcome
+
+    torch.manual_seed(3)
+    cnn = MolCNN(CNNConfig(layers=3, channels=8, skip=1.0), "lr")
+    x = torch.randn(1, 1, 24, 24, dtype=torch.complex64)
+    config = TrainConfig(data="d", out="m.pt", constraint="lr", penalty_estimator="monotone",
+                         penalty_steps=12, penalty_weight=1.0, penalty_threshold=0.5)
+
+    def mu() -> float:
+        gen = torch.Generator().manual_seed(0)
+        return float(monotonicity_estimate(cnn, x, iters=12, generator=gen).top.detach().max())
+
+    out = _StepOutcome()
+    before = mu()
+    penalty = _lipschitz_penalty(cnn, config, 0, np.random.default_rng(0), out, lambda: x)
+    assert penalty is not None and out.lipschitz[0] == pytest.approx(before, rel=1e-2)
+    norm = float(lanczos_jacobian_norm(cnn, x, iters=12,
+                                       generator=torch.Generator().manual_seed(0))[0].detach().max())
+    assert before <= norm * (1 + 1e-4)
+    penalty.backward()
+    with torch.no_grad():
+        for p in cnn.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)
+    assert mu() < before - 1e-5
 
 
 def test_project_bound_holds_the_saved_model_at_the_bound(data: dict[str, Path],
@@ -580,6 +613,7 @@ def test_config_is_checked() -> None:
                 {"penalty_estimator": "exact"}, {"penalty_probes": 0},
                 {"penalty_estimator": "power", "stage": "denoise"}, {"penalty_top": 0},
                 {"penalty_estimator": "lanczos", "penalty_steps": 2, "penalty_top": 3},
+                {"penalty_estimator": "monotone", "penalty_steps": 2, "penalty_top": 3},
                 {"skip": True, "constraint": "sn"}, {"skip": 1}):
         with pytest.raises(ConfigError):
             TrainConfig(data="d", out="m.pt", **bad)  # type: ignore[arg-type]

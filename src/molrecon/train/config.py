@@ -20,7 +20,8 @@ from .patches import PatchSpec
 
 Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
-PenaltyEstimator = Literal["ratio", "power", "sample", "lanczos"]
+PenaltyEstimator = Literal["ratio", "power", "sample", "lanczos", "monotone"]
+PENALTY_ESTIMATORS: tuple[str, ...] = ("ratio", "power", "sample", "lanczos", "monotone")
 STAGES: tuple[str, ...] = ("deq", "denoise")
 #: What --project-bound and --best-max-lipschitz hold (``TrainConfig.bound_measure``).
 BOUND_MEASURES: tuple[str, ...] = ("lipschitz", "monotone")
@@ -56,7 +57,10 @@ class TrainConfig:
                       "sample" (the Jacobian norm at each training sample's own whole fixed
                       point, penalty_steps power iterations from white noise every time) or
                       "lanczos" (there, the penalty_top largest singular values of the
-                      Jacobian by penalty_steps Lanczos steps, each through the barrier);
+                      Jacobian by penalty_steps Lanczos steps, each through the barrier)
+                      or "monotone" (there, the penalty_top largest eigenvalues μ of the
+                      Jacobian's symmetric part ½(J + Jᵀ), by Lanczos likewise: what F =
+                      I − H's monotonicity needs below 1, where the norm may exceed it);
                       penalty_at (stage 0): where on a patch: "noisy" (the network's input),
                       "clean" (the clean patch: MOL's fixed points are nearly clean images,
                       and a denoiser held at its noisy inputs can be expansive there) or
@@ -219,9 +223,9 @@ class TrainConfig:
             raise ConfigError(f"penalty_steps must be an integer >= 0, got {self.penalty_steps!r}")
         if self.penalty_crop is not None and self.penalty_crop < 8:
             raise ConfigError(f"penalty_crop must be at least 8 pixels, got {self.penalty_crop}")
-        if self.penalty_estimator not in ("ratio", "power", "sample", "lanczos"):
-            raise ConfigError("penalty_estimator must be 'ratio', 'power', 'sample' or "
-                              "'lanczos', got "
+        if self.penalty_estimator not in PENALTY_ESTIMATORS:
+            raise ConfigError("penalty_estimator must be one of "
+                              f"{', '.join(map(repr, PENALTY_ESTIMATORS))}, got "
                               f"{self.penalty_estimator!r}")
         if isinstance(self.penalty_probes, bool) or not isinstance(self.penalty_probes, int) \
                 or self.penalty_probes < 1:
@@ -230,7 +234,8 @@ class TrainConfig:
         if isinstance(self.penalty_top, bool) or not isinstance(self.penalty_top, int) \
                 or self.penalty_top < 1:
             raise ConfigError(f"penalty_top must be an integer >= 1, got {self.penalty_top!r}")
-        if self.penalty_estimator == "lanczos" and self.penalty_top > self.penalty_steps:
+        if self.penalty_estimator in ("lanczos", "monotone") \
+                and self.penalty_top > self.penalty_steps:
             raise ConfigError("penalty_top cannot exceed penalty_steps (the Lanczos steps give "
                               "at most that many Ritz values)")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) \

@@ -29,7 +29,7 @@ from ..models.bundled import resolve_weights
 from ..models.checkpoint import load_checkpoint
 from ..models.cnn import CNNConfig, MolCNN
 from ..models.lipschitz import (lanczos_jacobian_norm, local_lipschitz_ratio,
-                                tracked_jacobian_norm)
+                                monotonicity_estimate, tracked_jacobian_norm)
 from ..problem import Problem
 from .config import DEFAULT_LAM, Loss, TrainConfig
 from .data import FolderDataset, make_problem
@@ -308,11 +308,13 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
     norm ‖J v‖ after ``penalty_steps`` power iterations from white noise, at the point itself
     (every training sample's own fixed point, or a stage-0 patch). "lanczos": the
     ``penalty_top`` largest singular values of the Jacobian there by ``penalty_steps``
-    Lanczos steps, each through the barrier. The ratio search and a short power iteration
+    Lanczos steps, each through the barrier; "monotone": likewise the largest eigenvalues μ
+    of its symmetric part ½(J + Jᵀ), which F = I − H's monotonicity needs below 1 (then
+    ``out.lipschitz`` records μ). The ratio search and a short power iteration
     read below the converged norm (``benchmarks/bench_lipschitz_estimates.py``); Lanczos
     reads it. None keeps state between steps, so a resumed run repeats them exactly."""
     if not (config.constraint == "lr" and config.penalty_weight > 0
-            and config.penalty_estimator in ("ratio", "sample", "lanczos")
+            and config.penalty_estimator in ("ratio", "sample", "lanczos", "monotone")
             and s % config.penalty_every == 0):
         return None
     gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31 - 1)))
@@ -321,6 +323,12 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
                                           top=config.penalty_top, generator=gen)
         out.lipschitz.append(float(values.detach().max()))
         return config.penalty_weight * sum(_penalty(v, config.penalty_threshold) for v in values)
+    if config.penalty_estimator == "monotone":
+        found = monotonicity_estimate(cnn, point(), iters=config.penalty_steps,
+                                      top=config.penalty_top, generator=gen)
+        out.lipschitz.append(float(found.top.detach().max()))
+        return config.penalty_weight * sum(_penalty(v, config.penalty_threshold)
+                                           for v in found.top)
     if config.penalty_estimator == "sample":
         lip, _ = tracked_jacobian_norm(cnn, point(), None, iters=config.penalty_steps,
                                        generator=gen)
