@@ -66,11 +66,12 @@ stage0b() {
 # Stage t1a: the 2D+time prior has only been trained as a denoiser (stage t0a). Here the
 # recipe's stage 1: the deep equilibrium itself on 16 readout positions of whole series
 # (every frame, 128 phase lines), from the bundled mol_2dt_lr at its λ of use (20), with the
-# μ penalty (deq_block_stage, campaign_common.sh). Validation on 4 of the 6 series every 40
-# steps (spread over the folder: brain and torso), the certificate at the first and last.
+# μ penalty (deq_block_stage, campaign_common.sh). About 30 s a step on one core (40 with the
+# penalty). Validation on 4 of the 6 series every 60 steps (spread over the folder: brain and
+# torso), the certificate at the first and last (about 20 minutes on one core).
 stage1a() {
   deq_block_stage t1a "$1" "${INIT_T1A:-src/molrecon/data/weights/mol_2dt_lr.pt}" --lam 20 \
-    --val-every 40 --val-samples 4 --val-points 2 --checkpoint-every 10 --seed $SEED
+    --val-every 60 --val-samples 4 --val-points 2 --checkpoint-every 20 --seed $SEED
 }
 
 case "${1:-}" in
