@@ -60,7 +60,10 @@ class TrainConfig:
                       Jacobian by penalty_steps Lanczos steps, each through the barrier)
                       or "monotone" (there, the penalty_top largest eigenvalues μ of the
                       Jacobian's symmetric part ½(J + Jᵀ), by Lanczos likewise: what F =
-                      I − H's monotonicity needs below 1, where the norm may exceed it);
+                      I − H's monotonicity needs below 1, where the norm may exceed it;
+                      penalty_norm_cap C adds the largest singular value at the same
+                      point through a barrier at C: a norm far above 1 slows the
+                      fixed-point iteration, monotone or not);
                       penalty_at (stage 0): where on a patch: "noisy" (the network's input),
                       "clean" (the clean patch: MOL's fixed points are nearly clean images,
                       and a denoiser held at its noisy inputs can be expansive there) or
@@ -151,6 +154,7 @@ class TrainConfig:
     penalty_estimator: PenaltyEstimator = "ratio"
     penalty_probes: int = 4
     penalty_top: int = 1
+    penalty_norm_cap: float | None = None
     penalty_at: str = "noisy"
     batch_size: int = 1
     max_steps: int = 1000
@@ -238,6 +242,15 @@ class TrainConfig:
                 and self.penalty_top > self.penalty_steps:
             raise ConfigError("penalty_top cannot exceed penalty_steps (the Lanczos steps give "
                               "at most that many Ritz values)")
+        if self.penalty_norm_cap is not None:
+            if isinstance(self.penalty_norm_cap, bool) or not isinstance(
+                    self.penalty_norm_cap, (int, float)) \
+                    or not 0 < self.penalty_norm_cap < math.inf:
+                raise ConfigError("penalty_norm_cap must be a positive finite number, got "
+                                  f"{self.penalty_norm_cap!r}")
+            if self.penalty_estimator != "monotone":
+                raise ConfigError("penalty_norm_cap caps the Jacobian norm beside the monotone "
+                                  "estimator's μ: it needs penalty_estimator 'monotone'")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) \
                 or not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be 0 (off) or a decay in (0, 1), got {self.ema!r}")
@@ -338,6 +351,7 @@ OPTION_NAMES: dict[str, str] = {
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
     "penalty_every": "--penalty-every", "penalty_at": "--penalty-at",
+    "penalty_norm_cap": "--penalty-norm-cap",
     "best_max_lipschitz": "--best-max-lipschitz", "ema": "--ema",
     "project_bound": "--project-bound", "project_every": "--project-every",
     "bound_measure": "--bound-measure", "batch_size": "--batch-size",

@@ -480,6 +480,8 @@ def _update(run: _Run, epoch: int, outcome: _StepOutcome, stats: dict[str, float
     run.recent_steps.append(time.perf_counter() - t_step)
     if outcome.lipschitz:
         rec["lipschitz_local"] = float(np.max(outcome.lipschitz))
+    if outcome.norms:
+        rec["norm_local"] = float(np.max(outcome.norms))
     is_best = _validate(run, rec)
     run.last_record = rec
     run.emit(rec)

@@ -50,6 +50,7 @@ class _StepOutcome:
     fwd_iterations: list[int] = field(default_factory=list)
     bwd_iterations: list[int] = field(default_factory=list)
     lipschitz: list[float] = field(default_factory=list)   # this process's estimates only
+    norms: list[float] = field(default_factory=list)       # the Jacobian norms under the cap
 
 
 # ------------------------------------------------------------------------------- the model
@@ -310,7 +311,8 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
     ``penalty_top`` largest singular values of the Jacobian there by ``penalty_steps``
     Lanczos steps, each through the barrier; "monotone": likewise the largest eigenvalues μ
     of its symmetric part ½(J + Jᵀ), which F = I − H's monotonicity needs below 1 (then
-    ``out.lipschitz`` records μ). The ratio search and a short power iteration
+    ``out.lipschitz`` records μ), and with ``penalty_norm_cap`` the Jacobian norm there
+    through a barrier at the cap as well (recorded in ``out.norms``). The ratio search and a short power iteration
     read below the converged norm (``benchmarks/bench_lipschitz_estimates.py``); Lanczos
     reads it. None keeps state between steps, so a resumed run repeats them exactly."""
     if not (config.constraint == "lr" and config.penalty_weight > 0
@@ -324,11 +326,16 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
         out.lipschitz.append(float(values.detach().max()))
         return config.penalty_weight * sum(_penalty(v, config.penalty_threshold) for v in values)
     if config.penalty_estimator == "monotone":
-        found = monotonicity_estimate(cnn, point(), iters=config.penalty_steps,
+        x = point()
+        found = monotonicity_estimate(cnn, x, iters=config.penalty_steps,
                                       top=config.penalty_top, generator=gen)
         out.lipschitz.append(float(found.top.detach().max()))
-        return config.penalty_weight * sum(_penalty(v, config.penalty_threshold)
-                                           for v in found.top)
+        terms = [_penalty(v, config.penalty_threshold) for v in found.top]
+        if config.penalty_norm_cap is not None:
+            norm, _ = lanczos_jacobian_norm(cnn, x, iters=config.penalty_steps, generator=gen)
+            out.norms.append(float(norm.detach().max()))
+            terms.append(_penalty(norm.max(), config.penalty_norm_cap))
+        return config.penalty_weight * sum(terms)
     if config.penalty_estimator == "sample":
         lip, _ = tracked_jacobian_norm(cnn, point(), None, iters=config.penalty_steps,
                                        generator=gen)
