@@ -394,10 +394,12 @@ stage1s() {
 # equilibrium from the bundled mol_2d_lr (stage 0y's step 2250 × 0.988, λ 30) at five times
 # that lr, held by a penalty on μ itself at every training sample's fixed point (Lanczos on
 # ½(J + Jᵀ), 10 steps, every 2nd step, barrier at 0.995: --penalty-estimator monotone) in
-# place of the projection's whole-scan probes, the best model only at μ ≤ 1.
+# place of the projection's whole-scan probes, the best model only at μ ≤ 1. The 2D+time
+# and 3D stages t1a and v1a showed the norm growing to 3-4 under the μ penalty alone and
+# the MOL iterations with it, so the norm is capped at 1.5 too (--penalty-norm-cap).
 stage1t() {
   deq_stage s1t "${INIT1T:-mol_2d_lr}" 1e-4 2 0.995 "$1" --readout-block 64 --skip --lr 5e-5 \
-    --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 \
+    --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 --penalty-norm-cap 1.5 \
     --bound-measure monotone --best-max-lipschitz 1.0 --val-points 2
 }
 
