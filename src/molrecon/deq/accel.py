@@ -136,7 +136,9 @@ class FrozenPrior(nn.Module):
         if self.dims == 2:
             h = r.permute(0, 1, 4, 2, 3).reshape(b * d, 2, y, xx)       # (B·D, 2, Y, X)
         else:
-            h = r.permute(0, 4, 1, 2, 3).contiguous()                   # (B, 2, D, Y, X)
+            # Not made contiguous, as in the model: conv3d may take another algorithm for
+            # the other memory layout, and the two would differ in the last bits.
+            h = r.permute(0, 4, 1, 2, 3)                                # (B, 2, D, Y, X)
         h = self._stack(h, self.weights, self.biases, self.dims, self.pad, self.bf16)
         if self._copy_out:
             h = h.clone()                     # a CUDA-graph replay reuses its output buffer
