@@ -171,6 +171,16 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data: dict[str,
             assert torch.equal(va, vb)
 
 
+def descend(net: torch.nn.Module, loss: torch.Tensor, step: float = 1e-3) -> None:
+    """One normalised gradient-descent step of every parameter of ``net`` on ``loss``."""
+    net.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p -= step * p.grad / (p.grad.norm() + 1e-12)
+
+
 def test_monotone_penalty_reads_mu_and_presses_it_down() -> None:
     """--penalty-estimator monotone: the penalty reads the top μ of ½(J + Jᵀ) at the point
     (what monotonicity_estimate reads there, at most the Jacobian norm) and its gradient
@@ -196,11 +206,7 @@ def test_monotone_penalty_reads_mu_and_presses_it_down() -> None:
     norm = float(lanczos_jacobian_norm(cnn, x, iters=12,
                                        generator=torch.Generator().manual_seed(0))[0].detach().max())
     assert before <= norm * (1 + 1e-4)
-    penalty.backward()
-    with torch.no_grad():
-        for p in cnn.parameters():
-            if p.grad is not None:
-                p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)
+    descend(cnn, penalty)
     assert mu() < before - 1e-5
 
 
@@ -233,12 +239,7 @@ def test_monotone_penalty_norm_cap_adds_the_norm_and_presses_it_down() -> None:
     assert capped is not None and out.norms[0] == pytest.approx(before, rel=1e-2)
     assert out.lipschitz[0] <= out.norms[0] * (1 + 1e-4)
     assert float(capped.detach()) > float(alone.detach())    # the norm's barrier is added
-    cnn.zero_grad()
-    capped.backward()
-    with torch.no_grad():
-        for p in cnn.parameters():
-            if p.grad is not None:
-                p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)
+    descend(cnn, capped)
     assert norm() < before - 1e-5
 
 
