@@ -66,8 +66,8 @@ stage0b() {
 # Stage t1a: the 2D+time prior has only been trained as a denoiser (stage t0a). Here the
 # recipe's stage 1: the deep equilibrium itself on 16 readout positions of whole series
 # (every frame, 128 phase lines), from the bundled mol_2dt_lr at its λ of use (20), with the
-# μ penalty (deq_block_stage, campaign_common.sh). About 30 s a step on one core (40 with the
-# penalty). Validation on 4 of the 6 series every 60 steps (spread over the folder: brain and
+# μ penalty (deq_block_stage, campaign_common.sh). About 30 s a step on one core (50 with the
+# penalty; medians of steps 0-60, partly beside a third job). Validation on 4 of the 6 series every 60 steps (spread over the folder: brain and
 # torso), the certificate at the first and last (about 20 minutes on one core).
 # Steps 0-60 (fifteenth session): validation 28.05 -> 28.81 dB, μ 0.973 -> 0.966 at the
 # validation fixed points, but the Jacobian norm 0.99 -> 3.23 and the MOL iterations 18 ->

@@ -52,7 +52,8 @@ stage0b() {
 # of 3D blocks in v0a/v0b). Here the recipe's stage 1: the deep equilibrium itself on 16
 # readout positions of the volumes (16 × 128 × 16, Poisson (ky, kz) masks at R 4 and 6), from
 # the bundled mol_3d_lr at its λ of use (40), with the μ penalty (deq_block_stage,
-# campaign_common.sh). About 45 s a step on one core (60 with the penalty). Validation on
+# campaign_common.sh). About 50 s a step on one core (80 with the penalty;
+# medians of steps 0-60, partly beside a third job). Validation on
 # the 4 volumes every 60 steps, the certificate at the first (a validation costs about 20
 # minutes on one core with it at 2; a save between validations, the global bound alone,
 # about a minute).

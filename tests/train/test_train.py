@@ -183,8 +183,8 @@ def descend(net: torch.nn.Module, loss: torch.Tensor, step: float = 1e-3) -> Non
 
 def test_monotone_penalty_reads_mu_and_presses_it_down() -> None:
     """--penalty-estimator monotone: the penalty reads the top μ of ½(J + Jᵀ) at the point
-    (what monotonicity_estimate reads there, at most the Jacobian norm) and its gradient
-    lowers μ there; a plain gradient step on the norm's penalty is not needed for that."""
+    (what monotonicity_estimate reads there, at most the Jacobian norm) and a gradient step
+    on it lowers μ there."""
     from molrecon.models.cnn import CNNConfig, MolCNN
     from molrecon.models.lipschitz import lanczos_jacobian_norm, monotonicity_estimate
     from molrecon.train.step import _lipschitz_penalty, _StepOutcome

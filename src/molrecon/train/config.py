@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..errors import CheckpointError, ConfigError
 from .data import MaskSpec
@@ -21,7 +21,7 @@ from .patches import PatchSpec
 Loss = Literal["mse", "mse_mag", "l1"]
 Stage = Literal["deq", "denoise"]
 PenaltyEstimator = Literal["ratio", "power", "sample", "lanczos", "monotone"]
-PENALTY_ESTIMATORS: tuple[str, ...] = ("ratio", "power", "sample", "lanczos", "monotone")
+PENALTY_ESTIMATORS: tuple[str, ...] = get_args(PenaltyEstimator)
 STAGES: tuple[str, ...] = ("deq", "denoise")
 #: What --project-bound and --best-max-lipschitz hold (``TrainConfig.bound_measure``).
 BOUND_MEASURES: tuple[str, ...] = ("lipschitz", "monotone")
