@@ -16,6 +16,7 @@ from molrecon.deq import (
     contraction_factor,
     deq_solve,
     regularised_sense,
+    residual_scale,
     solve_fixed_point,
     unrolled,
 )
@@ -137,6 +138,28 @@ def test_fixed_point_does_not_depend_on_alpha_or_solver() -> None:
     with torch.no_grad():
         res = base.equation_residual(fast.x, normal=op.normal, aty=aty)
     assert float(res.norm() / (5.0 * aty).norm()) < 1e-10
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.9, 1.5])
+def test_scaled_residual_of_any_alpha_bounds_the_alpha_one_residual(alpha: float) -> None:
+    """‖T_α(x) − x‖/min(α, 1) ≥ ‖T_1(x) − x‖ at any x (exact resolvent), and for α ≤ 1 the
+    unscaled residual is at most the α = 1 one, so the scale is as small as it can be."""
+    op, aty = make_problem(seed=3)
+    prior = sn_prior(target=0.95)
+    one = MolStep(prior, MolConfig(alpha=1.0, lam=5.0, cg_iters=200))
+    other = one.with_alpha(alpha)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _ in range(3):
+            x = regularised_sense(op.normal, aty, lam=5.0) + 0.3 * torch.randn(
+                aty.shape, dtype=aty.dtype, generator=g)
+            r1 = (one.bind(normal=op.normal, aty=aty)(x) - x).norm()
+            ra = (other.bind(normal=op.normal, aty=aty)(x) - x).norm()
+            assert float(ra) / residual_scale(alpha) >= float(r1) * (1 - 1e-9)
+            if alpha <= 1.0:
+                assert float(ra) <= float(r1) * (1 + 1e-9)
+                assert float(ra) < float(r1) * 0.999      # strictly: α < 1 moves less
+    assert residual_scale(0.5) == 0.5 and residual_scale(1.5) == 1.0
 
 
 def test_fixed_point_does_not_depend_on_cg_iterations() -> None:

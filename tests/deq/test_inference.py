@@ -12,8 +12,9 @@ import torch
 
 from conftest import real_file
 from molrecon.config import MolConfig
-from molrecon.deq.inference import plane_step
-from molrecon.deq.mol import MolStep
+from molrecon.deq.fixed_point import FixedPointConfig
+from molrecon.deq.inference import plane_step, solve_mol_fixed_point
+from molrecon.deq.mol import MolStep, regularised_sense
 from molrecon.errors import GeometryWarning
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
@@ -51,3 +52,29 @@ def test_real_invivo_scan_mol_beats_cg_sense_against_bart(real_data: Path) -> No
     assert mol.report["converged"]
     s, m = compare(sense.image.data, ref_mag), compare(mol.image.data, ref_mag)
     assert m.psnr > s.psnr + 1.0 and m.ssim > s.ssim
+
+
+def test_the_tolerance_means_the_alpha_one_residual_at_every_alpha() -> None:
+    """At α = 0.5 the solve stops where the α = 1 step's residual is within tol and reports
+    a residual that bounds it; stopping on the α = 0.5 step's own residual at tol would
+    leave the α = 1 residual above tol (H = 0.95·x, R = 6: the null space dominates)."""
+    from test_deq import make_problem, scaled_identity_prior
+
+    from molrecon.deq import solve_fixed_point
+
+    op, aty = make_problem(seed=5, accel=6, acs=2)
+    one = MolStep(scaled_identity_prior(0.95), MolConfig(alpha=1.0, lam=20.0, cg_iters=100))
+    step_one = one.bind(normal=op.normal, aty=aty)
+    step_half = one.with_alpha(0.5).bind(normal=op.normal, aty=aty)
+    x0 = regularised_sense(op.normal, aty, lam=20.0)
+    cfg = FixedPointConfig(method="plain", tol=1e-4, max_iter=2000, warn=False)
+
+    def alpha_one_residual(x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((step_one(x) - x).norm() / x.norm())
+
+    got = solve_mol_fixed_point(step_half, x0, alpha=0.5, config=cfg)
+    loose = solve_fixed_point(step_half, x0, config=cfg)
+    assert got.converged and loose.converged
+    assert alpha_one_residual(got.x) <= 1e-4 < alpha_one_residual(loose.x)
+    assert alpha_one_residual(got.x) <= float(got.final_residual.max()) <= 1e-4

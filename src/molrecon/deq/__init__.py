@@ -13,6 +13,7 @@ from .mol import (
     NormalOperator,
     contraction_factor,
     regularised_sense,
+    residual_scale,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "contraction_factor",
     "deq_solve",
     "regularised_sense",
+    "residual_scale",
     "solve_fixed_point",
     "unrolled",
 ]

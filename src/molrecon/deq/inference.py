@@ -3,7 +3,9 @@
 Solves x − H(x) + λAᴴ(Ax − b) = 0 (see :mod:`molrecon.deq.mol`) for a batch of
 slices with the deep-equilibrium forward solver (no autograd graph), from a
 given start (CG-SENSE in ``molrecon reconstruct``). Stops when the relative
-fixed-point residual ‖T(x) − x‖/‖x‖ ≤ tol for every item. When the checkpoint
+fixed-point residual ‖T(x) − x‖/‖x‖ ≤ tol for every item, the residual of a step
+with α < 1 divided by α (:func:`molrecon.deq.mol.residual_scale`: then it bounds
+the α = 1 step's residual, so tol means the same at every α). When the checkpoint
 carries a certified Lipschitz bound L < 1, the result also gives the certified
 relative distance to the exact solution, residual·ρ/(1 − ρ), with ρ the step's
 contraction factor.
@@ -25,7 +27,7 @@ from ..models.checkpoint import LoadedModel
 from ..physics.sense import SenseOperator
 from .accel import FastDataConsistency, fast_prior, fast_step, resolve_precision
 from .fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_point
-from .mol import MolStep, contraction_factor, support_of
+from .mol import MolStep, contraction_factor, residual_scale, support_of
 
 #: The bf16 gate's limits (:func:`precision_gate`).
 GATE_MAX_PSNR_CHANGE_DB = 0.05
@@ -45,7 +47,9 @@ class MolEngine:
     """A MOL step ready to solve: the checkpoint's prior and λ, on ``device``.
 
     ``contraction`` is the certified contraction factor ρ of the step (None when the
-    checkpoint has no certified bound below 1).
+    checkpoint has no certified bound below 1). ``fixed_point.tol`` is the tolerance on
+    the α = 1 residual; the solver runs at ``residual_scale(α)`` times it, and every
+    residual the engine reports is the solver's divided by that scale.
     """
 
     loaded: LoadedModel
@@ -107,10 +111,9 @@ class MolEngine:
                                  parts=op.normal_parts(), aty=aty, support=support_of(op))
             else:
                 step = mol.bind(normal=op.normal, aty=aty, support=support_of(op))
-            return solve_fixed_point(step, x0, config=self.fixed_point,
-                                     contraction=self.contraction,
-                                     label="MOL fixed-point iteration",
-                                     on_iteration=on_iteration)
+            return solve_mol_fixed_point(step, x0, alpha=mol.alpha, config=self.fixed_point,
+                                         contraction=self.contraction,
+                                         on_iteration=on_iteration)
 
     def describe(self, res: FixedPointResult) -> dict[str, Any]:
         """Per-chunk facts for the report (plain JSON types)."""
@@ -145,6 +148,23 @@ class MolEngine:
             "certificate": ld.certificate,
             "model_metadata": ld.metadata,
         }
+
+
+def solve_mol_fixed_point(step: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
+                          alpha: float, config: FixedPointConfig,
+                          contraction: float | None = None,
+                          on_iteration: Callable[[int, float], None] | None = None
+                          ) -> FixedPointResult:
+    """:func:`solve_fixed_point` for a bound MOL step of step size ``alpha``, with
+    ``config.tol`` and every residual (the result's and ``on_iteration``'s) on the α = 1
+    scale: the solver stops at ``residual_scale(alpha)·tol`` of its own residual, which
+    bounds the α = 1 step's residual by tol (:mod:`molrecon.deq.mol`)."""
+    scale = residual_scale(alpha)
+    report = None if on_iteration is None else (lambda n, r: on_iteration(n, r / scale))
+    res = solve_fixed_point(step, x0, config=replace(config, tol=config.tol * scale),
+                            contraction=contraction, label="MOL fixed-point iteration",
+                            on_iteration=report)
+    return res if scale == 1.0 else replace(res, residuals=res.residuals / scale)
 
 
 class _PhaseEncodingPlane(nn.Module):

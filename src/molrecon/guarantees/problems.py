@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..deq.fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_point
+from ..deq.fixed_point import FixedPointConfig, FixedPointResult
+from ..deq.inference import solve_mol_fixed_point
 from ..deq.mol import MolStep, support_of
 from ..errors import ConfigError, InputDataError
 from ..io.detect import read_raw
@@ -107,14 +108,15 @@ def solve_mol(step: MolStep, problem: Problem, x0: torch.Tensor, *, tol: float,
     """The MOL fixed point of ``problem`` from ``x0`` (Anderson, no graph).
 
     Returns :class:`~molrecon.deq.fixed_point.FixedPointResult`; ``on_iteration(k,
-    residual)`` follows the iteration.
+    residual)`` follows the iteration. ``tol`` and the residuals are on the α = 1 scale
+    (:func:`molrecon.deq.inference.solve_mol_fixed_point`).
     """
     cfg = FixedPointConfig(method="anderson", tol=tol, max_iter=max_iter, warn=False)
     with torch.no_grad():
         aty = problem.aty                                                     # (B, D, Y, X)
         fn = step.bind(normal=problem.op.normal, aty=aty, support=support_of(problem.op))
-        return solve_fixed_point(fn, x0, config=cfg, label="MOL fixed-point iteration",
-                                 on_iteration=on_iteration)
+        return solve_mol_fixed_point(fn, x0, alpha=step.alpha, config=cfg,
+                                     on_iteration=on_iteration)
 
 
 def operator_norm(op: SenseOperator, *, iters: int = 30, seed: int = 0) -> float:
