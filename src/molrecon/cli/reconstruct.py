@@ -46,7 +46,7 @@ def reconstruct_cmd(
         "--dataset", help="ISMRMRD group to read in a file that holds several (see `molrecon info`).")] = None,
     max_iter: Annotated[int, typer.Option("--max-iter", help="MOL fixed-point iteration cap.",
                                           min=1, metavar="N")] = 100,
-    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL, in (0, 1).")] = 1e-4,
+    tol: Annotated[float, typer.Option("--tol", help="Stop when ‖T(x)−x‖/‖x‖ ≤ TOL, in (0, 1) (the residual of the α = 1 step, bounded from the α step's).")] = 1e-4,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="MOL step size α in (0, 1] (speed only; the fixed point does not depend on it).")] = None,
     cg_iters: Annotated[int | None, typer.Option(
