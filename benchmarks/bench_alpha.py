@@ -8,8 +8,8 @@ Usage::
 The fixed point of MOL does not depend on α; the number of Anderson iterations
 does, and for a prior whose Jacobian norm at the data is well above 1 (a prior
 trained through the deep equilibrium under a penalty on μ, the top of the
-numerical range, rather than on the norm) α = 1 can be slow. The case is the
-first one of its group in ``benchmarks/quality.py`` (same simulation, seed and
+numerical range, rather than on the norm) α = 1 can be slow. The case is one of
+its group in ``benchmarks/quality.py`` (same simulation, seed and
 slice position); every solve is ``molrecon.recon.reconstruct`` with the model
 at one α, so the tolerance is on the α = 1 residual (``molrecon.deq.mol``:
 the solver stops at min(α, 1)·tol of its own residual). Reported per α:
@@ -45,23 +45,28 @@ CINE = {"anatomy": "torso", "matrix": (160, 128), "fov_mm": (320.0, 256.0), "coi
         "contraction": 0.4, "motion_mm": 5.0}
 
 
-def case_config(case: str) -> tuple[SimulationConfig, str]:
-    """The first case of a quality-benchmark group, and its label there."""
+def case_config(case: str, index: int) -> tuple[SimulationConfig, str]:
+    """Case ``index`` (0 or 1) of a quality-benchmark group, and its label there."""
+    pos = (0.74, 0.80)[index]
     if case == "cine":
-        return (quality.sim("2dt", 6.0, 720, 0.74, **CINE),
-                "held-out cardiac-like cine (160×128, 12 frames, interleaved R=6) #0")
+        return (quality.sim("2dt", 6.0, 720 + index, pos, **CINE),
+                f"held-out cardiac-like cine (160×128, 12 frames, interleaved R=6) #{index}")
     if case == "brain2dt":
-        return (quality.sim("2dt", 4.0, 700, 0.74),
-                "held-out brain 2D+time (128², 12 frames, interleaved R=4) #0")
+        return (quality.sim("2dt", 4.0, 700 + index, pos),
+                f"held-out brain 2D+time (128², 12 frames, interleaved R=4) #{index}")
     if case == "3d":
-        return quality.sim("3d", 4.0, 310, 0.74), "held-out brain 3D (128²×16, Poisson R=4) #0"
-    return quality.sim("2d", 4.0, 500, 0.72), "held-out brain 2D, R=4 #0"
+        return (quality.sim("3d", 4.0, 310 + index, pos),
+                f"held-out brain 3D (128²×16, Poisson R=4) #{index}")
+    return (quality.sim("2d", 4.0, 500 + index, (0.72, 0.77)[index]),
+            f"held-out brain 2D, R=4 #{index}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--case", choices=("cine", "brain2dt", "3d", "2d"), default="cine")
+    ap.add_argument("--index", type=int, choices=(0, 1), default=0,
+                    help="which case of the group (the quality benchmark runs #0 and #1)")
     ap.add_argument("--alphas", default="1,0.5,0.35")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--ref-tol", type=float, default=1e-5)
@@ -71,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     alphas = [float(a) for a in args.alphas.split(",")]
-    cfg, label = case_config(args.case)
+    cfg, label = case_config(args.case, args.index)
 
     def solve(scan: object, alpha: float, tol: float, max_iter: int = 100):
         t0 = time.perf_counter()

@@ -63,9 +63,8 @@ Hence ‖T_α(x) − x‖ / min(α, 1) ≥ ‖T_1(x) − x‖ at every x: a solv
 when its own residual is below min(α, 1)·tol (:func:`residual_scale`) has reached
 the α = 1 residual tol, whatever α it ran at, and the reported residual (its own
 divided by min(α, 1)) bounds the α = 1 residual from above. Without the scale a
-step with α < 1 would stop at a looser point (measured on a 2D+time cine series
-at α = 0.5: twice as far from the fixed point as α = 1 at the same tol; with the
-scale, as far).
+step with α < 1 stops where the α = 1 residual can be up to 1/α times tol
+(``benchmarks/bench_alpha.py --raw-tol`` compares both rules).
 
 A certified distance to the solution of (1) that does not depend on the
 solver: F + λAᴴA − λAᴴb is m-strongly monotone, so
