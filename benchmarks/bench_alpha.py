@@ -41,15 +41,11 @@ from molrecon.metrics import compare
 from molrecon.recon import ReconConfig, reconstruct
 from molrecon.sim import SimulationConfig, simulate_to_file
 
-CINE = {"anatomy": "torso", "matrix": (160, 128), "fov_mm": (320.0, 256.0), "coils": 12,
-        "contraction": 0.4, "motion_mm": 5.0}
-
-
 def case_config(case: str, index: int) -> tuple[SimulationConfig, str]:
     """Case ``index`` (0 or 1) of a quality-benchmark group, and its label there."""
     pos = (0.74, 0.80)[index]
     if case == "cine":
-        return (quality.sim("2dt", 6.0, 720 + index, pos, **CINE),
+        return (quality.sim("2dt", 6.0, 720 + index, pos, **quality.CINE),
                 f"held-out cardiac-like cine (160×128, 12 frames, interleaved R=6) #{index}")
     if case == "brain2dt":
         return (quality.sim("2dt", 4.0, 700 + index, pos),
@@ -92,14 +88,13 @@ def main() -> None:
         ref, ref_s = solve(scan, 1.0, args.ref_tol, max_iter=400)
         x_ref = ref.image.data
         rows = [("1 (reference)", args.ref_tol, ref, ref_s, 0.0)]
+        # (α, the tol given to reconstruct, row name); --raw-tol: tol / α, undoing the
+        # engine's scale, so that the solver stops at tol of the α-step's own residual.
         runs = [(a, args.tol, f"{a:g}") for a in alphas]
         if args.raw_tol:
-            runs += [(a, args.tol * a, f"{a:g}, stopped at tol of its own residual")
+            runs += [(a, args.tol / a, f"{a:g}, stopped at tol of its own residual")
                      for a in alphas if a < 1.0]
-        for alpha, _, name in runs:
-            # --raw-tol: the tolerance divided by the scale the engine applies, so that the
-            # solver stops at tol of the α-step's own residual.
-            tol = args.tol / alpha if "own residual" in name else args.tol
+        for alpha, tol, name in runs:
             res, secs = solve(scan, alpha, tol)
             dist = float(np.linalg.norm(res.image.data - x_ref) / np.linalg.norm(x_ref))
             rows.append((name, args.tol, res, secs, dist))

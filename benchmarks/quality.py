@@ -288,6 +288,10 @@ def sim(kind: str, accel: float, seed: int, pos: float, **extra: object) -> Simu
 
 PREVIEWS: Path | None = None     # --previews DIR
 
+#: The cine part's acquisition beyond ``sim``'s 2D+time defaults (see the module docstring).
+CINE: dict[str, object] = {"anatomy": "torso", "matrix": (160, 128), "fov_mm": (320.0, 256.0),
+                           "coils": 12, "contraction": 0.4, "motion_mm": 5.0}
+
 
 def run_case(tmp: Path, name: str, cfg: SimulationConfig, weights: dict[str, str],
              lam: float | None, rows: list[dict], label: str) -> None:
@@ -358,8 +362,7 @@ def main() -> None:
                 run_case(tmp, f"dyn_{i}", sim("2dt", 4.0, 700 + i, pos), weights, lam, rows,
                          f"held-out brain 2D+time (128², 12 frames, interleaved R=4) #{i}")
         if "cine" in parts:
-            cine = {"anatomy": "torso", "matrix": (160, 128), "fov_mm": (320.0, 256.0),
-                    "coils": 12, "contraction": 0.4, "motion_mm": 5.0}
+            cine = CINE
             lam = tune_bart(tmp, [sim("2dt", 6.0, 620 + i, pos, **cine)
                                   for i, pos in enumerate((0.57, 0.63))],
                             [0.001, 0.003, 0.01, 0.03])
