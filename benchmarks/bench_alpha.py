@@ -1,9 +1,9 @@
-"""MOL step size α against iterations and accuracy on a case of the quality benchmark.
+"""MOL step size α and Anderson memory against iterations and accuracy on a case of the quality benchmark.
 
 Usage::
 
     python benchmarks/bench_alpha.py MODEL.pt [--case cine|brain2dt|3d|2d] [--alphas 1,0.5,0.35]
-        [--tol 1e-4] [--ref-tol 1e-5] [--threads 1]
+        [--memories 5,10] [--tol 1e-4] [--ref-tol 1e-5] [--threads 1]
 
 The fixed point of MOL does not depend on α; the number of Anderson iterations
 does, and for a prior whose Jacobian norm at the data is well above 1 (a prior
@@ -12,7 +12,10 @@ numerical range, rather than on the norm) α = 1 can be slow. The case is one of
 its group in ``benchmarks/quality.py`` (same simulation, seed and
 slice position); every solve is ``molrecon.recon.reconstruct`` with the model
 at one α, so the tolerance is on the α = 1 residual (``molrecon.deq.mol``:
-the solver stops at min(α, 1)·tol of its own residual). Reported per α:
+the solver stops at min(α, 1)·tol of its own residual). ``--memories`` repeats
+every α with each number of past iterates the Anderson solver mixes
+(``reconstruct --anderson-memory``), which changes the speed, not the fixed
+point. Reported per α and memory:
 iterations, wall time, PSNR against the simulation's truth and the relative
 distance ‖x − x_ref‖/‖x_ref‖ to a reference solved at α = 1 to ``--ref-tol``.
 ``--raw-tol`` adds, for every α < 1, the solve that stops at tol of its own
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality
 
+from molrecon.config import ANDERSON_MEMORY
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
 from molrecon.recon import ReconConfig, reconstruct
@@ -64,6 +68,8 @@ def main() -> None:
     ap.add_argument("--index", type=int, choices=(0, 1), default=0,
                     help="which case of the group (the quality benchmark runs #0 and #1)")
     ap.add_argument("--alphas", default="1,0.5,0.35")
+    ap.add_argument("--memories", default=str(ANDERSON_MEMORY),
+                    help="Anderson memories to run every α with (comma-separated)")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--ref-tol", type=float, default=1e-5)
     ap.add_argument("--raw-tol", action="store_true",
@@ -72,12 +78,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     alphas = [float(a) for a in args.alphas.split(",")]
+    memories = [int(m) for m in args.memories.split(",")]
     cfg, label = case_config(args.case, args.index)
 
-    def solve(scan: object, alpha: float, tol: float, max_iter: int = 100):
+    def solve(scan: object, alpha: float, tol: float, memory: int = ANDERSON_MEMORY,
+              max_iter: int = 100):
         t0 = time.perf_counter()
         res = reconstruct(scan, ReconConfig(method="mol", weights=args.checkpoint, device="cpu",
-                                            alpha=alpha, tol=tol, max_iter=max_iter))
+                                            alpha=alpha, tol=tol, max_iter=max_iter,
+                                            anderson_memory=memory))
         return res, time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,26 +96,26 @@ def main() -> None:
         scan = read_raw(t / "case.h5")
         ref, ref_s = solve(scan, 1.0, args.ref_tol, max_iter=400)
         x_ref = ref.image.data
-        rows = [("1 (reference)", args.ref_tol, ref, ref_s, 0.0)]
-        # (α, the tol given to reconstruct, row name); --raw-tol: tol / α, undoing the
-        # engine's scale, so that the solver stops at tol of the α-step's own residual.
-        runs = [(a, args.tol, f"{a:g}") for a in alphas]
+        rows = [("1 (reference)", ANDERSON_MEMORY, args.ref_tol, ref, ref_s, 0.0)]
+        # (α, memory, the tol given to reconstruct, row name); --raw-tol: tol / α, undoing
+        # the engine's scale, so that the solver stops at tol of the α-step's own residual.
+        runs = [(a, m, args.tol, f"{a:g}") for a in alphas for m in memories]
         if args.raw_tol:
-            runs += [(a, args.tol / a, f"{a:g}, stopped at tol of its own residual")
-                     for a in alphas if a < 1.0]
-        for alpha, tol, name in runs:
-            res, secs = solve(scan, alpha, tol)
+            runs += [(a, m, args.tol / a, f"{a:g}, stopped at tol of its own residual")
+                     for a in alphas if a < 1.0 for m in memories]
+        for alpha, memory, tol, name in runs:
+            res, secs = solve(scan, alpha, tol, memory)
             dist = float(np.linalg.norm(res.image.data - x_ref) / np.linalg.norm(x_ref))
-            rows.append((name, args.tol, res, secs, dist))
+            rows.append((name, memory, args.tol, res, secs, dist))
 
     print(f"{args.checkpoint}, case: {label}; machine: {platform.machine()}, torch "
           f"{torch.__version__}, {args.threads} thread(s), {date.today().isoformat()}\n")
-    print("| α | tol (α = 1 residual) | iterations | converged | PSNR (dB) | distance to the "
-          "reference | time (s) |")
-    print("|---|---:|---:|---|---:|---:|---:|")
-    for name, tol, res, secs, dist in rows:
+    print("| α | Anderson memory | tol (α = 1 residual) | iterations | converged | PSNR (dB) | "
+          "distance to the reference | time (s) |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for name, memory, tol, res, secs, dist in rows:
         m = compare(res.image.data, truth)
-        print(f"| {name} | {tol:g} | {res.report.get('iterations')} | "
+        print(f"| {name} | {memory} | {tol:g} | {res.report.get('iterations')} | "
               f"{res.report.get('converged')} | {m.psnr:.3f} | {dist:.2e} | {secs:.0f} |")
 
 

@@ -37,6 +37,7 @@ from molrecon.cli import app
 from molrecon.deq import MolConfig
 from molrecon.errors import ConfigError, ResourceError
 from molrecon.memory import (
+    ANDERSON_MEMORY,
     COMPLEX_BYTES,
     available_memory_bytes,
     estimate_recon_memory,
@@ -261,13 +262,18 @@ def test_memory_model_terms_by_hand() -> None:
     # On the CPU the scan and the output are resident, the batch is a view of the scan.
     cpu = estimate_recon_memory(SHAPE, "2d", "sense", "cpu", batch_size=3)
     assert cpu == sense - e * cb + (b * c * n + b * n) * cb
-    mol = estimate_recon_memory(SHAPE, "2d", "mol", "cuda", batch_size=3, cnn_channels=64)
     cnn = 3 * 2 * 64 * n * 4
-    solve_mol = 3 * e * cb + 5 * i * cb + 14 * i * cb + max(2 * e * cb, cnn)
-    assert mol == 2 * e * cb + max(espirit, solve_mol)
+    for m in (ANDERSON_MEMORY, 1, 12):  # Anderson keeps m iterates and m residuals
+        mol = estimate_recon_memory(SHAPE, "2d", "mol", "cuda", batch_size=3, cnn_channels=64,
+                                    anderson_memory=m)
+        solve_mol = 3 * e * cb + 5 * i * cb + (2 * m + 4) * i * cb + max(2 * e * cb, cnn)
+        assert mol == 2 * e * cb + max(espirit, solve_mol)
     # A wide prior makes the solve phase the peak.
     wide = estimate_recon_memory(SHAPE, "2d", "mol", "cuda", batch_size=3, cnn_channels=512)
-    assert wide == 2 * e * cb + 3 * e * cb + 19 * i * cb + 3 * 2 * 512 * n * 4
+    assert wide == (2 * e * cb + 3 * e * cb + (2 * ANDERSON_MEMORY + 9) * i * cb
+                    + 3 * 2 * 512 * n * 4)
+    with pytest.raises(ConfigError, match="anderson_memory"):
+        estimate_recon_memory(SHAPE, "2d", "mol", "cuda", anderson_memory=0)
 
 
 def test_memory_model_grows_with_batch_coils_and_method() -> None:

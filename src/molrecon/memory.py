@@ -20,7 +20,8 @@ shared by the frames)::
     CG          5·I·8      x, r, p, A·p and the right-hand side
     normal op   2·E·8      coil images and their FFT inside AᴴA
     MOL         (2m + 4)·I·8 + max(2·E·8, b·2·K·N·4)
-                           Anderson history (m = 5 iterates and residuals), and the larger
+                           Anderson history (m iterates and residuals, ``anderson_memory``),
+                           and the larger
                            of the normal operator and two K-channel float32 activations
                            of the CNN (inference: no graph is kept)
 
@@ -39,6 +40,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .config import ANDERSON_MEMORY
 from .errors import ConfigError, ResourceError
 
 if TYPE_CHECKING:
@@ -56,7 +58,6 @@ __all__ = [
 COMPLEX_BYTES = 8            # complex64
 REAL_BYTES = 4               # float32 (CNN activations)
 ESPIRIT_CHUNK = 1 << 24      # coils.EspiritConfig.chunk_elements default
-ANDERSON_MEMORY = 5          # deq.fixed_point.FixedPointConfig.memory default
 DEFAULT_RESERVE = 0.2
 _MEMINFO = Path("/proc/meminfo")
 
@@ -74,14 +75,15 @@ def _shape(shape_bcdyx: tuple[int, ...]) -> tuple[int, int, int, int, int]:
 
 def estimate_recon_memory(shape_bcdyx: tuple[int, ...], kind: str, method: str,
                           device_type: str, *, batch_size: int | None = None,
-                          cnn_channels: int = 64) -> int:
+                          cnn_channels: int = 64, anderson_memory: int = ANDERSON_MEMORY) -> int:
     """Peak bytes of reconstructing a scan of ``shape_bcdyx`` ``batch_size`` slices at a time.
 
     ``kind`` is "2d", "3d" or "2dt"; ``method`` "zf", "sense" or "mol";
     ``device_type`` "cpu" or "cuda" (on the CPU the scan and the output image
     are counted too; see the module docstring for the model). ``batch_size``
     ``None`` means all B slices at once. ``cnn_channels`` is the width K of
-    the MOL prior.
+    the MOL prior, ``anderson_memory`` the number of iterates and residuals the
+    fixed-point solver keeps.
     """
     b_total, c, d, y, x = _shape(shape_bcdyx)
     if kind not in ("2d", "3d", "2dt"):
@@ -92,6 +94,8 @@ def estimate_recon_memory(shape_bcdyx: tuple[int, ...], kind: str, method: str,
         raise ConfigError(f"device type must be cpu or cuda, got {device_type!r}")
     if cnn_channels < 1:
         raise ConfigError(f"cnn_channels must be >= 1, got {cnn_channels}")
+    if anderson_memory < 1:
+        raise ConfigError(f"anderson_memory must be >= 1, got {anderson_memory}")
     b = b_total if batch_size is None else min(max(int(batch_size), 1), b_total)
     n = d * y * x
     e = b * c * n                                   # multicoil values of the batch
@@ -114,7 +118,7 @@ def estimate_recon_memory(shape_bcdyx: tuple[int, ...], kind: str, method: str,
     solve = maps + cg + normal_tmp
     if method == "mol":
         cnn = b * 2 * cnn_channels * n * REAL_BYTES
-        solve = maps + cg + (2 * ANDERSON_MEMORY + 4) * i * cb + max(normal_tmp, cnn)
+        solve = maps + cg + (2 * anderson_memory + 4) * i * cb + max(normal_tmp, cnn)
     return resident + kspace + max(espirit, solve)
 
 
@@ -169,6 +173,7 @@ def _gib(n: float) -> str:
 
 def plan_batches(shape: tuple[int, ...], kind: str, method: str, device: torch.device | str,
                  *, available: int | None = None, cnn_channels: int = 64,
+                 anderson_memory: int = ANDERSON_MEMORY,
                  reserve: float = DEFAULT_RESERVE) -> int:
     """The largest number of slices per batch whose estimated peak fits into free memory.
 
@@ -190,7 +195,8 @@ def plan_batches(shape: tuple[int, ...], kind: str, method: str, device: torch.d
 
     def need(batch: int, coils: int = c) -> int:
         return estimate_recon_memory((b_total, coils, d, y, x), kind, method, dev_type,
-                                     batch_size=batch, cnn_channels=cnn_channels)
+                                     batch_size=batch, cnn_channels=cnn_channels,
+                                     anderson_memory=anderson_memory)
 
     if need(b_total) <= budget:
         return b_total

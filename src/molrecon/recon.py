@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .config import ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
+from .config import ANDERSON_MEMORY, ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
 from .errors import CheckpointError, ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
 
@@ -49,7 +49,8 @@ class ReconConfig:
     ``max_iter``/``tol`` govern the MOL fixed-point iteration: it stops when the
     relative fixed-point residual ‖T(x) − x‖/‖x‖ ≤ ``tol`` for every slice.
     ``alpha``/``solver``/``cg_iters`` override the checkpoint's values (the
-    fixed point does not depend on α; only the speed does); ``ensemble`` (1, 2 or 4)
+    fixed point does not depend on α; only the speed does); ``anderson_memory`` is
+    the number of past iterates the Anderson solver mixes (speed and memory only); ``ensemble`` (1, 2 or 4)
     overrides the number of image flips the prior averages over
     (:class:`molrecon.models.cnn.CNNConfig`; 1 is the fastest, the fixed point moves).
     ``sense_lambda`` is the Tikhonov weight of CG-SENSE relative to the data
@@ -68,6 +69,7 @@ class ReconConfig:
     tol: float = 1e-4
     alpha: float | None = None
     solver: Literal["anderson", "plain"] = "anderson"
+    anderson_memory: int = ANDERSON_MEMORY
     cg_iters: int | None = None
     ensemble: int | None = None
     sense_lambda: float = SENSE_LAMBDA
@@ -91,6 +93,10 @@ class ReconConfig:
             raise ConfigError("--tol must lie in (0, 1)")
         if self.alpha is not None and not (0.0 < self.alpha <= 1.0):
             raise ConfigError("--alpha must lie in (0, 1]")
+        if (isinstance(self.anderson_memory, bool) or not isinstance(self.anderson_memory, int)
+                or self.anderson_memory < 1):
+            raise ConfigError(f"--anderson-memory must be a positive integer, got "
+                              f"{self.anderson_memory!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
         if self.sense_lambda < 0:
@@ -217,7 +223,8 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
         from .memory import plan_batches
 
         channels = engine.loaded.model.config.channels if engine is not None else 64
-        batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels)
+        batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels,
+                             anderson_memory=config.anderson_memory)
     per_chunk, batch, halvings = _run_chunks(run, batch)
     progress("done", len(per_chunk), len(per_chunk))
     report = _report(run, per_chunk, batch=batch, wall=time.perf_counter() - t_start,
@@ -444,7 +451,8 @@ def load_engine(config: ReconConfig, kind: str, device: torch.device, *,
         raise CheckpointError(f"model is for {'/'.join(loaded.kinds)} data, the scan is {kind} "
                               "(pick a matching --weights)", path=path)
     fixed_point = FixedPointConfig(method=config.solver, tol=config.tol,
-                                   max_iter=config.max_iter, warn=False)
+                                   max_iter=config.max_iter, memory=config.anderson_memory,
+                                   warn=False)
     return MolEngine.from_loaded(loaded, fixed_point, device, alpha=config.alpha,
                                  cg_iters=config.cg_iters, ensemble=config.ensemble,
                                  compile=config.compile,

@@ -100,7 +100,7 @@ def test_demo_writes_outputs_and_scores(tmp_path: Path) -> None:
 def test_impossible_option_values_are_usage_errors(tmp_path: Path) -> None:
     raw, _ = example_paths()
     for extra in (["--device", "tpu"], ["--method", "magic"], ["--max-iter", "0"], ["--tol", "2"],
-                  ["--method", "sense", "--weights", "mol_2d_lr"]):
+                  ["--anderson-memory", "0"], ["--method", "sense", "--weights", "mol_2d_lr"]):
         res = runner.invoke(app, ["reconstruct", str(raw), str(tmp_path / "o.nii"), *extra])
         assert res.exit_code == 2, (extra, res.output)
     assert not list(tmp_path.iterdir())
@@ -146,7 +146,7 @@ def test_reconstruct_passes_its_options_to_the_job_exactly(tmp_path: Path,
     res = runner.invoke(app, [
         "reconstruct", str(raw), str(out), "-m", "sense", "--device", "cpu", "--max-iter", "7",
         "--tol", "0.001", "--alpha", "0.5", "--cg-iters", "4", "--solver", "plain",
-        "--sense-lambda", "0.01", "--sense-iters", "12", "--espirit-crop", "0.5",
+        "--anderson-memory", "9", "--sense-lambda", "0.01", "--sense-iters", "12", "--espirit-crop", "0.5",
         "--batch-size", "2", "--coils", "4",
         "--coil-compression", "scc", "--complex", "--report", str(rep), "--preview", str(png),
         "--compare", "--force", "-q"])
@@ -154,7 +154,7 @@ def test_reconstruct_passes_its_options_to_the_job_exactly(tmp_path: Path,
     ((args, kwargs),) = calls
     assert args == (raw, out, ReconConfig(
         method="sense", weights=None, device="cpu", max_iter=7, tol=0.001, alpha=0.5,
-        solver="plain", cg_iters=4, sense_lambda=0.01, sense_iters=12, espirit_crop=0.5,
+        solver="plain", anderson_memory=9, cg_iters=4, sense_lambda=0.01, sense_iters=12, espirit_crop=0.5,
         batch_size=2,
         keep_baselines=True, coils=4, coil_compression="scc", maps=None))
     assert kwargs == {"fmt": "nifti", "complex_out": True, "force": True, "preview": png,

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from ..config import ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
+from ..config import ANDERSON_MEMORY, ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
 from ._common import DebugOpt, app, console, stage_logger, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "
@@ -55,6 +55,8 @@ def reconstruct_cmd(
         "--ensemble", help="Average the prior over N flips of the image: 1 (off, the fastest), 2 (left-right) or 4 (left-right and up-down; N times the prior's cost). Default: the model's (the card says).", metavar="N")] = None,
     solver: Annotated[Literal["anderson", "plain"], typer.Option(
         "--solver", help="anderson | plain")] = "anderson",
+    anderson_memory: Annotated[int, typer.Option(
+        "--anderson-memory", help="Past iterates the Anderson solver mixes (speed and memory only; the fixed point does not depend on it).", min=1, metavar="M")] = ANDERSON_MEMORY,
     sense_lambda: Annotated[float, typer.Option(
         "--sense-lambda", help="Tikhonov weight of CG-SENSE (the start of MOL), relative to the normalised data.", min=0.0, metavar="LAMBDA")] = SENSE_LAMBDA,
     sense_iters: Annotated[int, typer.Option("--sense-iters", help="CG-SENSE iterations.",
@@ -116,6 +118,7 @@ def reconstruct_cmd(
         config = ReconConfig(
             method=method, weights=None if weights is None else str(weights), device=device,  # type: ignore[arg-type]
             max_iter=max_iter, tol=tol, alpha=alpha, solver=solver,  # type: ignore[arg-type]
+            anderson_memory=anderson_memory,
             batch_size=batch_size, keep_baselines=compare, cg_iters=cg_iters, ensemble=ensemble,
             sense_lambda=sense_lambda, sense_iters=sense_iters, espirit_crop=espirit_crop,
             coils=n_coils,

@@ -44,6 +44,7 @@ from typing import Literal
 
 import torch
 
+from ..config import ANDERSON_MEMORY
 from ..errors import ConfigError, ConvergenceWarning
 
 Method = Literal["anderson", "plain"]
@@ -62,7 +63,7 @@ class FixedPointConfig:
     method: Method = "anderson"
     tol: float = 1e-4
     max_iter: int = 100
-    memory: int = 5
+    memory: int = ANDERSON_MEMORY
     regularisation: float = 1e-10
     mixing: float = 1.0
     check_every: int | None = None
