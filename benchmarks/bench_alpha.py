@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_alpha.py MODEL.pt [--case cine|brain2dt|3d|2d] [--alphas 1,0.5,0.35]
+    python benchmarks/bench_alpha.py MODEL.pt [--case cine|brain2dt|3d|2d] [--index I]
+        [--acceleration R (2d)] [--alphas 1,0.5,0.35]
         [--memories 5,10] [--tol 1e-4] [--ref-tol 1e-5] [--threads 1]
 
 The fixed point of MOL does not depend on α; the number of Anderson iterations
@@ -45,8 +46,17 @@ from molrecon.metrics import compare
 from molrecon.recon import ReconConfig, reconstruct
 from molrecon.sim import SimulationConfig, simulate_to_file
 
-def case_config(case: str, index: int) -> tuple[SimulationConfig, str]:
-    """Case ``index`` (0 or 1) of a quality-benchmark group, and its label there."""
+def case_config(case: str, index: int, accel: float = 4.0) -> tuple[SimulationConfig, str]:
+    """Case ``index`` of a quality-benchmark group, and its label there: 0 or 1, and for
+    ``2d`` (at acceleration ``accel``) 0–2, the slices of a ``--slices 3`` run."""
+    if case == "2d":
+        if index not in (0, 1, 2):
+            raise SystemExit(f"error: the 2d group has cases 0-2, got {index}")
+        pos = float(np.linspace(0.72, 0.82, 3)[index])
+        return (quality.sim("2d", accel, 500 + index, pos),
+                f"held-out brain 2D, R={accel:g} #{index}")
+    if index not in (0, 1):
+        raise SystemExit(f"error: the {case} group has cases 0 and 1, got {index}")
     pos = (0.74, 0.80)[index]
     if case == "cine":
         return (quality.sim("2dt", 6.0, 720 + index, pos, **quality.CINE),
@@ -57,16 +67,18 @@ def case_config(case: str, index: int) -> tuple[SimulationConfig, str]:
     if case == "3d":
         return (quality.sim("3d", 4.0, 310 + index, pos),
                 f"held-out brain 3D (128²×16, Poisson R=4) #{index}")
-    return (quality.sim("2d", 4.0, 500 + index, (0.72, 0.77)[index]),
-            f"held-out brain 2D, R=4 #{index}")
+    raise SystemExit(f"error: unknown case {case!r}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--case", choices=("cine", "brain2dt", "3d", "2d"), default="cine")
-    ap.add_argument("--index", type=int, choices=(0, 1), default=0,
-                    help="which case of the group (the quality benchmark runs #0 and #1)")
+    ap.add_argument("--index", type=int, choices=(0, 1, 2), default=0,
+                    help="which case of the group (the quality benchmark runs #0 and #1; "
+                         "2d: #0-#2 of a --slices 3 run)")
+    ap.add_argument("--acceleration", type=float, default=4.0,
+                    help="2d only: the acceleration of the case (the quality benchmark's 4, 6, 8)")
     ap.add_argument("--alphas", default="1,0.5,0.35")
     ap.add_argument("--memories", default=str(ANDERSON_MEMORY),
                     help="Anderson memories to run every α with (comma-separated)")
@@ -79,7 +91,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     alphas = [float(a) for a in args.alphas.split(",")]
     memories = [int(m) for m in args.memories.split(",")]
-    cfg, label = case_config(args.case, args.index)
+    cfg, label = case_config(args.case, args.index, args.acceleration)
 
     def solve(scan: object, alpha: float, tol: float, memory: int = ANDERSON_MEMORY,
               max_iter: int = 100):

@@ -397,6 +397,10 @@ stage1s() {
 # place of the projection's whole-scan probes, the best model only at μ ≤ 1. The 2D+time
 # and 3D stages t1a and v1a showed the norm growing to 3-4 under the μ penalty alone and
 # the MOL iterations with it, so the norm is capped at 1.5 too (--penalty-norm-cap).
+# Outcome (seventeenth session, one thread): validation 32.62 -> 33.59 dB at step 60 and
+# 33.76 at step 80, μ <= 0.98 but the norm 0.99 -> 3.0 (at lr 5e-5 the barrier at 1.5 does
+# not hold it); step 60 won all 18 cases of the 2D quality run and became mol_2d_lr, at up
+# to 33 MOL iterations at R = 8 (the model before: 20).
 stage1t() {
   deq_stage s1t "${INIT1T:-mol_2d_lr}" 1e-4 2 0.995 "$1" --readout-block 64 --skip --lr 5e-5 \
     --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 --penalty-norm-cap 1.5 \
