@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality
 
-from molrecon.config import ANDERSON_MEMORY
+from molrecon.memory import ANDERSON_MEMORY
 from molrecon.io.detect import read_raw
 from molrecon.metrics import compare
 from molrecon.recon import ReconConfig, reconstruct

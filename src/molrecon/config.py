@@ -16,9 +16,6 @@ from .errors import ConfigError
 SENSE_LAMBDA = 1e-3
 #: CG iterations of CG-SENSE (``reconstruct --sense-iters``).
 SENSE_ITERS = 30
-#: Past iterates (and their residuals) the Anderson fixed-point solver mixes
-#: (``FixedPointConfig.memory``, ``reconstruct --anderson-memory``, the memory planner).
-ANDERSON_MEMORY = 10
 #: How many image flips a prior may average over (``CNNConfig.ensemble``,
 #: ``reconstruct --ensemble``): none, left-right, or left-right and up-down.
 ENSEMBLE_SIZES: tuple[int, ...] = (1, 2, 4)

@@ -40,7 +40,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .config import ANDERSON_MEMORY
 from .errors import ConfigError, ResourceError
 
 if TYPE_CHECKING:
@@ -58,6 +57,10 @@ __all__ = [
 COMPLEX_BYTES = 8            # complex64
 REAL_BYTES = 4               # float32 (CNN activations)
 ESPIRIT_CHUNK = 1 << 24      # coils.EspiritConfig.chunk_elements default
+#: Past iterates (and their residuals) the Anderson fixed-point solver mixes: the default of
+#: ``deq.fixed_point.FixedPointConfig.memory`` and ``reconstruct --anderson-memory``, and
+#: what the planner reserves for it (here, the lowest layer that needs it).
+ANDERSON_MEMORY = 10
 DEFAULT_RESERVE = 0.2
 _MEMINFO = Path("/proc/meminfo")
 

@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .config import ANDERSON_MEMORY, ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
+from .config import ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
 from .errors import CheckpointError, ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
+from .memory import ANDERSON_MEMORY
 
 if TYPE_CHECKING:
     import torch

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from ..config import ANDERSON_MEMORY, ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
+from ..config import ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
+from ..memory import ANDERSON_MEMORY
 from ._common import DebugOpt, app, console, stage_logger, stdout, user_errors, warn
 
 _METHOD_HELP = ("mol: Monotone Operator Learning (bundled weights unless --weights); "

@@ -44,8 +44,8 @@ from typing import Literal
 
 import torch
 
-from ..config import ANDERSON_MEMORY
 from ..errors import ConfigError, ConvergenceWarning
+from ..memory import ANDERSON_MEMORY
 
 Method = Literal["anderson", "plain"]
 METHODS: tuple[str, ...] = ("anderson", "plain")
