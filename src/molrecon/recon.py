@@ -30,7 +30,7 @@ import numpy as np
 from .config import ENSEMBLE_SIZES, SENSE_ITERS, SENSE_LAMBDA
 from .errors import CheckpointError, ConfigError, ConvergenceWarning, MolreconError
 from .io.types import ImageVolume, RawScan
-from .memory import ANDERSON_MEMORY
+from .memory import ANDERSON_MEMORY, plan_batches
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +51,8 @@ class ReconConfig:
     relative fixed-point residual ‖T(x) − x‖/‖x‖ ≤ ``tol`` for every slice.
     ``alpha``/``solver``/``cg_iters`` override the checkpoint's values (the
     fixed point does not depend on α; only the speed does); ``anderson_memory`` is
-    the number of past iterates the Anderson solver mixes (speed and memory only); ``ensemble`` (1, 2 or 4)
-    overrides the number of image flips the prior averages over
+    the number of past iterates the Anderson solver mixes (speed and memory only);
+    ``ensemble`` (1, 2 or 4) overrides the number of image flips the prior averages over
     (:class:`molrecon.models.cnn.CNNConfig`; 1 is the fastest, the fixed point moves).
     ``sense_lambda`` is the Tikhonov weight of CG-SENSE relative to the data
     scale (the data are normalised first, so it is dimensionless).
@@ -221,8 +221,6 @@ def _reconstruct(scan: RawScan | str | Path, config: ReconConfig | None, *,
                progress=progress)
     batch = config.batch_size
     if batch is None:
-        from .memory import plan_batches
-
         channels = engine.loaded.model.config.channels if engine is not None else 64
         batch = plan_batches(scan.shape, scan.kind, config.method, device, cnn_channels=channels,
                              anderson_memory=config.anderson_memory)
