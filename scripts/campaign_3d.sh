@@ -62,8 +62,8 @@ stage0b() {
 # in stage t1a, the norm is capped from step 60 on (--penalty-norm-cap 1.5).
 stage1a() {
   deq_block_stage v1a "$1" "${INIT_V1A:-src/molrecon/data/weights/mol_3d_lr.pt}" --lam 40 \
-    --val-every 60 --val-samples 4 --val-points 1 --checkpoint-every 20 --seed $SEED \
-    --penalty-norm-cap 1.5
+    --val-every "${VAL_EVERY_V1A:-60}" --val-samples 4 --val-points 1 --checkpoint-every 20 \
+    --seed $SEED --penalty-norm-cap 1.5
 }
 
 case "${1:-}" in

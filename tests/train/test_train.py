@@ -9,6 +9,7 @@ tiny (3 layers × 8 channels) so that a step takes about 0.1 s on one CPU thread
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,41 @@ def test_monotone_penalty_norm_cap_adds_the_norm_and_presses_it_down() -> None:
     assert float(capped.detach()) > float(alone.detach())    # the norm's barrier is added
     descend(cnn, capped)
     assert norm() < before - 1e-5
+
+
+def test_penalty_norm_weight_weighs_the_norm_barrier_alone() -> None:
+    """--penalty-norm-weight: the penalty is μ's barrier at --penalty-weight plus the norm's
+    barrier at its own weight, so that the difference of two weights is exactly the norm
+    barrier's term times their difference; left out, the norm takes --penalty-weight."""
+    from molrecon.models.cnn import CNNConfig, MolCNN
+    from molrecon.train.step import _lipschitz_penalty, _StepOutcome
+
+    torch.manual_seed(6)
+    cnn = MolCNN(CNNConfig(layers=3, channels=8, skip=1.0), "lr")
+    x = torch.randn(1, 1, 24, 24, dtype=torch.complex64)
+    common = {"data": "d", "out": "m.pt", "constraint": "lr", "penalty_estimator": "monotone",
+              "penalty_steps": 12, "penalty_weight": 1e-2, "penalty_threshold": 50.0,
+              "penalty_norm_cap": 40.0}
+
+    norms: list[float] = []
+
+    def value(**extra: float) -> float:
+        out = _StepOutcome()
+        got = _lipschitz_penalty(cnn, TrainConfig(**common, **extra), 0,
+                                 np.random.default_rng(0), out, lambda: x)
+        assert got is not None
+        norms.extend(out.norms)
+        return float(got.detach())
+
+    mu_only = _lipschitz_penalty(cnn, TrainConfig(**{k: v for k, v in common.items()
+                                                     if k != "penalty_norm_cap"}),
+                                 0, np.random.default_rng(0), _StepOutcome(), lambda: x)
+    assert mu_only is not None
+    shared, heavy, off = value(), value(penalty_norm_weight=1.0), value(penalty_norm_weight=0.0)
+    assert off == pytest.approx(float(mu_only.detach()), rel=1e-5)   # weight 0: μ's term alone
+    norm_term = (shared - off) / 1e-2                     # the norm barrier, unweighted
+    assert norm_term == pytest.approx(-math.log(40.0 - norms[0]), rel=1e-3)
+    assert heavy == pytest.approx(off + 1.0 * norm_term, rel=1e-4)
 
 
 def test_norm_cap_is_logged_on_penalty_steps(data: dict[str, Path], tmp_path: Path) -> None:
@@ -666,6 +702,11 @@ def test_config_is_checked() -> None:
                 {"penalty_estimator": "lanczos", "penalty_norm_cap": 1.5},
                 {"penalty_estimator": "monotone", "penalty_norm_cap": 0.0},
                 {"penalty_estimator": "monotone", "penalty_norm_cap": True},
+                {"penalty_estimator": "monotone", "penalty_norm_weight": 1e-3},
+                {"penalty_estimator": "monotone", "penalty_norm_cap": 1.5,
+                 "penalty_norm_weight": -1.0},
+                {"penalty_estimator": "monotone", "penalty_norm_cap": 1.5,
+                 "penalty_norm_weight": math.inf},
                 {"skip": True, "constraint": "sn"}, {"skip": 1}):
         with pytest.raises(ConfigError):
             TrainConfig(data="d", out="m.pt", **bad)  # type: ignore[arg-type]

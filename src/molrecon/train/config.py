@@ -63,7 +63,8 @@ class TrainConfig:
                       I − H's monotonicity needs below 1, where the norm may exceed it;
                       penalty_norm_cap C adds the largest singular value at the same
                       point through a barrier at C: a norm far above 1 slows the
-                      fixed-point iteration, monotone or not);
+                      fixed-point iteration, monotone or not; that barrier is weighted by
+                      penalty_norm_weight, penalty_weight when None);
                       penalty_at (stage 0): where on a patch: "noisy" (the network's input),
                       "clean" (the clean patch: MOL's fixed points are nearly clean images,
                       and a denoiser held at its noisy inputs can be expansive there) or
@@ -155,6 +156,7 @@ class TrainConfig:
     penalty_probes: int = 4
     penalty_top: int = 1
     penalty_norm_cap: float | None = None
+    penalty_norm_weight: float | None = None
     penalty_at: str = "noisy"
     batch_size: int = 1
     max_steps: int = 1000
@@ -251,6 +253,15 @@ class TrainConfig:
             if self.penalty_estimator != "monotone":
                 raise ConfigError("penalty_norm_cap caps the Jacobian norm beside the monotone "
                                   "estimator's μ: it needs penalty_estimator 'monotone'")
+        if self.penalty_norm_weight is not None:
+            if isinstance(self.penalty_norm_weight, bool) or not isinstance(
+                    self.penalty_norm_weight, (int, float)) \
+                    or not 0 <= self.penalty_norm_weight < math.inf:
+                raise ConfigError("penalty_norm_weight must be a finite number >= 0, got "
+                                  f"{self.penalty_norm_weight!r}")
+            if self.penalty_norm_cap is None:
+                raise ConfigError("penalty_norm_weight weighs the barrier of penalty_norm_cap: "
+                                  "it needs penalty_norm_cap")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) \
                 or not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be 0 (off) or a decay in (0, 1), got {self.ema!r}")
@@ -351,7 +362,7 @@ OPTION_NAMES: dict[str, str] = {
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",
     "penalty_every": "--penalty-every", "penalty_at": "--penalty-at",
-    "penalty_norm_cap": "--penalty-norm-cap",
+    "penalty_norm_cap": "--penalty-norm-cap", "penalty_norm_weight": "--penalty-norm-weight",
     "best_max_lipschitz": "--best-max-lipschitz", "ema": "--ema",
     "project_bound": "--project-bound", "project_every": "--project-every",
     "bound_measure": "--bound-measure", "batch_size": "--batch-size",

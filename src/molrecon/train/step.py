@@ -312,7 +312,8 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
     Lanczos steps, each through the barrier; "monotone": likewise the largest eigenvalues μ
     of its symmetric part ½(J + Jᵀ), which F = I − H's monotonicity needs below 1 (then
     ``out.lipschitz`` records μ), and with ``penalty_norm_cap`` the Jacobian norm there
-    through a barrier at the cap as well (recorded in ``out.norms``). The ratio search and a short power iteration
+    through a barrier at the cap as well, weighted by ``penalty_norm_weight`` (by
+    ``penalty_weight`` when that is None; recorded in ``out.norms``). The ratio search and a short power iteration
     read below the converged norm (``benchmarks/bench_lipschitz_estimates.py``); Lanczos
     reads it. None keeps state between steps, so a resumed run repeats them exactly."""
     if not (config.constraint == "lr" and config.penalty_weight > 0
@@ -330,12 +331,15 @@ def _lipschitz_penalty(cnn: Any, config: TrainConfig, s: int, rng: np.random.Gen
         found = monotonicity_estimate(cnn, x, iters=config.penalty_steps,
                                       top=config.penalty_top, generator=gen)
         out.lipschitz.append(float(found.top.detach().max()))
-        terms = [_penalty(v, config.penalty_threshold) for v in found.top]
+        penalty = config.penalty_weight * sum(_penalty(v, config.penalty_threshold)
+                                              for v in found.top)
         if config.penalty_norm_cap is not None:
             norm, _ = lanczos_jacobian_norm(cnn, x, iters=config.penalty_steps, generator=gen)
             out.norms.append(float(norm.detach().max()))
-            terms.append(_penalty(norm.max(), config.penalty_norm_cap))
-        return config.penalty_weight * sum(terms)
+            weight = config.penalty_weight if config.penalty_norm_weight is None \
+                else config.penalty_norm_weight
+            penalty = penalty + weight * _penalty(norm.max(), config.penalty_norm_cap)
+        return penalty
     if config.penalty_estimator == "sample":
         lip, _ = tracked_jacobian_norm(cnn, point(), None, iters=config.penalty_steps,
                                        generator=gen)
