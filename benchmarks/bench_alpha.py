@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/bench_alpha.py MODEL.pt [--case cine|brain2dt|3d|2d] [--index I]
         [--acceleration R (2d)] [--alphas 1,0.5,0.35]
-        [--memories 5,10] [--tol 1e-4] [--ref-tol 1e-5] [--threads 1]
+        [--memories 5,10] [--cg-iters 10,20] [--tol 1e-4] [--ref-tol 1e-5] [--threads 1]
 
 The fixed point of MOL does not depend on α; the number of Anderson iterations
 does, and for a prior whose Jacobian norm at the data is well above 1 (a prior
@@ -16,7 +16,10 @@ at one α, so the tolerance is on the α = 1 residual (``molrecon.deq.mol``:
 the solver stops at min(α, 1)·tol of its own residual). ``--memories`` repeats
 every α with each number of past iterates the Anderson solver mixes
 (``reconstruct --anderson-memory``), which changes the speed, not the fixed
-point. Reported per α and memory:
+point; ``--cg-iters`` likewise repeats them with each count of CG iterations in the
+data-consistency step (``reconstruct --cg-iters``; the fixed points of the computed step
+are exactly those of MOL's equation whatever the count, ``molrecon.deq.mol``).
+Reported per α, memory and CG count:
 iterations, wall time, PSNR against the simulation's truth and the relative
 distance ‖x − x_ref‖/‖x_ref‖ to a reference solved at α = 1 to ``--ref-tol``.
 ``--raw-tol`` adds, for every α < 1, the solve that stops at tol of its own
@@ -82,6 +85,9 @@ def main() -> None:
     ap.add_argument("--alphas", default="1,0.5,0.35")
     ap.add_argument("--memories", default=str(ANDERSON_MEMORY),
                     help="Anderson memories to run every α with (comma-separated)")
+    ap.add_argument("--cg-iters", default="",
+                    help="CG counts of the data-consistency step to run every α with "
+                         "(comma-separated; default: the model's own)")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--ref-tol", type=float, default=1e-5)
     ap.add_argument("--raw-tol", action="store_true",
@@ -91,14 +97,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     alphas = [float(a) for a in args.alphas.split(",")]
     memories = [int(m) for m in args.memories.split(",")]
+    cgs: list[int | None] = ([int(c) for c in args.cg_iters.split(",")] if args.cg_iters
+                             else [None])
     cfg, label = case_config(args.case, args.index, args.acceleration)
 
     def solve(scan: object, alpha: float, tol: float, memory: int = ANDERSON_MEMORY,
-              max_iter: int = 100):
+              max_iter: int = 100, cg: int | None = None):
         t0 = time.perf_counter()
         res = reconstruct(scan, ReconConfig(method="mol", weights=args.checkpoint, device="cpu",
                                             alpha=alpha, tol=tol, max_iter=max_iter,
-                                            anderson_memory=memory))
+                                            anderson_memory=memory, cg_iters=cg))
         return res, time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,27 +116,29 @@ def main() -> None:
         scan = read_raw(t / "case.h5")
         ref, ref_s = solve(scan, 1.0, args.ref_tol, max_iter=400)
         x_ref = ref.image.data
-        rows = [("1 (reference)", ANDERSON_MEMORY, args.ref_tol, ref, ref_s, 0.0)]
-        # (α, memory, the tol given to reconstruct, row name); --raw-tol: tol / α, undoing
-        # the engine's scale, so that the solver stops at tol of the α-step's own residual.
-        runs = [(a, m, args.tol, f"{a:g}") for a in alphas for m in memories]
+        rows = [("1 (reference)", ANDERSON_MEMORY, None, args.ref_tol, ref, ref_s, 0.0)]
+        # (α, memory, CG count, the tol given to reconstruct, row name); --raw-tol: tol / α,
+        # undoing the engine's scale, so that the solver stops at tol of the α-step's own
+        # residual.
+        runs = [(a, m, c, args.tol, f"{a:g}") for a in alphas for m in memories for c in cgs]
         if args.raw_tol:
-            runs += [(a, m, args.tol / a, f"{a:g}, stopped at tol of its own residual")
-                     for a in alphas if a < 1.0 for m in memories]
-        for alpha, memory, tol, name in runs:
-            res, secs = solve(scan, alpha, tol, memory)
+            runs += [(a, m, c, args.tol / a, f"{a:g}, stopped at tol of its own residual")
+                     for a in alphas if a < 1.0 for m in memories for c in cgs]
+        for alpha, memory, cg, tol, name in runs:
+            res, secs = solve(scan, alpha, tol, memory, cg=cg)
             dist = float(np.linalg.norm(res.image.data - x_ref) / np.linalg.norm(x_ref))
-            rows.append((name, memory, args.tol, res, secs, dist))
+            rows.append((name, memory, cg, args.tol, res, secs, dist))
 
     print(f"{args.checkpoint}, case: {label}; machine: {platform.machine()}, torch "
           f"{torch.__version__}, {args.threads} thread(s), {date.today().isoformat()}\n")
-    print("| α | Anderson memory | tol (α = 1 residual) | iterations | converged | PSNR (dB) | "
-          "distance to the reference | time (s) |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|")
-    for name, memory, tol, res, secs, dist in rows:
+    print("| α | Anderson memory | CG iterations | tol (α = 1 residual) | iterations | "
+          "converged | PSNR (dB) | distance to the reference | time (s) |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    for name, memory, cg, tol, res, secs, dist in rows:
         m = compare(res.image.data, truth)
-        print(f"| {name} | {memory} | {tol:g} | {res.report.get('iterations')} | "
-              f"{res.report.get('converged')} | {m.psnr:.3f} | {dist:.2e} | {secs:.0f} |")
+        print(f"| {name} | {memory} | {'model' if cg is None else cg} | {tol:g} | "
+              f"{res.report.get('iterations')} | {res.report.get('converged')} | "
+              f"{m.psnr:.3f} | {dist:.2e} | {secs:.0f} |")
 
 
 if __name__ == "__main__":
