@@ -5,7 +5,7 @@
 #   scripts/campaign_2dt.sh data          # simulate the 2D+time training and validation folders (≈ 4 min)
 #   scripts/campaign_2dt.sh stage0a SECS  # denoiser pretraining of blocks of frames (resumes)
 #   scripts/campaign_2dt.sh stage0b SECS  # the same held at the bound by projection (resumes)
-#   scripts/campaign_2dt.sh stage1a SECS  # deep equilibrium on readout blocks, μ penalised (resumes)
+#   scripts/campaign_2dt.sh stage1a SECS [--override]  # deep equilibrium on readout blocks, μ penalised (resumes)
 #   scripts/campaign_2dt.sh save          # copy the small resumable state into campaign/2dt_lr/
 #   scripts/campaign_2dt.sh restore       # put the committed state back under runs/ to continue
 #
@@ -72,10 +72,15 @@ stage0b() {
 # Steps 0-60 (fifteenth session): validation 28.05 -> 28.81 dB, μ 0.973 -> 0.966 at the
 # validation fixed points, but the Jacobian norm 0.99 -> 3.23 and the MOL iterations 18 ->
 # 36: from step 60 the norm is capped too (--penalty-norm-cap 1.5, at the same points).
+# Eighteenth session: from step 246 the norm's barrier has a weight of its own, ten times
+# the μ barrier's (--penalty-norm-weight 1e-3; the first resume with it needs --override:
+# `scripts/campaign_2dt.sh stage1a SECS --override`).
 stage1a() {
-  deq_block_stage t1a "$1" "${INIT_T1A:-src/molrecon/data/weights/mol_2dt_lr.pt}" --lam 20 \
+  local secs=$1
+  shift
+  deq_block_stage t1a "$secs" "${INIT_T1A:-src/molrecon/data/weights/mol_2dt_lr.pt}" --lam 20 \
     --val-every 60 --val-samples 4 --val-points 2 --checkpoint-every 20 --seed $SEED \
-    --penalty-norm-cap 1.5
+    --penalty-norm-cap 1.5 --penalty-norm-weight 1e-3 "$@"
 }
 
 case "${1:-}" in
@@ -93,7 +98,7 @@ case "${1:-}" in
     done ;;
   stage0a) stage0a "${2:?seconds}" ;;
   stage0b) stage0b "${2:?seconds}" ;;
-  stage1a) stage1a "${2:?seconds}" ;;
+  stage1a) stage1a "${2:?seconds}" "${@:3}" ;;
   save) save ;;
   restore) restore ;;
   *) sed -n '2,12p' "$0"; exit 2 ;;
