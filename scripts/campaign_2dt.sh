@@ -5,7 +5,7 @@
 #   scripts/campaign_2dt.sh data          # simulate the 2D+time training and validation folders (≈ 4 min)
 #   scripts/campaign_2dt.sh stage0a SECS  # denoiser pretraining of blocks of frames (resumes)
 #   scripts/campaign_2dt.sh stage0b SECS  # the same held at the bound by projection (resumes)
-#   scripts/campaign_2dt.sh stage1a SECS [--override]  # deep equilibrium on readout blocks, μ penalised (resumes)
+#   scripts/campaign_2dt.sh stage1a SECS [OPTIONS]  # deep equilibrium on readout blocks, μ penalised (resumes)
 #   scripts/campaign_2dt.sh save          # copy the small resumable state into campaign/2dt_lr/
 #   scripts/campaign_2dt.sh restore       # put the committed state back under runs/ to continue
 #
@@ -73,8 +73,9 @@ stage0b() {
 # validation fixed points, but the Jacobian norm 0.99 -> 3.23 and the MOL iterations 18 ->
 # 36: from step 60 the norm is capped too (--penalty-norm-cap 1.5, at the same points).
 # Eighteenth session: from step 246 the norm's barrier has a weight of its own, ten times
-# the μ barrier's (--penalty-norm-weight 1e-3; the first resume with it needs --override:
-# `scripts/campaign_2dt.sh stage1a SECS --override`).
+# the μ barrier's (--penalty-norm-weight 1e-3; that resume passed --override, though a state
+# from before the option does not record it and would have resumed without). Further train
+# options after SECS are passed on.
 stage1a() {
   local secs=$1
   shift

@@ -59,7 +59,9 @@ stage0b() {
 # about a minute).
 # Steps 0-60 (fifteenth session): validation 35.54 -> 36.34 dB, μ 0.986 -> 0.978 at the
 # validation fixed points, the Jacobian norm 1.22 -> 4.12, the MOL iterations 17 -> 26. As
-# in stage t1a, the norm is capped from step 60 on (--penalty-norm-cap 1.5).
+# in stage t1a, the norm is capped from step 60 on (--penalty-norm-cap 1.5). From step 120
+# (eighteenth session) it validated every 30 steps: VAL_EVERY_V1A=30 (default 60; the
+# validation cadence may change on resume).
 stage1a() {
   deq_block_stage v1a "$1" "${INIT_V1A:-src/molrecon/data/weights/mol_3d_lr.pt}" --lam 40 \
     --val-every "${VAL_EVERY_V1A:-60}" --val-samples 4 --val-points 1 --checkpoint-every 20 \
