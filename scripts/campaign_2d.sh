@@ -452,6 +452,11 @@ stage1v() {
 # at 0.95 with weight 1e-3 (stage 1v's strength) and the norm's at 1.8 with weight 1e-3
 # (stage 1u's), masks R 4, 6 and 8 (until now 4 and 6; the held-out R = 8 slices are where
 # the bundled model takes 30-33 MOL iterations and stays 1.3 dB over BART, short of +2).
+# Outcome (nineteenth session, one thread, stopped after step 112): validation (now over R 4,
+# 6 and 8, so not comparable with stage 1u's numbers) 30.16 (step 0) -> 30.08 -> 30.06 ->
+# 30.05 -> 29.99 -> 29.76 dB (step 100); the MOL iterations of the validation solves 36.3 ->
+# 34.3 -> 33.6 -> 32.8 -> 30.5 -> 27.6; the norm 2.55 -> 1.77, μ 0.988 -> 0.983. Holding
+# both ends buys iterations at about 0.05 dB each: the count and the quality trade off.
 stage1w() {
   deq_stage s1w "${INIT1W:-$KEEP/s1u.pt}" 1e-3 2 0.95 "$1" --readout-block 64 --skip \
     --lr 5e-5 --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 \
