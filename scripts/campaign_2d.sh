@@ -470,6 +470,10 @@ stage1w() {
 # fewer elsewhere. Stage 1w bought about 0.05 dB per iteration saved from stage 1u's best;
 # here the aim is the 2-3 iterations the rule needs at R = 8, from the best quality there
 # is. Its step 0 validation is the bundled model's on stage 1w's validation (R 4, 6, 8).
+# Outcome (twentieth session, one thread, stopped after step 109): the other way along the
+# trade-off: validation 29.96 (31.4 iterations) -> 30.21 dB at step 60 (33.8) -> 30.20 at
+# step 100 (34.1). Step 60 gained 0.1-0.25 dB at R = 6-8 on the quality benchmark but took
+# 35 iterations at R = 8 and lost 0.72 dB on the real Siemens phantom: not bundled.
 stage1x() {
   deq_stage s1x "${INIT1X:-$KEEP/s1t_step60.pt}" 1e-3 2 0.95 "$1" --readout-block 64 --skip \
     --lr 5e-5 --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 \
