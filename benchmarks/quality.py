@@ -221,8 +221,12 @@ def real_siemens(weights: dict[str, str], rows: list[dict], tmp: Path) -> None:
     mask = np.asarray(mask, dtype=bool)
     under = full.replace(kspace=(full.kspace * mask).astype(np.complex64), mask=mask,
                          calib=find_calibration_region(mask, "2d"))
-    score_molrecon(under, np.abs(ref), weights, rows,
-                   "real Siemens GRE phantom, 2 coils, R=2 (ref: full CG-SENSE)")
+    images: dict[str, np.ndarray] = {}
+    label = "real Siemens GRE phantom, 2 coils, R=2 (ref: full CG-SENSE)"
+    score_molrecon(under, np.abs(ref), weights, rows, label, images)
+    if PREVIEWS is not None:
+        write_montage(PREVIEWS / "quality_phantom.png", np.abs(ref), images, label,
+                      reference="full CG-SENSE")
 
 
 def real_invivo(weights: dict[str, str], rows: list[dict]) -> None:
