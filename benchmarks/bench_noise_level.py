@@ -52,10 +52,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     args = ap.parse_args()
-    print("| file | k-space shape (B, C, D, Y, X) | scale | σ after normalisation |")
-    print("|---|---|---:|---:|")
-    status = 0
-    for path in args.files:
+    rows = []
+    for path in args.files:        # every file first: a bad one leaves no partial table
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -65,11 +63,14 @@ def main() -> int:
             kn = (k / s.reshape(-1, 1, 1, 1, 1)).numpy()
             sigma = periphery_sigma(kn, np.asarray(scan.mask, dtype=bool))
         except (MolreconError, ValueError, OSError) as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        print(f"| {path} | {tuple(kn.shape)} | {float(s[0]):.3g} | {sigma:.4f} |")
-    return status
+            msg = str(exc)            # molrecon's own errors already name the file
+            print(f"error: {msg if path in msg else f'{path}: {msg}'}", file=sys.stderr)
+            return 1
+        rows.append(f"| {path} | {tuple(kn.shape)} | {float(s[0]):.3g} | {sigma:.4f} |")
+    print("| file | k-space shape (B, C, D, Y, X) | scale | σ after normalisation |")
+    print("|---|---|---:|---:|")
+    print("\n".join(rows))
+    return 0
 
 
 if __name__ == "__main__":

@@ -458,11 +458,16 @@ stage1v() {
 # 30.05 -> 29.99 -> 29.76 dB (step 100); the MOL iterations of the validation solves 36.3 ->
 # 34.3 -> 33.6 -> 32.8 -> 30.5 -> 27.6; the norm 2.55 -> 1.77, μ 0.988 -> 0.983. Holding
 # both ends buys iterations at about 0.05 dB each: the count and the quality trade off.
-stage1w() {
-  deq_stage s1w "${INIT1W:-$KEEP/s1u.pt}" 1e-3 2 0.95 "$1" --readout-block 64 --skip \
+both_barriers_stage() {
+  # Stage 1w's recipe (NAME INIT SECS), shared by stages 1w and 1x.
+  deq_stage "$1" "$2" 1e-3 2 0.95 "$3" --readout-block 64 --skip \
     --lr 5e-5 --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 \
     --penalty-norm-cap 1.8 --penalty-norm-weight 1e-3 --bound-measure monotone \
     --best-max-lipschitz 1.0 --val-points 2 -R 4,6,8
+}
+
+stage1w() {
+  both_barriers_stage s1w "${INIT1W:-$KEEP/s1u.pt}" "$1"
 }
 
 # Stage 1x: stage 1w's recipe from the bundled model itself (stage 1t's step 60), which
@@ -475,10 +480,7 @@ stage1w() {
 # step 100 (34.1). Step 60 gained 0.1-0.25 dB at R = 6-8 on the quality benchmark but took
 # 35 iterations at R = 8 and lost 0.72 dB on the real Siemens phantom: not bundled.
 stage1x() {
-  deq_stage s1x "${INIT1X:-$KEEP/s1t_step60.pt}" 1e-3 2 0.95 "$1" --readout-block 64 --skip \
-    --lr 5e-5 --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 \
-    --penalty-norm-cap 1.8 --penalty-norm-weight 1e-3 --bound-measure monotone \
-    --best-max-lipschitz 1.0 --val-points 2 -R 4,6,8
+  both_barriers_stage s1x "${INIT1X:-$KEEP/s1t_step60.pt}" "$1"
 }
 
 # Stage 0q: the denoising stage held at the bound where the model is used. Every stage-0
