@@ -61,6 +61,10 @@ class ReconConfig:
     records a passed accuracy gate); both off by default.
     ``espirit_crop`` zeroes the ESPIRiT maps where the eigenvalue is below it (BART
     ``ecalib -c``, default 0.8 as ``ecalib -m1``; 0 keeps the maps everywhere).
+    ``lam`` is MOL's data weight: ``auto`` sets it per slice (series, volume) from the
+    data's noise level by the checkpoint's rule (:mod:`molrecon.physics.noise`; the
+    checkpoint's λ when it has no rule), ``fixed`` uses the checkpoint's λ everywhere,
+    and a number replaces it everywhere.
     """
 
     method: Method = "mol"
@@ -84,6 +88,7 @@ class ReconConfig:
     maps: str | None = None
     compile: bool = False
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    lam: float | Literal["auto", "fixed"] = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -119,6 +124,13 @@ class ReconConfig:
             raise ConfigError(f"--compile must be a bool, got {self.compile!r}")
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ConfigError(f"--precision must be fp32, bf16 or auto, got {self.precision!r}")
+        if isinstance(self.lam, str):
+            if self.lam not in ("auto", "fixed"):
+                raise ConfigError(f"--lam must be auto, fixed or a positive number, got "
+                                  f"{self.lam!r}")
+        elif isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float))
+                                                and 0.0 < self.lam < float("inf")):
+            raise ConfigError(f"--lam must be auto, fixed or a positive number, got {self.lam!r}")
         if self.coil_compression not in ("auto", "scc", "gcc"):
             raise ConfigError(f"--coil-compression must be auto, scc or gcc, got "
                               f"{self.coil_compression!r}")
@@ -384,10 +396,18 @@ def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str
             progress(f"MOL{part}: residual {residual:.1e} (tol {config.tol:g})", it,
                      config.max_iter)
 
-        res = run.engine.solve(op, kn, x_sense, on_iteration=on_iteration)
+        scales = run.engine.lam_scales(kn, op.mask, scan.kind)
+        res = run.engine.solve(op, kn, x_sense, on_iteration=on_iteration,
+                               lam_scale=None if scales is None else scales[1])
         run.timings["mol_s"] += time.perf_counter() - t0
         run.out[sl] = (res.x * unscale).cpu().numpy()
         chunk_info.update(run.engine.describe(res))
+        lam0 = float(run.engine.step.lam)          # λ is stored as a float32 logarithm
+        if scales is None:
+            chunk_info["lambda"] = [float(f"{lam0:.6g}")] * int(kn.shape[0])
+        else:
+            chunk_info["noise_sigma"] = scales[0]
+            chunk_info["lambda"] = [float(f"{lam0 * f:.6g}") for f in scales[1]]
     return chunk_info
 
 
@@ -424,6 +444,11 @@ def _report(run: _Run, per_chunk: list[dict[str, Any]], *, batch: int, wall: flo
         report["converged"] = conv
         its = [int(i) for c in per_chunk for i in c.get("iterations", [])]
         report["iterations_per_item"] = its
+        report["lambda_per_item"] = [float(v) for c in per_chunk for v in c.get("lambda", [])]
+        if any("noise_sigma" in c for c in per_chunk):
+            report["noise_sigma_per_item"] = [c.get("noise_sigma", [None] * len(c["lambda"]))[i]
+                                              for c in per_chunk
+                                              for i in range(len(c.get("lambda", [])))]
         report["iterations"] = max(its) if its else 0
         report["final_residual"] = max((r for c in per_chunk for r in c.get("final_residual", [])),
                                        default=None)
@@ -455,4 +480,6 @@ def load_engine(config: ReconConfig, kind: str, device: torch.device, *,
     return MolEngine.from_loaded(loaded, fixed_point, device, alpha=config.alpha,
                                  cg_iters=config.cg_iters, ensemble=config.ensemble,
                                  compile=config.compile,
-                                 precision=config.precision)
+                                 precision=config.precision,
+                                 lam=None if isinstance(config.lam, str) else float(config.lam),
+                                 lam_from_noise=config.lam == "auto")

@@ -164,3 +164,14 @@ def test_reconstruct_passes_its_options_to_the_job_exactly(tmp_path: Path,
     res = runner.invoke(app, ["reconstruct", str(raw), str(out), "--ensemble", "2", "-q"])
     assert res.exit_code == 0, res.output
     assert calls[-1][0][2].ensemble == 2 and calls[-1][0][2].method == "mol"
+    # --lam: auto (the default), fixed or a number (MOL only)
+    assert calls[-1][0][2].lam == "auto"
+    for value, want in (("fixed", "fixed"), ("12.5", 12.5)):
+        res = runner.invoke(app, ["reconstruct", str(raw), str(out), "--lam", value, "-q"])
+        assert res.exit_code == 0, res.output
+        assert calls[-1][0][2].lam == want
+    n = len(calls)
+    for bad in (["--lam", "big"], ["--lam", "0"], ["--lam", "inf"], ["-m", "sense", "--lam", "5"]):
+        res = runner.invoke(app, ["reconstruct", str(raw), str(out), *bad, "-q"])
+        assert res.exit_code == 2 and "--lam" in res.output + (res.stderr or "")
+    assert len(calls) == n                        # nothing ran

@@ -78,3 +78,48 @@ def test_the_tolerance_means_the_alpha_one_residual_at_every_alpha() -> None:
     assert got.converged and loose.converged
     assert alpha_one_residual(got.x) <= 1e-4 < alpha_one_residual(loose.x)
     assert alpha_one_residual(got.x) <= float(got.final_residual.max()) <= 1e-4
+
+
+def test_lambda_from_the_noise_level_of_each_slice(tmp_path: Path) -> None:
+    """A checkpoint with a λ noise rule: ``--lam auto`` gives each slice λ₀ times the rule's
+    factor at its estimated σ (in the report), and the slice's image is the one a fixed λ of
+    that value gives; ``fixed`` keeps λ₀; a number replaces it. Noisier slices get less λ."""
+    from molrecon.io.types import RawScan
+    from molrecon.models import load_checkpoint, save_checkpoint
+    from molrecon.physics.noise import NoiseLambdaRule
+    from molrecon.sim import SimulationConfig, simulate_to_file
+
+    torch.manual_seed(0)
+    model = MolCNN(CNNConfig(dims=2, layers=3, channels=6), "lr")
+    rule = NoiseLambdaRule(sigma_ref=0.01, exponent=0.7, min_factor=0.05, max_factor=8.0)
+    weights = save_checkpoint(tmp_path / "ruled.pt", model,
+                              MolConfig(alpha=1.0, lam=30.0, cg_iters=4), lam_noise=rule)
+    assert load_checkpoint(weights).lam_noise == rule
+    path = tmp_path / "s.h5"
+    simulate_to_file(SimulationConfig(kind="2d", matrix=(64, 64), coils=4, slices=2,
+                                      acceleration=2.0, seed=5, noise=0.02), path)
+    scan = read_raw(path)
+    k = scan.kspace.copy()
+    g = np.random.default_rng(0)
+    extra = (g.standard_normal(k[1].shape) + 1j * g.standard_normal(k[1].shape)) * np.abs(
+        k[1]).max() * 0.01
+    k[1] = (k[1] + extra * (k[1] != 0)).astype(np.complex64)   # the second slice: noisier
+    scan = RawScan(**{**scan.__dict__, "kspace": k})
+    cfg = dict(method="mol", device="cpu", weights=str(weights), tol=1e-6, max_iter=300)
+    auto = reconstruct(scan, ReconConfig(**cfg))
+    sig = auto.report["noise_sigma_per_item"]
+    lams = auto.report["lambda_per_item"]
+    assert sig[1] > 2 * sig[0]
+    assert lams == pytest.approx([30.0 * rule.factor(s) for s in sig], rel=1e-5)
+    assert lams[1] < lams[0]
+    assert auto.report["lambda_noise_rule"]["exponent"] == 0.7
+    fixed = reconstruct(scan, ReconConfig(**cfg, lam="fixed"))
+    assert fixed.report["lambda_per_item"] == [30.0, 30.0]
+    assert "noise_sigma_per_item" not in fixed.report
+    for i in (0, 1):
+        one = reconstruct(scan, ReconConfig(**cfg, lam=lams[i]))
+        assert one.report["lambda_per_item"] == pytest.approx([lams[i]] * 2)
+        a, b = auto.image.data[i], one.image.data[i]
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+    assert np.linalg.norm(auto.image.data[1] - fixed.image.data[1]) > 1e-3 * np.linalg.norm(
+        fixed.image.data[1])

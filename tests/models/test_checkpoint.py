@@ -233,6 +233,12 @@ BAD_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("state nan", lambda o: _state(o, lambda s: s["convs.2.weight"].fill_(float("nan"))),
      "non-finite"),
     ("state type", lambda o: _edit(o, "state_dict", [1]), "state_dict"),
+    ("lam_noise type", lambda o: _edit(o, "lam_noise", [0.005, 0.6]), "lam_noise"),
+    ("lam_noise value", lambda o: _edit(o, "lam_noise", {"sigma_ref": -1.0, "exponent": 0.6,
+                                                         "min_factor": 0.1, "max_factor": 4.0}),
+     "lam_noise"),
+    ("lam_noise tensor", lambda o: _edit(o, "lam_noise", {"sigma_ref": torch.ones(1)}),
+     "lam_noise"),
 ]
 
 
@@ -263,3 +269,17 @@ def test_with_kinds_redeclares_a_prior_only_for_kinds_its_network_serves(tmp_pat
         with_kinds(loaded, ["3d", "2d"])
     with pytest.raises(ConfigError, match="no kind"):
         with_kinds(loaded, [])
+
+
+def test_a_lambda_noise_rule_round_trips_and_old_files_have_none(
+        saved: tuple[Path, MolCNN, MolConfig], tmp_path: Path) -> None:
+    from molrecon.physics.noise import NoiseLambdaRule
+
+    path, model, cfg = saved
+    assert load_checkpoint(path).lam_noise is None            # written without a rule
+    rule = NoiseLambdaRule(sigma_ref=0.005, exponent=0.6, min_factor=0.125, max_factor=8.0,
+                           measured={"val_data": "data2d_val", "problems": 16})
+    ruled = save_checkpoint(tmp_path / "ruled.pt", model, cfg, lam_noise=rule)
+    loaded = load_checkpoint(ruled)
+    assert loaded.lam_noise == rule
+    assert torch.load(ruled, weights_only=True)["lam_noise"]["exponent"] == 0.6

@@ -54,6 +54,8 @@ def reconstruct_cmd(
         "--cg-iters", help="CG iterations of each MOL data-consistency step (default: the model's).", min=1, metavar="N")] = None,
     ensemble: Annotated[int | None, typer.Option(
         "--ensemble", help="Average the prior over N flips of the image: 1 (off, the fastest), 2 (left-right) or 4 (left-right and up-down; N times the prior's cost). Default: the model's (the card says).", metavar="N")] = None,
+    lam: Annotated[str, typer.Option(
+        "--lam", help="MOL data weight λ: auto (set per slice from the data's noise level by the model's rule; the model card says how it was measured), fixed (the model's λ for every scan) or a positive number.", metavar="auto|fixed|LAMBDA")] = "auto",
     solver: Annotated[Literal["anderson", "plain"], typer.Option(
         "--solver", help="anderson | plain")] = "anderson",
     anderson_memory: Annotated[int, typer.Option(
@@ -87,8 +89,9 @@ def reconstruct_cmd(
 ) -> None:
     """Reconstruct raw multicoil Cartesian k-space into an image with correct geometry."""
     n_coils = _check_usage(device=device, coils=coils, tol=tol, alpha=alpha, ensemble=ensemble)
+    lam_value = _check_lam(lam)
     for flag, used in (("--compile", compile_step), ("--precision", precision != "fp32"),
-                       ("--ensemble", ensemble is not None)):
+                       ("--ensemble", ensemble is not None), ("--lam", lam != "auto")):
         if used and method != "mol":
             raise typer.BadParameter(f"{flag} is used by --method mol only (this run is "
                                      f"--method {method})", param_hint=flag)
@@ -125,6 +128,7 @@ def reconstruct_cmd(
             coils=n_coils,
             coil_compression=coil_compression, maps=None if maps is None else str(maps),
             compile=compile_step, precision=precision,  # type: ignore[arg-type]
+            lam=lam_value,
         )
         if batch:
             if report is not None:
@@ -200,6 +204,10 @@ def _run_one(input: Path, output: Path, config: Any, *, fmt: str, complex_out: b
             f"{rep['wall_time_s']:.2f} s on {rep['device']}")
     if "iterations" in rep:
         line += f", {rep['iterations']} MOL iterations"
+    lams = rep.get("lambda_per_item") or []
+    if lams:
+        lo, hi = min(lams), max(lams)
+        line += f", λ {lo:.3g}" if hi <= lo * 1.0005 else f", λ {lo:.3g}–{hi:.3g}"
     if "coil_compression" in rep:
         cc = rep["coil_compression"]
         line += f", {cc['coils_in']}→{cc['coils_out']} coils"
@@ -344,6 +352,20 @@ def _gather(outcomes: list[Any], inputs: list[Path], world: int) -> list[Any]:
     merged = [o for part in parts for o in (part or [])]
     order = {str(p): i for i, p in enumerate(inputs)}
     return sorted(merged, key=lambda o: order.get(o.input, len(order)))
+
+
+def _check_lam(lam: str) -> float | str:
+    """``--lam``: ``auto``, ``fixed`` or a positive finite number (else a usage error)."""
+    if lam in ("auto", "fixed"):
+        return lam
+    try:
+        value = float(lam)
+    except ValueError:
+        raise typer.BadParameter(f"{lam!r} is not auto, fixed or a number",
+                                 param_hint="--lam") from None
+    if not 0.0 < value < float("inf"):
+        raise typer.BadParameter("must be a positive, finite number", param_hint="--lam")
+    return value
 
 
 def _check_usage(*, device: str, coils: str | None, tol: float,

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..models.cnn import MolCNN, flip_average
 from ..physics.sense import normal_from_parts
 from ..solvers import conjugate_gradient
+from .mol import item_weight
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 #: Where a model records its bf16 gate: ``metadata[GATE_KEY] = {"passed": bool, ...}``.
@@ -199,11 +200,14 @@ class FastDataConsistency:
 
 
 def fast_step(*, prior: nn.Module, alpha: float, lam: torch.Tensor, dc: FastDataConsistency,
-              parts: Any, aty: torch.Tensor, support: torch.Tensor | None) -> StepFn:
+              parts: Any, aty: torch.Tensor, support: torch.Tensor | None,
+              lam_scale: torch.Tensor | None = None) -> StepFn:
     """T(x) of :class:`~molrecon.deq.mol.MolStep` with the fast prior and solve (the same
-    equation; αλ and 1/(αλ) computed once)."""
-    al = alpha * lam.detach().to(aty.real.dtype)                        # αλ, shape ()
+    equation; αλ and 1/(αλ) computed once; ``lam_scale`` (B,) multiplies λ per item)."""
+    al = item_weight(alpha * lam.detach().to(aty.real.dtype), lam_scale, aty)  # () or (B,)
     shift = 1.0 / al
+    if al.ndim:
+        al = al.reshape((-1,) + (1,) * (aty.ndim - 1))
     mark = dc.compile and dc.device.type == "cuda"
 
     def step(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ this module only runs the one it is given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import LoadedModel
+from ..physics.noise import NoiseLambdaRule, periphery_sigma
 from ..physics.sense import SenseOperator
 from .accel import FastDataConsistency, fast_prior, fast_step, resolve_precision
 from .fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_point
@@ -49,7 +50,9 @@ class MolEngine:
     ``contraction`` is the certified contraction factor ρ of the step (None when the
     checkpoint has no certified bound below 1). ``fixed_point.tol`` is the tolerance on
     the α = 1 residual; the solver runs at ``residual_scale(α)`` times it, and every
-    residual the engine reports is the solver's divided by that scale.
+    residual the engine reports is the solver's divided by that scale. ``lam_rule``,
+    when set, scales λ per batch item by the item's noise level
+    (:mod:`molrecon.physics.noise`; :meth:`lam_scales`).
     """
 
     loaded: LoadedModel
@@ -61,18 +64,27 @@ class MolEngine:
     precision: str = "fp32"
     compile: bool = False
     fast: _Fast | None = None
+    lam_rule: NoiseLambdaRule | None = None
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, fixed_point: FixedPointConfig,
                     device: torch.device, *, alpha: float | None = None,
                     cg_iters: int | None = None, ensemble: int | None = None,
-                    compile: bool = False, precision: str = "fp32") -> MolEngine:
+                    compile: bool = False, precision: str = "fp32",
+                    lam: float | None = None, lam_from_noise: bool = True) -> MolEngine:
         """The engine of ``loaded``; ``alpha``/``cg_iters`` override the checkpoint's (the
         fixed point does not depend on α, only the speed does), and ``ensemble`` the
         number of flips its prior averages over (``CNNConfig.ensemble``). ``compile`` and
         ``precision`` (``fp32`` | ``bf16`` | ``auto``) select the fast step of
-        :mod:`molrecon.deq.accel`; with both at their defaults the eager step runs."""
+        :mod:`molrecon.deq.accel`; with both at their defaults the eager step runs.
+        ``lam`` replaces the checkpoint's λ for every scan; otherwise, with
+        ``lam_from_noise``, the checkpoint's noise rule (if it has one) sets λ per item."""
         mol_cfg = loaded.mol_config
+        if lam is not None:
+            if not (lam > 0 and lam < float("inf")):
+                raise ValueError(f"λ must be positive and finite, got {lam}")
+            mol_cfg = replace(mol_cfg, lam=float(lam))
+        rule = loaded.lam_noise if (lam is None and lam_from_noise) else None
         if alpha is not None:
             mol_cfg = replace(mol_cfg, alpha=alpha)
         if cg_iters is not None:
@@ -94,11 +106,24 @@ class MolEngine:
                          dc=FastDataConsistency(mol_cfg.cg_iters, compile=compile, device=device))
         return cls(loaded=loaded, step=step, fixed_point=replace(fixed_point, warn=False),
                    device=device, contraction=rho, precision=prec, compile=bool(compile),
-                   fast=fast)
+                   fast=fast, lam_rule=rule)
+
+    def lam_scales(self, kspace: torch.Tensor, mask: torch.Tensor, kind: str
+                   ) -> tuple[list[float | None], list[float]] | None:
+        """Each item's noise level σ and its λ factor under the engine's rule, for normalised
+        Cartesian ``kspace`` (b, C, D, Y, X) acquired on ``mask``; None without a rule."""
+        if self.lam_rule is None:
+            return None
+        sigmas = periphery_sigma(kspace, mask, kind)
+        return sigmas, [self.lam_rule.factor(s) for s in sigmas]
 
     def solve(self, op: SenseOperator, kspace: torch.Tensor, x0: torch.Tensor, *,
-              on_iteration: Callable[[int, float], None] | None = None) -> FixedPointResult:
-        """The fixed point for normalised ``kspace`` (b, C, D, Y, X) from ``x0`` (b, D, Y, X)."""
+              on_iteration: Callable[[int, float], None] | None = None,
+              lam_scale: Sequence[float] | torch.Tensor | None = None) -> FixedPointResult:
+        """The fixed point for normalised ``kspace`` (b, C, D, Y, X) from ``x0`` (b, D, Y, X);
+        ``lam_scale`` (b,) multiplies λ per item (:meth:`lam_scales`)."""
+        scale_t = None if lam_scale is None else torch.as_tensor(
+            lam_scale, dtype=x0.real.dtype, device=x0.device).reshape(-1)
         mol = self.step
         plane = self.loaded.model.config.dims == 2 and x0.shape[-1] == 1 and x0.shape[1] > 1
         if plane:
@@ -108,9 +133,11 @@ class MolEngine:
             if self.fast is not None and hasattr(op, "normal_parts"):
                 prior = _PhaseEncodingPlane(self.fast.prior) if plane else self.fast.prior
                 step = fast_step(prior=prior, alpha=mol.alpha, lam=mol.lam, dc=self.fast.dc,
-                                 parts=op.normal_parts(), aty=aty, support=support_of(op))
+                                 parts=op.normal_parts(), aty=aty, support=support_of(op),
+                                 lam_scale=scale_t)
             else:
-                step = mol.bind(normal=op.normal, aty=aty, support=support_of(op))
+                step = mol.bind(normal=op.normal, aty=aty, support=support_of(op),
+                                lam_scale=scale_t)
             return solve_mol_fixed_point(step, x0, alpha=mol.alpha, config=self.fixed_point,
                                          contraction=self.contraction,
                                          on_iteration=on_iteration)
@@ -137,6 +164,8 @@ class MolEngine:
             "constraint": ld.constraint,
             "alpha": cfg.alpha,
             "lambda": cfg.lam,
+            "lambda_noise_rule": None if self.lam_rule is None else {
+                k: v for k, v in self.lam_rule.record().items() if k != "measured"},
             "cg_iters": cfg.cg_iters,
             "ensemble": ld.model.config.ensemble,
             "solver": self.fixed_point.method,

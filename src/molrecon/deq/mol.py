@@ -169,23 +169,26 @@ class MolStep(nn.Module):
         return other
 
     def forward(self, x: torch.Tensor, *, normal: Normal, aty: torch.Tensor,
-                support: torch.Tensor | None = None) -> torch.Tensor:
+                support: torch.Tensor | None = None,
+                lam_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """T(x); ``lam_scale`` (B,), when given, multiplies λ per batch item (λ set from
+        each item's noise level, :mod:`molrecon.physics.noise`)."""
         alpha = self.alpha
-        al = alpha * self.lam.to(x.real.dtype)                            # αλ, shape ()
+        al = item_weight(alpha * self.lam.to(x.real.dtype), lam_scale, x)  # αλ, () or (B,)
         z = (1.0 - alpha) * x + alpha * self.prior(x)                    # (B, D, Y, X)
         if support is not None:
             z = z * support                                               # (B, D, Y, X)
-        rhs = z / al + aty                                                # (B, D, Y, X)
+        rhs = z / _per_item(al, x) + aty                                  # (B, D, Y, X)
         if self.exact_dc_grad and torch.is_grad_enabled():
             return _ExactSolveGrad.apply(rhs, 1.0 / al, x, normal, self.cg_iters)
         res = conjugate_gradient(normal, rhs, x0=x, shift=1.0 / al, max_iter=self.cg_iters)
         return res.x
 
-    def bind(self, *, normal: Normal, aty: torch.Tensor, support: torch.Tensor | None = None
-             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    def bind(self, *, normal: Normal, aty: torch.Tensor, support: torch.Tensor | None = None,
+             lam_scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The step as a function of x alone, for the fixed-point solvers."""
         def step(x: torch.Tensor) -> torch.Tensor:
-            return self(x, normal=normal, aty=aty, support=support)
+            return self(x, normal=normal, aty=aty, support=support, lam_scale=lam_scale)
         return step
 
     def equation_residual(self, x: torch.Tensor, *, normal: Normal, aty: torch.Tensor,
@@ -212,6 +215,23 @@ class MolStep(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, cg_iters={self.cg_iters}"
+
+
+def item_weight(weight: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor
+                ) -> torch.Tensor:
+    """``weight`` (shape ()) times the per-item ``scale`` (B,) when given, on x's device
+    and real dtype; shape () without a scale, (B,) with one."""
+    if scale is None:
+        return weight
+    s = torch.as_tensor(scale, device=x.device, dtype=x.real.dtype).reshape(-1)
+    if s.numel() != x.shape[0]:
+        raise ValueError(f"λ scale has {s.numel()} entries for {x.shape[0]} batch items")
+    return weight * s
+
+
+def _per_item(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A () or (B,) weight broadcastable against x (B, ...)."""
+    return w if w.ndim == 0 else w.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def support_of(op: object) -> torch.Tensor | None:
@@ -256,7 +276,11 @@ class _ExactSolveGrad(torch.autograd.Function):
         w = conjugate_gradient(ctx.normal, g, shift=shift, max_iter=_GRAD_CG_MAX, tol=1e-6).x
         g_shift = None
         if ctx.needs_input_grad[1]:
-            g_shift = -torch.sum((w.conj() * y).real).to(shift.dtype).reshape(shift.shape)
+            prod = (w.conj() * y).real
+            if shift.ndim == 1:                                    # one shift per batch item
+                g_shift = -prod.reshape(prod.shape[0], -1).sum(dim=1).to(shift.dtype)
+            else:
+                g_shift = -torch.sum(prod).to(shift.dtype).reshape(shift.shape)
         return w, g_shift, None, None, None
 
 
@@ -278,6 +302,7 @@ def regularised_sense(normal: Normal, aty: torch.Tensor, *, lam: float | torch.T
 __all__ = [
     "MolConfig",
     "MolStep",
+    "item_weight",
     "Normal",
     "NormalOperator",
     "contraction_factor",

@@ -19,6 +19,10 @@ certificate        plain dict; :func:`save_checkpoint` always writes ``certified
                    (∏ of certified layer bounds of the weights as applied), ``layer_bounds``,
                    ``spectral_grid`` and ``date``, next to the caller's entries (local
                    estimates, the data they were measured on)
+lam_noise          optional: λ set from each scan's noise level,
+                   :class:`~molrecon.physics.noise.NoiseLambdaRule` as a plain dict
+                   (``sigma_ref``, ``exponent``, ``min_factor``, ``max_factor``,
+                   ``measured``); without it λ is the same for every scan
 =================  ====================================================================
 
 Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``
@@ -45,6 +49,7 @@ from ..atomic import atomic_path
 from ..config import MolConfig
 from ..errors import CheckpointError, ConfigError
 from ..kinds import KINDS_BY_PRIOR_DIMS
+from ..physics.noise import NoiseLambdaRule
 from .cnn import CONSTRAINTS, CNNConfig, MolCNN
 from .spectral import layer_bounds
 
@@ -55,6 +60,7 @@ _KEYS = frozenset({
     "spectral_grid", "kinds", "alpha", "lam", "cg_iters", "state_dict", "metadata",
     "certificate",
 })
+_OPTIONAL_KEYS = frozenset({"lam_noise"})
 _MAX_DEPTH = 8
 
 
@@ -72,6 +78,8 @@ class LoadedModel:
     format_version: int
     path: Path
     sha256: str
+    #: λ from the scan's noise level (None: the same λ for every scan).
+    lam_noise: NoiseLambdaRule | None = None
 
 
 def with_kinds(loaded: LoadedModel, kinds: Sequence[str]) -> LoadedModel:
@@ -130,14 +138,17 @@ def save_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     certificate: Mapping[str, Any] | None = None,
     kinds: Sequence[str] | None = None,
+    lam_noise: NoiseLambdaRule | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``model`` and ``mol_config`` (with the trained λ: see ``MolStep.to_config``).
 
     The file is written atomically; an existing file is replaced only with
     ``force=True`` (else :class:`~molrecon.errors.OutputError`). ``kinds``
-    defaults to ("2d",) for 2D and ("3d",) for 3D models. The certified bound
-    is computed here, so the file's claim always matches its weights.
+    defaults to ("2d",) for 2D and ("3d",) for 3D models. ``lam_noise``, when given,
+    is stored so that reconstruction sets λ from each scan's noise level
+    (:mod:`molrecon.physics.noise`). The certified bound is computed here, so the
+    file's claim always matches its weights.
     """
     meta = {} if metadata is None else dict(metadata)
     cert = {} if certificate is None else dict(certificate)
@@ -175,6 +186,11 @@ def save_checkpoint(
         "metadata": _plain_copy(meta),
         "certificate": _plain_copy(cert),
     }
+    if lam_noise is not None:
+        rule = lam_noise.record()
+        if not _is_plain(rule):
+            raise ConfigError("the λ noise rule's record must hold only plain values")
+        obj["lam_noise"] = _plain_copy(rule)
     with atomic_path(path, force=force) as tmp:
         torch.save(obj, tmp)
     return Path(path)
@@ -230,6 +246,11 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     model.load_state_dict(obj["state_dict"])
     model.to(map_location)
     model.eval()
+    rule = None
+    if "lam_noise" in obj:
+        if not _is_plain(obj["lam_noise"]):
+            raise CheckpointError("'lam_noise' must be a dict of plain values", path=p)
+        rule = NoiseLambdaRule.from_record(obj["lam_noise"], path=p)
     return LoadedModel(
         model=model,
         mol_config=mol_config,
@@ -241,6 +262,7 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         format_version=version,
         path=p,
         sha256=sha256(p),
+        lam_noise=rule,
     )
 
 
@@ -274,7 +296,7 @@ def _check_format(obj: Any, p: Path) -> int:
     if version < 1:
         raise CheckpointError(f"invalid format version {version}", path=p)
     missing = sorted(_KEYS - set(obj))
-    unknown = sorted(str(k) for k in set(obj) - _KEYS)
+    unknown = sorted(str(k) for k in set(obj) - _KEYS - _OPTIONAL_KEYS)
     if missing:
         raise CheckpointError(f"missing key(s) {missing}", path=p)
     if unknown:

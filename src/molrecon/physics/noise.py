@@ -1,0 +1,138 @@
+"""The noise level of normalised k-space, and MOL's data weight λ set from it.
+
+Why
+---
+MOL solves x − H(x) + λAᴴ(Ax − b) = 0 on data normalised so that the bright tissue
+sits near 1 (:mod:`molrecon.physics.scaling`). λ weighs the data against the prior, and
+the right weight depends on how noisy the normalised data are: a λ tuned on simulated
+brains (noise σ ≈ 0.004–0.007 after the normalisation) lets the noise of a 2-coil
+phantom (σ ≈ 0.05) through, and the prior then shapes it into texture. Compressed
+sensing users retune their λ per scan for the same reason. Here the checkpoint carries
+a rule, measured on validation data at several noise levels
+(``benchmarks/bench_lambda_noise.py``)::
+
+    λ(σ) = λ₀ · clip((σ₀ / σ)^p, f_min, f_max)
+
+with λ₀ the checkpoint's λ, σ₀ the noise level it was tuned at, p the measured
+exponent and [f_min, f_max] the range of factors the measurement covered. σ is
+estimated per batch item (slice, series or volume), so a slice with little signal
+(a larger σ after its own normalisation) is regularised more.
+
+The estimate
+------------
+σ is the standard deviation of the real (and imaginary) part of one k-space sample
+after the normalisation: the median absolute deviation / 0.6745 of the real and
+imaginary parts of the *acquired, non-zero* samples in the outer sixteenth of the two
+largest spatial axes, where an image's signal has fallen to the noise floor. Exact
+zeros are left out (zero-padded matrices, partial Fourier). The periphery still holds
+a little signal, so the estimate is an upper bound: on simulated files with a noise
+scan it reads 5–12 % above the noise scan's value. It needs no noise scan (most
+files have none) and is computed the same way on every file, the validation data the
+rule was measured on included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .fft import spatial_dims
+
+#: The fraction of each axis counted as its periphery (each end).
+PERIPHERY = 1.0 / 16.0
+#: Fewer periphery samples than this give no estimate (None).
+MIN_SAMPLES = 64
+#: MAD → standard deviation of a Gaussian.
+_MAD_TO_STD = 1.0 / 0.6745
+
+
+def periphery_sigma(kspace: torch.Tensor, mask: torch.Tensor, kind: str) -> list[float | None]:
+    """σ per batch item of normalised ``kspace`` (B, C, D, Y, X) acquired on ``mask``
+    (B|1, 1, D, Y, 1 or broadcastable); None for an item with fewer than ``MIN_SAMPLES``
+    usable periphery samples. See the module docstring."""
+    if kspace.ndim != 5:
+        raise ValueError(f"k-space must be (B, C, D, Y, X), got {tuple(kspace.shape)}")
+    dims = [d % 5 for d in spatial_dims(kind)]
+    axes = sorted(sorted(dims, key=lambda d: kspace.shape[d])[-2:])
+    shape = kspace.shape
+    outer = torch.zeros(shape[2:], dtype=torch.bool, device=kspace.device)  # (D, Y, X)
+    for ax in axes:
+        n = shape[ax]
+        e = max(1, int(n * PERIPHERY))
+        if 2 * e >= n:
+            continue                                       # an axis too short to have one
+        idx = torch.cat([torch.arange(e), torch.arange(n - e, n)]).to(kspace.device)
+        outer.index_fill_(ax - 2, idx, True)
+    acquired = torch.broadcast_to(mask != 0, shape)                     # (B, C, D, Y, X)
+    out: list[float | None] = []
+    for b in range(shape[0]):
+        sel = acquired[b] & outer.unsqueeze(0)
+        v = kspace[b][sel]
+        v = v[v != 0]
+        if v.numel() < MIN_SAMPLES:
+            out.append(None)
+            continue
+        parts = torch.cat([v.real, v.imag]).double()
+        mad = torch.median(torch.abs(parts - torch.median(parts)))
+        sigma = float(mad) * _MAD_TO_STD
+        out.append(sigma if sigma > 0 and math.isfinite(sigma) else None)
+    return out
+
+
+@dataclass(frozen=True)
+class NoiseLambdaRule:
+    """λ(σ) = λ₀ · clip((sigma_ref / σ)^exponent, min_factor, max_factor) (module docstring).
+
+    ``measured`` keeps how the rule was obtained (plain JSON: the data, the noise levels,
+    the best λ per level), for the model card.
+    """
+
+    sigma_ref: float
+    exponent: float
+    min_factor: float
+    max_factor: float
+    measured: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        ok = (math.isfinite(self.sigma_ref) and self.sigma_ref > 0
+              and math.isfinite(self.exponent) and self.exponent >= 0
+              and 0 < self.min_factor <= 1.0 <= self.max_factor < math.inf)
+        if not ok:
+            raise ValueError(f"invalid λ noise rule: σ₀ {self.sigma_ref}, p {self.exponent}, "
+                             f"factors [{self.min_factor}, {self.max_factor}]")
+
+    def factor(self, sigma: float | None) -> float:
+        """The factor λ/λ₀ at noise level ``sigma`` (1 when there is no estimate)."""
+        if sigma is None or not sigma > 0:
+            return 1.0
+        f = (self.sigma_ref / sigma) ** self.exponent
+        return float(min(max(f, self.min_factor), self.max_factor))
+
+    def record(self) -> dict[str, Any]:
+        """Plain values, as stored in a checkpoint (``lam_noise``)."""
+        d = asdict(self)
+        if d["measured"] is None:
+            del d["measured"]
+        return d
+
+    @classmethod
+    def from_record(cls, obj: Any, path: object = None) -> NoiseLambdaRule:
+        """The rule of a checkpoint's ``lam_noise`` entry; :class:`CheckpointError` if malformed."""
+        try:
+            if not isinstance(obj, dict):
+                raise TypeError("not a mapping")
+            measured = obj.get("measured")
+            if measured is not None and not isinstance(measured, dict):
+                raise TypeError("'measured' is not a mapping")
+            return cls(sigma_ref=float(obj["sigma_ref"]), exponent=float(obj["exponent"]),
+                       min_factor=float(obj["min_factor"]), max_factor=float(obj["max_factor"]),
+                       measured=measured)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"malformed 'lam_noise' entry ({exc})", path=path) from exc
+
+
+__all__ = ["MIN_SAMPLES", "PERIPHERY", "NoiseLambdaRule", "periphery_sigma"]
