@@ -1,0 +1,85 @@
+"""scripts/set_lambda_rule.py: the λ noise rule from a study, written into a checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from molrecon.config import MolConfig
+from molrecon.models import CNNConfig, MolCNN, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("set_lambda_rule",
+                                                  ROOT / "scripts" / "set_lambda_rule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _study(exponent: float = 1.5, scale: float = 0.01) -> dict:
+    """Problems whose best λ follows λ* = scale·σ^(−exponent) exactly."""
+    sigmas = [0.004, 0.008, 0.016, 0.032, 0.064]
+    records = [{"sigma": s, "best_lambda": scale * s ** -exponent} for s in sigmas]
+    summary = [{"noise": i * 0.01, "sigma": s, "sense_psnr": 20.0, "psnr_at_lam0": 25.0,
+                "best_psnr": 26.0, "best_lambda": r["best_lambda"]}
+               for i, (s, r) in enumerate(zip(sigmas, records))]
+    fit = {"exponent": exponent, "log_intercept": math.log(scale), "rms_log_residual": 0.0}
+    return {"val_data": "runs/data2d_val", "records": records, "summary": summary, "fit": fit}
+
+
+def test_the_rule_gives_the_fitted_lambda_inside_the_measured_range(script) -> None:
+    rule = script.rule_from_study(_study(), lam0=30.0)
+    for s in (0.005, 0.01, 0.05):
+        assert 30.0 * rule.factor(s) == pytest.approx(0.01 * s ** -1.5, rel=1e-9)
+    # outside the measured σ it is held at the measured extremes
+    assert 30.0 * rule.factor(0.001) == pytest.approx(0.01 * 0.004 ** -1.5, rel=1e-9)
+    assert 30.0 * rule.factor(1.0) == pytest.approx(0.01 * 0.064 ** -1.5, rel=1e-9)
+    assert rule.measured["problems"] == 5 and rule.measured["val_data"] == "data2d_val"
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s.update(fit=None), "no fit"),
+    (lambda s: s["fit"].update(exponent=-0.2), "does not fall"),
+])
+def test_a_study_without_a_falling_fit_is_refused(script, change, message: str) -> None:
+    study = _study()
+    change(study)
+    with pytest.raises(ValueError, match=message):
+        script.rule_from_study(study, lam0=30.0)
+
+
+def test_main_writes_the_rule_and_the_card_section(script, tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    model = MolCNN(CNNConfig(dims=2, layers=3, channels=4), "lr")
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, MolConfig(alpha=1.0, lam=30.0, cg_iters=4),
+                           metadata={"steps": 3}, certificate={"verdict": "monotone"})
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps(_study()))
+    card = tmp_path / "m.md"
+    card.write_text("# m\n\nintro\n\n## Certificate\n\nok\n")
+    out = tmp_path / "ruled.pt"
+    for _ in range(2):                                  # the second run replaces the section
+        assert script.main([str(ckpt), "--study", str(study), "--out", str(out),
+                            "--card", str(card)]) == 0
+    loaded, before = load_checkpoint(out), load_checkpoint(ckpt)
+    assert loaded.lam_noise is not None and loaded.lam_noise.exponent == 1.5
+    assert loaded.metadata == before.metadata and loaded.mol_config == before.mol_config
+    assert loaded.certificate["verdict"] == "monotone"
+    text = card.read_text()
+    assert text.count(script.SECTION) == 1 and text.startswith("# m\n\nintro\n\n## Certificate")
+    assert "| 0.01 | 0.0080 |" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**_study(), "fit": None}))
+    capsys.readouterr()
+    assert script.main([str(ckpt), "--study", str(bad), "--out", str(tmp_path / "x.pt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no fit" in err[0] and str(bad) in err[0] and not (tmp_path / "x.pt").exists()
