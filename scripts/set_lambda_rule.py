@@ -1,14 +1,18 @@
 """Give a checkpoint the rule that sets λ from each scan's noise level, as measured.
 
     python benchmarks/bench_lambda_noise.py CKPT --val-data runs/data2d_val --json study.json
-    python scripts/set_lambda_rule.py CKPT --study study.json --out OUT.pt [--card CARD.md]
+    python scripts/set_lambda_rule.py CKPT --study study.json [--study more.json] --out OUT.pt \
+        [--max-factor 1] [--card CARD.md]
 
 The study (``benchmarks/bench_lambda_noise.py``) found the best λ of many validation
 problems at several noise levels and fitted λ* = e^a·σ^(−p). This writes the checkpoint
 again (weights, λ₀, certificate, metadata and kinds unchanged) with the rule
 λ(σ) = λ₀·clip((σ₀/σ)^p, f_min, f_max) (:class:`molrecon.physics.noise.NoiseLambdaRule`):
-p from the fit, σ₀ where the fit gives the checkpoint's own λ₀, and the factors clipped
-to the range of best λ the study found (the rule is not extrapolated). ``--card`` appends
+p from the fit (redone over the problems of every study given), σ₀ where the fit gives
+the checkpoint's own λ₀, and the factors clipped to the range of best λ the studies found
+(the rule is not extrapolated) and at most ``--max-factor`` (default 1: the rule only
+lowers λ, for scans noisier than the model's tuning data; raising it for cleaner ones
+lost up to 1.2 dB at R = 4 on the quality benchmark, see BENCHMARKS.md). ``--card`` appends
 (or replaces) the section "λ from the noise level" of a model card with the study's table.
 ``--check-only`` prints the rule and writes nothing.
 """
@@ -25,9 +29,39 @@ from pathlib import Path
 SECTION = "## λ from the noise level"
 
 
-def rule_from_study(study: dict, lam0: float):  # type: ignore[no-untyped-def]
-    """The :class:`NoiseLambdaRule` of a ``bench_lambda_noise.py`` JSON for a model whose
-    own λ is ``lam0``."""
+def pool(studies: list[dict]) -> dict:
+    """One study of the records of one or several studies (e.g. one per acceleration): the
+    fit log λ* = a + b·log σ redone over all their problems by least squares, and the
+    summary per (noise level, acceleration)."""
+    import numpy as np
+
+    records = [r for st in studies for r in st["records"]]
+    xs = [math.log(float(r["sigma"])) for r in records]
+    ys = [math.log(float(r["best_lambda"])) for r in records]
+    fit = None
+    if len(set(xs)) >= 2:
+        slope, icpt = np.polyfit(xs, ys, 1)
+        resid = np.asarray(ys) - (icpt + slope * np.asarray(xs))
+        fit = {"exponent": float(-slope), "log_intercept": float(icpt),
+               "rms_log_residual": float(np.sqrt(np.mean(resid ** 2)))}
+    summary = []
+    for key in sorted({(float(r["noise"]), float(r["R"])) for r in records}):
+        rs = [r for r in records if (float(r["noise"]), float(r["R"])) == key]
+        summary.append({
+            "noise": key[0], "R": key[1], "problems": len(rs),
+            "sigma": float(np.exp(np.mean([math.log(r["sigma"]) for r in rs]))),
+            "sense_psnr": float(np.mean([r["sense_psnr"] for r in rs])),
+            "psnr_at_lam0": float(np.mean([r["psnr_at_lam0"] for r in rs])),
+            "best_psnr": float(np.mean([r["best_psnr"] for r in rs])),
+            "best_lambda": float(np.exp(np.mean([math.log(r["best_lambda"]) for r in rs])))})
+    return {"val_data": studies[0]["val_data"], "records": records, "summary": summary,
+            "fit": fit}
+
+
+def rule_from_study(study: dict, lam0: float, max_factor: float = 1.0):  # type: ignore[no-untyped-def]
+    """The :class:`NoiseLambdaRule` of a ``bench_lambda_noise.py`` study (or :func:`pool` of
+    several) for a model whose own λ is ``lam0``; the factor is capped at ``max_factor``
+    and at the largest best λ the study found, and held at its smallest."""
     from molrecon.physics.noise import NoiseLambdaRule
 
     fit = study.get("fit")
@@ -38,9 +72,9 @@ def rule_from_study(study: dict, lam0: float):  # type: ignore[no-untyped-def]
         raise ValueError(f"the fitted exponent is {p:.3g}: the best λ does not fall with σ")
     sigma_ref = (math.exp(float(fit["log_intercept"])) / lam0) ** (1.0 / p)
     best = [float(r["best_lambda"]) for r in study["records"]]
-    lo, hi = min(best) / lam0, max(best) / lam0
-    summary = [{k: row[k] for k in ("noise", "sigma", "sense_psnr", "psnr_at_lam0", "best_psnr",
-                                    "best_lambda")} for row in study["summary"]]
+    lo, hi = min(best) / lam0, min(max(best) / lam0, max_factor)
+    keys = ("noise", "R", "problems", "sigma", "sense_psnr", "psnr_at_lam0", "best_psnr", "best_lambda")
+    summary = [{k: row[k] for k in keys if k in row} for row in study["summary"]]
     measured = {"by": "benchmarks/bench_lambda_noise.py", "val_data": Path(study["val_data"]).name,
                 "problems": len(study["records"]), "lam0": lam0, "fit": fit,
                 "summary": summary}
@@ -52,7 +86,7 @@ def card_section(rule, lam0: float) -> str:  # type: ignore[no-untyped-def]
     """The model card's section on the rule: what it is, and the study's table."""
     m = rule.measured or {}
     rows = "\n".join(
-        f"| {r['noise']:g} | {r['sigma']:.4f} | {r['sense_psnr']:.2f} | {r['psnr_at_lam0']:.2f} | "
+        f"| {r['R']:g} | {r['noise']:g} | {r['sigma']:.4f} | {r['sense_psnr']:.2f} | {r['psnr_at_lam0']:.2f} | "
         f"{r['best_psnr']:.2f} | {r['best_lambda']:.3g} | {lam0 * rule.factor(r['sigma']):.3g} |"
         for r in m.get("summary", []))
     return f"""{SECTION}
@@ -65,8 +99,8 @@ normalised k-space (`--lam auto`, the default; `--lam fixed` keeps λ = {lam0:.4
 sampled k-space before undersampling; PSNR against the noise-free reference; σ as
 reconstruction estimates it). Mean PSNR (dB) per noise level:
 
-| extra noise | σ | CG-SENSE | MOL at λ {lam0:.4g} | MOL at each problem's best λ | best λ (geometric mean) | the rule's λ |
-|---:|---:|---:|---:|---:|---:|---:|
+| R | extra noise | σ | CG-SENSE | MOL at λ {lam0:.4g} | MOL at each problem's best λ | best λ (geometric mean) | the rule's λ |
+|---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 """
 
@@ -74,7 +108,11 @@ reconstruction estimates it). Mean PSNR (dB) per noise level:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--study", type=Path, required=True)
+    ap.add_argument("--study", type=Path, action="append", required=True,
+                    help="a bench_lambda_noise.py JSON (repeat to pool several)")
+    ap.add_argument("--max-factor", type=float, default=1.0,
+                    help="cap of λ/λ₀ (default 1: λ is only lowered, for scans noisier than "
+                         "the model's tuning data)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--card", type=Path, help="model card whose λ section to write")
     ap.add_argument("--check-only", action="store_true")
@@ -88,12 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     except MolreconError as exc:                       # names the file already
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    try:
-        study = json.loads(args.study.read_text())
-        rule = rule_from_study(study, float(loaded.mol_config.lam))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: {args.study}: {exc}", file=sys.stderr)
-        return 1
+    studies = []
+    for path in args.study:
+        try:
+            studies.append(json.loads(path.read_text()))
+            rule_from_study(pool(studies[-1:]), float(loaded.mol_config.lam))  # each is usable
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return 1
+    study = pool(studies)
+    if not args.max_factor >= 1.0:
+        print("error: --max-factor must be at least 1", file=sys.stderr)
+        return 2
+    rule = rule_from_study(study, float(loaded.mol_config.lam), args.max_factor)
     lam0 = float(loaded.mol_config.lam)
     print(f"λ(σ) = {lam0:.4g}·clip(({rule.sigma_ref:.4g}/σ)^{rule.exponent:.3f}, "
           f"{rule.min_factor:.3g}, {rule.max_factor:.3g})")

@@ -25,33 +25,41 @@ def script():
     return module
 
 
-def _study(exponent: float = 1.5, scale: float = 0.01) -> dict:
-    """Problems whose best λ follows λ* = scale·σ^(−exponent) exactly."""
+def _study(exponent: float = 1.5, scale: float = 0.01, r: float = 6.0) -> dict:
+    """Problems whose best λ follows λ* = scale·σ^(−exponent) exactly (two per noise level)."""
     sigmas = [0.004, 0.008, 0.016, 0.032, 0.064]
-    records = [{"sigma": s, "best_lambda": scale * s ** -exponent} for s in sigmas]
-    summary = [{"noise": i * 0.01, "sigma": s, "sense_psnr": 20.0, "psnr_at_lam0": 25.0,
-                "best_psnr": 26.0, "best_lambda": r["best_lambda"]}
-               for i, (s, r) in enumerate(zip(sigmas, records))]
+    records = [{"noise": i * 0.01, "R": r, "sigma": s * f, "best_lambda": scale * (s * f) ** -exponent,
+                "best_psnr": 26.0, "psnr_at_lam0": 25.0, "sense_psnr": 20.0}
+               for i, s in enumerate(sigmas) for f in (0.9, 1.1)]
     fit = {"exponent": exponent, "log_intercept": math.log(scale), "rms_log_residual": 0.0}
-    return {"val_data": "runs/data2d_val", "records": records, "summary": summary, "fit": fit}
+    return {"val_data": "runs/data2d_val", "records": records, "summary": [], "fit": fit}
 
 
 def test_the_rule_gives_the_fitted_lambda_inside_the_measured_range(script) -> None:
-    rule = script.rule_from_study(_study(), lam0=30.0)
+    study = script.pool([_study(r=4.0), _study(r=8.0)])
+    assert study["fit"]["exponent"] == pytest.approx(1.5, rel=1e-9)
+    assert [(row["noise"], row["R"], row["problems"]) for row in study["summary"][:3]] == [
+        (0.0, 4.0, 2), (0.0, 8.0, 2), (0.01, 4.0, 2)]
+    rule = script.rule_from_study(study, lam0=30.0, max_factor=100.0)
     for s in (0.005, 0.01, 0.05):
         assert 30.0 * rule.factor(s) == pytest.approx(0.01 * s ** -1.5, rel=1e-9)
     # outside the measured σ it is held at the measured extremes
-    assert 30.0 * rule.factor(0.001) == pytest.approx(0.01 * 0.004 ** -1.5, rel=1e-9)
-    assert 30.0 * rule.factor(1.0) == pytest.approx(0.01 * 0.064 ** -1.5, rel=1e-9)
-    assert rule.measured["problems"] == 5 and rule.measured["val_data"] == "data2d_val"
+    assert 30.0 * rule.factor(0.001) == pytest.approx(0.01 * 0.0036 ** -1.5, rel=1e-9)
+    assert 30.0 * rule.factor(1.0) == pytest.approx(0.01 * 0.0704 ** -1.5, rel=1e-9)
+    assert rule.measured["problems"] == 20 and rule.measured["val_data"] == "data2d_val"
+    # by default λ is only ever lowered
+    capped = script.rule_from_study(study, lam0=30.0)
+    assert capped.max_factor == 1.0 and capped.factor(0.001) == 1.0
+    assert capped.factor(0.05) == rule.factor(0.05) < 1.0
 
 
 @pytest.mark.parametrize("change,message", [
     (lambda s: s.update(fit=None), "no fit"),
     (lambda s: s["fit"].update(exponent=-0.2), "does not fall"),
+    (lambda s: s.update(fit=None), "no fit"),
 ])
 def test_a_study_without_a_falling_fit_is_refused(script, change, message: str) -> None:
-    study = _study()
+    study = script.pool([_study()])
     change(study)
     with pytest.raises(ValueError, match=message):
         script.rule_from_study(study, lam0=30.0)
@@ -71,14 +79,17 @@ def test_main_writes_the_rule_and_the_card_section(script, tmp_path: Path, capsy
         assert script.main([str(ckpt), "--study", str(study), "--out", str(out),
                             "--card", str(card)]) == 0
     loaded, before = load_checkpoint(out), load_checkpoint(ckpt)
-    assert loaded.lam_noise is not None and loaded.lam_noise.exponent == 1.5
+    assert loaded.lam_noise is not None
+    assert loaded.lam_noise.exponent == pytest.approx(1.5, rel=1e-9)
     assert loaded.metadata == before.metadata and loaded.mol_config == before.mol_config
     assert loaded.certificate["verdict"] == "monotone"
     text = card.read_text()
     assert text.count(script.SECTION) == 1 and text.startswith("# m\n\nintro\n\n## Certificate")
-    assert "| 0.01 | 0.0080 |" in text
+    assert "| 6 | 0.01 | 0.0080 |" in text
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({**_study(), "fit": None}))
+    one_level = _study()
+    one_level["records"] = [{**r, "sigma": 0.01} for r in one_level["records"]]
+    bad.write_text(json.dumps(one_level))
     capsys.readouterr()
     assert script.main([str(ckpt), "--study", str(bad), "--out", str(tmp_path / "x.pt")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
