@@ -7,11 +7,11 @@ Usage::
 MOL's λ (the weight of the data term) is tuned on simulated data, and a real scan's
 signal-to-noise ratio after the normalisation (``molrecon.physics.scaling``: the
 99th percentile of the zero-filled image is brought to 1) can lie far outside the
-training's range. This prints, per file, the scale and a robust noise estimate: the median
-absolute deviation (÷ 0.6745) of the real and imaginary parts of the normalised k-space
-over its *sampled* points in the outer sixteenth of the two largest spatial axes (where
-the signal of an image has fallen to the noise). The periphery still holds some
-signal, so the value is an upper bound of σ, comparable between files of similar matrix.
+training's range. This prints, per file, the scale and the noise level σ that reconstruction estimates
+(:func:`molrecon.physics.noise.periphery_sigma`: the median absolute deviation ÷ 0.6745
+of the real and imaginary parts of the normalised k-space over its acquired, non-zero
+samples in the outer sixteenth of the two largest spatial axes), the median over the
+file's slices (series, volumes).
 """
 
 from __future__ import annotations
@@ -25,27 +25,8 @@ import torch
 
 from molrecon.errors import MolreconError
 from molrecon.io.detect import read_raw
+from molrecon.physics.noise import periphery_sigma
 from molrecon.physics.scaling import scale_factor
-
-
-def periphery_sigma(kn: np.ndarray, mask: np.ndarray) -> float:
-    """MAD noise estimate of normalised k-space ``kn`` (B, C, D, Y, X) over the sampled
-    points of the outer sixteenth of its two largest spatial axes."""
-    spatial = (2, 3, 4)
-    a, b = sorted(sorted(spatial, key=lambda ax: kn.shape[ax])[-2:])
-    sel = np.zeros(kn.shape, dtype=bool)
-    for ax in (a, b):
-        n = kn.shape[ax]
-        e = max(1, n // 16)
-        idx = np.r_[0:e, n - e:n]
-        view = np.moveaxis(sel, ax, 0)
-        view[idx] = True
-    sel &= np.broadcast_to(mask, kn.shape)
-    v = kn[sel]
-    if v.size == 0:
-        raise ValueError("no sampled k-space points in the periphery")
-    parts = np.concatenate([v.real, v.imag])
-    return float(np.median(np.abs(parts - np.median(parts))) / 0.6745)
 
 
 def main() -> int:
@@ -60,14 +41,18 @@ def main() -> int:
                 scan = read_raw(path)
             k = torch.from_numpy(scan.kspace)
             s = scale_factor(k, torch.from_numpy(scan.mask), scan.kind)
-            kn = (k / s.reshape(-1, 1, 1, 1, 1)).numpy()
-            sigma = periphery_sigma(kn, np.asarray(scan.mask, dtype=bool))
+            kn = k / s.reshape(-1, 1, 1, 1, 1)
+            sigmas = periphery_sigma(kn, torch.from_numpy(np.asarray(scan.mask)), scan.kind)
+            if any(v is None for v in sigmas):
+                raise ValueError("too few acquired, non-zero k-space samples in the periphery")
         except (MolreconError, ValueError, OSError) as exc:
             msg = str(exc)            # molrecon's own errors already name the file
             print(f"error: {msg if path in msg else f'{path}: {msg}'}", file=sys.stderr)
             return 1
-        rows.append(f"| {path} | {tuple(kn.shape)} | {float(s[0]):.3g} | {sigma:.4f} |")
-    print("| file | k-space shape (B, C, D, Y, X) | scale | σ after normalisation |")
+        rows.append(f"| {path} | {tuple(kn.shape)} | {float(s.median()):.3g} | "
+                    f"{float(np.median(sigmas)):.4f} |")
+    print("| file | k-space shape (B, C, D, Y, X) | scale (median over items) | "
+          "σ after normalisation (median over items) |")
     print("|---|---|---:|---:|")
     print("\n".join(rows))
     return 0
