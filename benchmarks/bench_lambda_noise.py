@@ -12,9 +12,9 @@ normalised data) and every validation problem (the same masks at every level), t
 finds the λ of the best PSNR of the full MOL reconstruction against the noise-free
 reference: it solves at the checkpoint's λ₀ and at λ₀·2^±1, walks by octaves towards
 the better side while the PSNR rises, and refines with a parabola in log λ. It records
-the problem's noise level σ as reconstruction estimates it
-(:func:`molrecon.physics.noise.periphery_sigma` on the normalised, undersampled
-k-space), prints per level the mean PSNR at λ₀ and at the best λ beside CG-SENSE, and
+the problem's noise level σ and effective acceleration R as reconstruction estimates
+them (:func:`molrecon.physics.noise.periphery_sigma` on the normalised, undersampled
+k-space; :func:`~molrecon.physics.noise.effective_acceleration`), prints per level the mean PSNR at λ₀ and at the best λ beside CG-SENSE, and
 fits log λ* = a + b·log σ over all problems by least squares: the rule
 λ(σ) = λ₀(σ₀/σ)^p that ``molrecon`` applies (:class:`molrecon.physics.noise.NoiseLambdaRule`).
 """
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from molrecon.deq.mol import MolStep
     from molrecon.models.checkpoint import load_checkpoint
-    from molrecon.physics.noise import periphery_sigma
+    from molrecon.physics.noise import effective_acceleration, periphery_sigma
     from molrecon.train import TrainConfig, evaluate, make_problem
     from molrecon.train.data import MaskSpec, list_raw_files, load_folder
 
@@ -116,20 +116,25 @@ def main(argv: list[str] | None = None) -> int:
                     rng = np.random.default_rng([args.seed, 5_151_515, int(r * 10), j])
                     p = make_problem(val.samples[int(i)], val.kind, spec, rng, level, "cpu")
                     sigma = periphery_sigma(p.kspace, p.op.mask, val.kind)[0]
+                    accel = effective_acceleration(p.op.mask, 1)[0]
                     out: dict[str, float] = {}
+                    its: dict[str, float] = {}
 
                     def solve(lam: float) -> float:
                         step = MolStep(loaded.model, replace(loaded.mol_config, lam=lam,
                                                              learn_lam=False))
                         m = evaluate(step, [p], cfg)
                         out["sense"] = float(m["val_sense_psnr"])
+                        its[str(lam)] = float(m["val_iterations"])
                         return float(m["val_psnr"]) if m["val_psnr"] is not None else -1e9
 
                     seen = search(solve, lam0, lo, hi)
                     lams = sorted(seen)
                     best = best_lambda(lams, [seen[v] for v in lams])
                     rec = {"noise": level, "R": r, "mask": fam, "sample": int(i), "sigma": sigma,
-                           "psnr": {str(v): seen[v] for v in lams}, "best_lambda": best,
+                           "accel": accel, "psnr": {str(v): seen[v] for v in lams},
+                           "iterations": {str(v): its[str(v)] for v in lams},
+                           "best_lambda": best,
                            "best_psnr": max(seen.values()), "psnr_at_lam0": seen[lam0],
                            "sense_psnr": out["sense"]}
                     records.append(rec)

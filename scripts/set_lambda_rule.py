@@ -36,13 +36,19 @@ def pool(studies: list[dict]) -> dict:
     import numpy as np
 
     records = [r for st in studies for r in st["records"]]
-    xs = [math.log(float(r["sigma"])) for r in records]
-    ys = [math.log(float(r["best_lambda"])) for r in records]
+    xs = np.log([float(r["sigma"]) for r in records])
+    ys = np.log([float(r["best_lambda"]) for r in records])
+    with_r = all("accel" in r for r in records)
+    rs = np.log([float(r["accel"]) for r in records]) if with_r else np.zeros_like(xs)
     fit = None
-    if len(set(xs)) >= 2:
-        slope, icpt = np.polyfit(xs, ys, 1)
-        resid = np.asarray(ys) - (icpt + slope * np.asarray(xs))
-        fit = {"exponent": float(-slope), "log_intercept": float(icpt),
+    if len(set(xs.tolist())) >= 2:
+        use_r = with_r and len(set(np.round(rs, 6).tolist())) >= 2
+        cols = [np.ones_like(xs), xs] + ([rs] if use_r else [])
+        coef, *_ = np.linalg.lstsq(np.stack(cols, axis=1), ys, rcond=None)
+        resid = ys - np.stack(cols, axis=1) @ coef
+        fit = {"exponent": float(-coef[1]), "log_intercept": float(coef[0]),
+               "accel_exponent": float(coef[2]) if use_r else 0.0,
+               "accel_ref": float(np.exp(rs.mean())) if use_r else 1.0,
                "rms_log_residual": float(np.sqrt(np.mean(resid ** 2)))}
     summary = []
     for key in sorted({(float(r["noise"]), float(r["R"])) for r in records}):
@@ -50,6 +56,8 @@ def pool(studies: list[dict]) -> dict:
         summary.append({
             "noise": key[0], "R": key[1], "problems": len(rs),
             "sigma": float(np.exp(np.mean([math.log(r["sigma"]) for r in rs]))),
+            "accel": (float(np.exp(np.mean([math.log(r["accel"]) for r in rs])))
+                      if all("accel" in r for r in rs) else None),
             "sense_psnr": float(np.mean([r["sense_psnr"] for r in rs])),
             "psnr_at_lam0": float(np.mean([r["psnr_at_lam0"] for r in rs])),
             "best_psnr": float(np.mean([r["best_psnr"] for r in rs])),
@@ -70,36 +78,43 @@ def rule_from_study(study: dict, lam0: float, max_factor: float = 1.0):  # type:
     p = float(fit["exponent"])
     if not p > 0:
         raise ValueError(f"the fitted exponent is {p:.3g}: the best λ does not fall with σ")
-    sigma_ref = (math.exp(float(fit["log_intercept"])) / lam0) ** (1.0 / p)
+    q = float(fit.get("accel_exponent", 0.0))
+    r_ref = float(fit.get("accel_ref", 1.0))
+    # λ₀ = e^a·σ₀^(−p)·R₀^q: σ₀ is where the fit gives λ₀ at the studies' typical R₀
+    sigma_ref = (math.exp(float(fit["log_intercept"])) * r_ref ** q / lam0) ** (1.0 / p)
     best = [float(r["best_lambda"]) for r in study["records"]]
     lo, hi = min(best) / lam0, min(max(best) / lam0, max_factor)
-    keys = ("noise", "R", "problems", "sigma", "sense_psnr", "psnr_at_lam0", "best_psnr", "best_lambda")
+    keys = ("noise", "R", "problems", "sigma", "accel", "sense_psnr", "psnr_at_lam0", "best_psnr", "best_lambda")
     summary = [{k: row[k] for k in keys if k in row} for row in study["summary"]]
     measured = {"by": "benchmarks/bench_lambda_noise.py", "val_data": Path(study["val_data"]).name,
                 "problems": len(study["records"]), "lam0": lam0, "fit": fit,
                 "summary": summary}
     return NoiseLambdaRule(sigma_ref=sigma_ref, exponent=p, min_factor=min(lo, 1.0),
-                           max_factor=max(hi, 1.0), measured=measured)
+                           max_factor=max(hi, 1.0), measured=measured, accel_ref=r_ref,
+                           accel_exponent=q)
 
 
 def card_section(rule, lam0: float) -> str:  # type: ignore[no-untyped-def]
     """The model card's section on the rule: what it is, and the study's table."""
     m = rule.measured or {}
     rows = "\n".join(
-        f"| {r['R']:g} | {r['noise']:g} | {r['sigma']:.4f} | {r['sense_psnr']:.2f} | {r['psnr_at_lam0']:.2f} | "
-        f"{r['best_psnr']:.2f} | {r['best_lambda']:.3g} | {lam0 * rule.factor(r['sigma']):.3g} |"
+        f"| {r['R']:g}" + (f" ({r['accel']:.2f})" if r.get("accel") else "")
+        + f" | {r['noise']:g} | {r['sigma']:.4f} | {r['sense_psnr']:.2f} | {r['psnr_at_lam0']:.2f} | "
+        f"{r['best_psnr']:.2f} | {r['best_lambda']:.3g} | {lam0 * rule.factor(r['sigma'], r.get('accel')):.3g} |"
         for r in m.get("summary", []))
     return f"""{SECTION}
 
 `molrecon reconstruct` sets λ per slice (series, volume) from the noise level σ of its
-normalised k-space (`--lam auto`, the default; `--lam fixed` keeps λ = {lam0:.4g}):
-λ(σ) = {lam0:.4g} · clip((σ₀/σ)^p, {rule.min_factor:.3g}, {rule.max_factor:.3g}) with
-σ₀ = {rule.sigma_ref:.4g} and p = {rule.exponent:.3f}, fitted by `{m.get('by', '?')}` on
+normalised k-space and its effective acceleration R (phase-encoding positions over those
+acquired) (`--lam auto`, the default; `--lam fixed` keeps λ = {lam0:.4g}):
+λ(σ, R) = {lam0:.4g} · clip((σ₀/σ)^p · (R/R₀)^q, {rule.min_factor:.3g}, {rule.max_factor:.3g})
+with σ₀ = {rule.sigma_ref:.4g}, p = {rule.exponent:.3f}, R₀ = {rule.accel_ref:.3g} and
+q = {rule.accel_exponent:.3f}, fitted by `{m.get('by', '?')}` on
 {m.get('problems', '?')} problems from `{m.get('val_data', '?')}` (noise added to the fully
 sampled k-space before undersampling; PSNR against the noise-free reference; σ as
 reconstruction estimates it). Mean PSNR (dB) per noise level:
 
-| R | extra noise | σ | CG-SENSE | MOL at λ {lam0:.4g} | MOL at each problem's best λ | best λ (geometric mean) | the rule's λ |
+| R (effective) | extra noise | σ | CG-SENSE | MOL at λ {lam0:.4g} | MOL at each problem's best λ | best λ (geometric mean) | the rule's λ |
 |---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 """
@@ -140,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rule = rule_from_study(study, float(loaded.mol_config.lam), args.max_factor)
     lam0 = float(loaded.mol_config.lam)
-    print(f"λ(σ) = {lam0:.4g}·clip(({rule.sigma_ref:.4g}/σ)^{rule.exponent:.3f}, "
+    print(f"λ(σ, R) = {lam0:.4g}·clip(({rule.sigma_ref:.4g}/σ)^{rule.exponent:.3f}"
+          f"·(R/{rule.accel_ref:.3g})^{rule.accel_exponent:.3f}, "
           f"{rule.min_factor:.3g}, {rule.max_factor:.3g})")
     for s in (0.003, 0.005, 0.01, 0.017, 0.03, 0.05, 0.08):
-        print(f"  σ {s:<6g} → λ {lam0 * rule.factor(s):.3g}")
+        print(f"  σ {s:<6g} → λ " + ", ".join(
+            f"{lam0 * rule.factor(s, r):.3g} (R {r:g})" for r in (3, 4, 6)))
     if args.check_only:
         return 0
     if args.out is None:

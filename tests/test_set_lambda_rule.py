@@ -94,3 +94,21 @@ def test_main_writes_the_rule_and_the_card_section(script, tmp_path: Path, capsy
     assert script.main([str(ckpt), "--study", str(bad), "--out", str(tmp_path / "x.pt")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no fit" in err[0] and str(bad) in err[0] and not (tmp_path / "x.pt").exists()
+
+
+def test_an_acceleration_term_is_fitted_when_the_studies_record_it(script) -> None:
+    """λ* = 0.01·σ^(−1.5)·R²: the pooled fit finds both exponents and the rule gives λ*."""
+    studies = []
+    for r in (3.2, 4.3, 5.5):
+        st = _study(r=r)
+        st["records"] = [{**rec, "accel": r, "best_lambda": rec["best_lambda"] * r ** 2}
+                         for rec in st["records"]]
+        studies.append(st)
+    study = script.pool(studies)
+    fit = study["fit"]
+    assert fit["exponent"] == pytest.approx(1.5, rel=1e-6)
+    assert fit["accel_exponent"] == pytest.approx(2.0, rel=1e-6)
+    rule = script.rule_from_study(study, lam0=30.0, max_factor=1e6)
+    for s, r in ((0.01, 3.2), (0.03, 5.5), (0.005, 4.3)):
+        assert 30.0 * rule.factor(s, r) == pytest.approx(0.01 * s ** -1.5 * r ** 2, rel=1e-6)
+    assert study["summary"][0]["accel"] == pytest.approx(3.2)

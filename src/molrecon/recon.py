@@ -398,7 +398,7 @@ def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str
 
         scales = run.engine.lam_scales(kn, op.mask, scan.kind)
         res = run.engine.solve(op, kn, x_sense, on_iteration=on_iteration,
-                               lam_scale=None if scales is None else scales[1])
+                               lam_scale=None if scales is None else scales[2])
         run.timings["mol_s"] += time.perf_counter() - t0
         run.out[sl] = (res.x * unscale).cpu().numpy()
         chunk_info.update(run.engine.describe(res))
@@ -407,7 +407,8 @@ def _reconstruct_chunk(run: _Run, sl: slice, ci: int, n_chunks: int) -> dict[str
             chunk_info["lambda"] = [float(f"{lam0:.6g}")] * int(kn.shape[0])
         else:
             chunk_info["noise_sigma"] = scales[0]
-            chunk_info["lambda"] = [float(f"{lam0 * f:.6g}") for f in scales[1]]
+            chunk_info["effective_acceleration"] = [round(r, 4) for r in scales[1]]
+            chunk_info["lambda"] = [float(f"{lam0 * f:.6g}") for f in scales[2]]
     return chunk_info
 
 
@@ -445,10 +446,10 @@ def _report(run: _Run, per_chunk: list[dict[str, Any]], *, batch: int, wall: flo
         its = [int(i) for c in per_chunk for i in c.get("iterations", [])]
         report["iterations_per_item"] = its
         report["lambda_per_item"] = [float(v) for c in per_chunk for v in c.get("lambda", [])]
-        if any("noise_sigma" in c for c in per_chunk):
-            report["noise_sigma_per_item"] = [c.get("noise_sigma", [None] * len(c["lambda"]))[i]
-                                              for c in per_chunk
-                                              for i in range(len(c.get("lambda", [])))]
+        for key in ("noise_sigma", "effective_acceleration"):
+            if any(key in c for c in per_chunk):
+                report[key + "_per_item"] = [v for c in per_chunk
+                                             for v in c.get(key, [None] * len(c["lambda"]))]
         report["iterations"] = max(its) if its else 0
         report["final_residual"] = max((r for c in per_chunk for r in c.get("final_residual", [])),
                                        default=None)

@@ -91,7 +91,8 @@ def test_lambda_from_the_noise_level_of_each_slice(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = MolCNN(CNNConfig(dims=2, layers=3, channels=6), "lr")
-    rule = NoiseLambdaRule(sigma_ref=0.01, exponent=0.7, min_factor=0.05, max_factor=8.0)
+    rule = NoiseLambdaRule(sigma_ref=0.01, exponent=0.7, min_factor=0.05, max_factor=8.0,
+                           accel_ref=4.0, accel_exponent=0.5)
     weights = save_checkpoint(tmp_path / "ruled.pt", model,
                               MolConfig(alpha=1.0, lam=30.0, cg_iters=4), lam_noise=rule)
     assert load_checkpoint(weights).lam_noise == rule
@@ -110,7 +111,10 @@ def test_lambda_from_the_noise_level_of_each_slice(tmp_path: Path) -> None:
     sig = auto.report["noise_sigma_per_item"]
     lams = auto.report["lambda_per_item"]
     assert sig[1] > 2 * sig[0]
-    assert lams == pytest.approx([30.0 * rule.factor(s) for s in sig], rel=1e-5)
+    accel = auto.report["effective_acceleration_per_item"]
+    assert accel == pytest.approx([scan.acceleration] * 2, rel=1e-3)
+    assert lams == pytest.approx([30.0 * rule.factor(s, r) for s, r in zip(sig, accel)],
+                                 rel=1e-5)
     assert lams[1] < lams[0]
     assert auto.report["lambda_noise_rule"]["exponent"] == 0.7
     fixed = reconstruct(scan, ReconConfig(**cfg, lam="fixed"))

@@ -101,3 +101,29 @@ def test_rule_record_round_trip() -> None:
         NoiseLambdaRule.from_record({"sigma_ref": 0.005}, path="m.pt")
     with pytest.raises(CheckpointError, match="lam_noise"):
         NoiseLambdaRule.from_record([0.005], path="m.pt")
+
+
+def test_effective_acceleration_per_item() -> None:
+    from molrecon.physics.noise import effective_acceleration
+
+    mask = torch.zeros(2, 1, 1, 60, 1)
+    mask[0, ..., ::3, :] = 1                                   # 20 of 60 lines
+    mask[1, ..., ::4, :] = 1
+    mask[1, ..., 28:32, :] = 1                                 # 15 + 3 calibration lines
+    assert effective_acceleration(mask, 2) == [3.0, pytest.approx(60 / 18)]
+    series = torch.zeros(1, 1, 4, 60, 1)
+    series[..., ::6, :] = 1                                    # 10 lines in each of 4 frames
+    assert effective_acceleration(series, 3) == [6.0, 6.0, 6.0]
+
+
+def test_rule_with_an_acceleration_term() -> None:
+    rule = NoiseLambdaRule(sigma_ref=0.01, exponent=1.5, min_factor=0.05, max_factor=8.0,
+                           accel_ref=4.0, accel_exponent=2.0)
+    assert rule.factor(0.01, 4.0) == 1.0
+    assert rule.factor(0.01, 8.0) == pytest.approx(4.0)
+    assert rule.factor(0.02, 8.0) == pytest.approx(4.0 * 2 ** -1.5)
+    assert rule.factor(0.01) == 1.0 and rule.factor(None, 8.0) == 1.0
+    assert rule.factor(0.01, 100.0) == 8.0
+    assert NoiseLambdaRule.from_record(rule.record()) == rule
+    old = {"sigma_ref": 0.01, "exponent": 1.5, "min_factor": 0.05, "max_factor": 8.0}
+    assert NoiseLambdaRule.from_record(old).factor(0.01, 8.0) == 1.0    # no R term recorded

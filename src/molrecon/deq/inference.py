@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import LoadedModel
-from ..physics.noise import NoiseLambdaRule, periphery_sigma
+from ..physics.noise import NoiseLambdaRule, effective_acceleration, periphery_sigma
 from ..physics.sense import SenseOperator
 from .accel import FastDataConsistency, fast_prior, fast_step, resolve_precision
 from .fixed_point import FixedPointConfig, FixedPointResult, solve_fixed_point
@@ -109,13 +109,15 @@ class MolEngine:
                    fast=fast, lam_rule=rule)
 
     def lam_scales(self, kspace: torch.Tensor, mask: torch.Tensor, kind: str
-                   ) -> tuple[list[float | None], list[float]] | None:
-        """Each item's noise level σ and its λ factor under the engine's rule, for normalised
-        Cartesian ``kspace`` (b, C, D, Y, X) acquired on ``mask``; None without a rule."""
+                   ) -> tuple[list[float | None], list[float], list[float]] | None:
+        """Each item's noise level σ, effective acceleration R and λ factor under the engine's
+        rule, for normalised Cartesian ``kspace`` (b, C, D, Y, X) acquired on ``mask``;
+        None without a rule."""
         if self.lam_rule is None:
             return None
         sigmas = periphery_sigma(kspace, mask, kind)
-        return sigmas, [self.lam_rule.factor(s) for s in sigmas]
+        accels = effective_acceleration(mask, int(kspace.shape[0]))
+        return sigmas, accels, [self.lam_rule.factor(s, r) for s, r in zip(sigmas, accels)]
 
     def solve(self, op: SenseOperator, kspace: torch.Tensor, x0: torch.Tensor, *,
               on_iteration: Callable[[int, float], None] | None = None,

@@ -8,15 +8,20 @@ the right weight depends on how noisy the normalised data are: a λ tuned on sim
 brains (noise σ ≈ 0.004–0.007 after the normalisation) lets the noise of a 2-coil
 phantom (σ ≈ 0.05) through, and the prior then shapes it into texture. Compressed
 sensing users retune their λ per scan for the same reason. Here the checkpoint carries
-a rule, measured on validation data at several noise levels
+a rule, measured on validation data at several noise levels and accelerations
 (``benchmarks/bench_lambda_noise.py``)::
 
-    λ(σ) = λ₀ · clip((σ₀ / σ)^p, f_min, f_max)
+    λ(σ, R) = λ₀ · clip((σ₀ / σ)^p · (R / R₀)^q, f_min, f_max)
 
-with λ₀ the checkpoint's λ, σ₀ the noise level it was tuned at, p the measured
-exponent and [f_min, f_max] the range of factors the measurement covered. σ is
-estimated per batch item (slice, series or volume), so a slice with little signal
-(a larger σ after its own normalisation) is regularised more.
+with λ₀ the checkpoint's λ, σ₀ and R₀ a noise level and acceleration where the fit
+gives λ₀, p and q the measured exponents and [f_min, f_max] the range of factors the
+measurement covered. The best λ also grows with the acceleration (fewer samples leave
+more to the prior, whose bias then outweighs the noise the data term lets through),
+so q is fitted too (0: no dependence). σ and R are taken per batch item (slice, series
+or volume), so a slice with little signal (a larger σ after its own normalisation) is
+regularised more. R is the effective acceleration: the phase-encoding positions
+(over all frames of a series) divided by those acquired, calibration lines included
+(:func:`effective_acceleration`).
 
 The estimate
 ------------
@@ -48,6 +53,18 @@ PERIPHERY = 1.0 / 16.0
 MIN_SAMPLES = 64
 #: MAD → standard deviation of a Gaussian.
 _MAD_TO_STD = 1.0 / 0.6745
+
+
+def effective_acceleration(mask: torch.Tensor, batch: int) -> list[float]:
+    """Phase-encoding positions / acquired positions per batch item of a sampling ``mask``
+    (B|1, 1, D, Y, 1 or broadcastable to it; non-zero = acquired), for ``batch`` items."""
+    m = (mask != 0)
+    if m.ndim != 5:
+        raise ValueError(f"mask must be (B, 1, D, Y, 1), got {tuple(mask.shape)}")
+    m = m.any(dim=(1, 4))                                                  # (B|1, D, Y)
+    m = torch.broadcast_to(m, (batch,) + tuple(m.shape[1:]))
+    total = m.shape[1] * m.shape[2]
+    return [float(total / max(int(c), 1)) for c in m.reshape(batch, -1).sum(dim=1).tolist()]
 
 
 def periphery_sigma(kspace: torch.Tensor, mask: torch.Tensor, kind: str) -> list[float | None]:
@@ -85,7 +102,8 @@ def periphery_sigma(kspace: torch.Tensor, mask: torch.Tensor, kind: str) -> list
 
 @dataclass(frozen=True)
 class NoiseLambdaRule:
-    """λ(σ) = λ₀ · clip((sigma_ref / σ)^exponent, min_factor, max_factor) (module docstring).
+    """λ(σ, R) = λ₀ · clip((sigma_ref / σ)^exponent · (R / accel_ref)^accel_exponent,
+    min_factor, max_factor) (module docstring).
 
     ``measured`` keeps how the rule was obtained (plain JSON: the data, the noise levels,
     the best λ per level), for the model card.
@@ -96,20 +114,28 @@ class NoiseLambdaRule:
     min_factor: float
     max_factor: float
     measured: dict[str, Any] | None = None
+    accel_ref: float = 1.0
+    accel_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         ok = (math.isfinite(self.sigma_ref) and self.sigma_ref > 0
               and math.isfinite(self.exponent) and self.exponent >= 0
+              and math.isfinite(self.accel_ref) and self.accel_ref > 0
+              and math.isfinite(self.accel_exponent)
               and 0 < self.min_factor <= 1.0 <= self.max_factor < math.inf)
         if not ok:
             raise ValueError(f"invalid λ noise rule: σ₀ {self.sigma_ref}, p {self.exponent}, "
+                             f"R₀ {self.accel_ref}, q {self.accel_exponent}, "
                              f"factors [{self.min_factor}, {self.max_factor}]")
 
-    def factor(self, sigma: float | None) -> float:
-        """The factor λ/λ₀ at noise level ``sigma`` (1 when there is no estimate)."""
+    def factor(self, sigma: float | None, accel: float | None = None) -> float:
+        """The factor λ/λ₀ at noise level ``sigma`` and effective acceleration ``accel``
+        (1 when there is no noise estimate; no acceleration term without ``accel``)."""
         if sigma is None or not sigma > 0:
             return 1.0
         f = (self.sigma_ref / sigma) ** self.exponent
+        if accel is not None and accel > 0 and self.accel_exponent:
+            f *= (accel / self.accel_ref) ** self.accel_exponent
         return float(min(max(f, self.min_factor), self.max_factor))
 
     def record(self) -> dict[str, Any]:
@@ -130,9 +156,11 @@ class NoiseLambdaRule:
                 raise TypeError("'measured' is not a mapping")
             return cls(sigma_ref=float(obj["sigma_ref"]), exponent=float(obj["exponent"]),
                        min_factor=float(obj["min_factor"]), max_factor=float(obj["max_factor"]),
-                       measured=measured)
+                       measured=measured, accel_ref=float(obj.get("accel_ref", 1.0)),
+                       accel_exponent=float(obj.get("accel_exponent", 0.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"malformed 'lam_noise' entry ({exc})", path=path) from exc
 
 
-__all__ = ["MIN_SAMPLES", "PERIPHERY", "NoiseLambdaRule", "periphery_sigma"]
+__all__ = ["MIN_SAMPLES", "PERIPHERY", "NoiseLambdaRule", "effective_acceleration",
+           "periphery_sigma"]
