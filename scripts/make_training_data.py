@@ -9,6 +9,8 @@ and matrix vary, so the model does not learn one coil array or one SNR.
     python scripts/make_training_data.py --kind 2dt --out runs/data2dt
     python scripts/make_training_data.py --kind 3d --out runs/data3d
     python scripts/make_training_data.py --kind 2dt --anatomy torso --out runs/data2dt_torso
+    python scripts/make_training_data.py --kind 2d --out runs/data2d_clean --train 0 --val 8 \
+        --noise-scale 0.05      (nearly noise-free validation references: runs/data2d_clean_val)
 
 ``--anatomy torso`` makes cardiac-like cine series instead of brain ones: short-axis
 slices of the procedural chest (``molrecon.sim.torso``) over 320 × 256 mm at 2 mm,
@@ -51,11 +53,16 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=8, help="validation files")
     ap.add_argument("--val-out", type=Path, help="folder of the validation files (default: OUT_val)")
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--noise-scale", type=float, default=1.0,
+                    help="multiply every variant's noise by this (e.g. 0.05: nearly noise-free "
+                         "references, to which benchmarks/bench_lambda_noise.py adds known noise)")
     ap.add_argument("--anatomy", choices=("brain", "torso"), default="brain",
                     help="torso: cardiac-like cine series (2dt only)")
     args = ap.parse_args()
     if args.anatomy == "torso" and args.kind != "2dt":
         ap.error("--anatomy torso makes 2dt series only")
+    if not args.noise_scale >= 0:
+        ap.error("--noise-scale must be >= 0")
     folders = {"train": args.out, "val": args.val_out or args.out.with_name(args.out.name + "_val")}
     variants = VARIANTS[args.kind] if args.anatomy == "brain" else TORSO_VARIANTS
     for split, count in (("train", args.train), ("val", args.val)):
@@ -70,6 +77,7 @@ def main() -> None:
             n = min(per_group, count - written)
             if args.anatomy == "torso":
                 coils, noise, contraction, drift = variant
+                noise *= args.noise_scale
                 base = SimulationConfig(kind="2dt", anatomy="torso", coils=coils, noise=noise,
                                         matrix=(160, 128), fov_mm=(320.0, 256.0), frames=12,
                                         contraction=contraction, motion_mm=drift,
@@ -77,6 +85,7 @@ def main() -> None:
                 matrix = base.matrix
             else:
                 coils, noise, matrix = variant
+                noise *= args.noise_scale
                 base = SimulationConfig(kind=args.kind, coils=coils, noise=noise, matrix=matrix,
                                         acceleration=1.0, seed=args.seed + 1000 * g)
             if args.kind == "2dt":
