@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_lambda_noise.py CHECKPOINT --val-data DIR \
-        [--noise 0,0.015,0.04,0.1] [--octaves -5,3] [-R 6] [--mask equispaced] \
+        [--noise 0,0.015,0.04,0.1] [--octaves=-5,3] [-R 6] [--mask equispaced] \
         [--samples 4] [--threads 1] [--json F]
 
 For every extra noise level (complex white noise of that standard deviation added to
@@ -14,9 +14,14 @@ reference: it solves at the checkpoint's λ₀ and at λ₀·2^±1, walks by oct
 the better side while the PSNR rises, and refines with a parabola in log λ. It records
 the problem's noise level σ and effective acceleration R as reconstruction estimates
 them (:func:`molrecon.physics.noise.periphery_sigma` on the normalised, undersampled
-k-space; :func:`~molrecon.physics.noise.effective_acceleration`), prints per level the mean PSNR at λ₀ and at the best λ beside CG-SENSE, and
-fits log λ* = a + b·log σ over all problems by least squares: the rule
-λ(σ) = λ₀(σ₀/σ)^p that ``molrecon`` applies (:class:`molrecon.physics.noise.NoiseLambdaRule`).
+k-space; :func:`~molrecon.physics.noise.effective_acceleration`), prints per level the
+mean PSNR at λ₀ and at the best λ beside CG-SENSE, and fits log λ* = a + b·log σ over
+all problems by least squares (``scripts/set_lambda_rule.py`` fits R's exponent too and
+writes the rule λ(σ, R) = λ₀(σ₀/σ)^p(R/R₀)^q that ``molrecon`` applies,
+:class:`molrecon.physics.noise.NoiseLambdaRule`). The reference is the validation file's
+fully sampled image, noise included: make the files nearly noise-free
+(``scripts/make_training_data.py --noise-scale 0.05``) so that a λ which lets the noise
+through is not rewarded for matching the reference's own noise.
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", default="0,0.015,0.04,0.1",
                     help="extra noise standard deviations (normalised units)")
     ap.add_argument("--octaves", default="-5,3",
-                    help="λ searched over the checkpoint's λ times 2^k, k in this range")
+                    help="λ searched over the checkpoint's λ times 2^k, k in this range "
+                         "(write --octaves=-6,3)")
     ap.add_argument("-R", "--accelerations", default="6")
     ap.add_argument("--mask", default="equispaced")
     ap.add_argument("--acs", type=int, default=16)
@@ -91,19 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     from molrecon.models.checkpoint import load_checkpoint
     from molrecon.physics.noise import effective_acceleration, periphery_sigma
     from molrecon.train import TrainConfig, evaluate, make_problem
-    from molrecon.train.data import MaskSpec, list_raw_files, load_folder
+    from molrecon.errors import MolreconError
+    from molrecon.train.data import MaskSpec
+    from molrecon.train.validate import spread_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)
-    val = load_folder(list_raw_files(args.val_data), None,
-                      warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    if not val.samples:
-        print(f"error: {args.val_data}: no usable validation scans", file=sys.stderr)
+    try:
+        val, idx = spread_samples(args.val_data, args.samples,
+                                  warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    except MolreconError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     cfg = TrainConfig(data=str(args.val_data), out="unused.pt", fwd_max_iter=100)
-    n = min(args.samples, len(val))
-    idx = np.linspace(0, len(val) - 1, n).round().astype(int)
     lam0 = float(loaded.mol_config.lam)
     lo, hi = (int(v) for v in args.octaves.split(","))
     levels = [float(v) for v in args.noise.split(",")]

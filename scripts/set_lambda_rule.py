@@ -66,7 +66,8 @@ def pool(studies: list[dict]) -> dict:
             "fit": fit}
 
 
-def rule_from_study(study: dict, lam0: float, max_factor: float = 1.0):  # type: ignore[no-untyped-def]
+def rule_from_study(study: dict, lam0: float,  # type: ignore[no-untyped-def]
+                    max_factor: float = 1.0):
     """The :class:`NoiseLambdaRule` of a ``bench_lambda_noise.py`` study (or :func:`pool` of
     several) for a model whose own λ is ``lam0``; the factor is capped at ``max_factor``
     and at the largest best λ the study found, and held at its smallest."""
@@ -84,7 +85,8 @@ def rule_from_study(study: dict, lam0: float, max_factor: float = 1.0):  # type:
     sigma_ref = (math.exp(float(fit["log_intercept"])) * r_ref ** q / lam0) ** (1.0 / p)
     best = [float(r["best_lambda"]) for r in study["records"]]
     lo, hi = min(best) / lam0, min(max(best) / lam0, max_factor)
-    keys = ("noise", "R", "problems", "sigma", "accel", "sense_psnr", "psnr_at_lam0", "best_psnr", "best_lambda")
+    keys = ("noise", "R", "problems", "sigma", "accel", "sense_psnr", "psnr_at_lam0",
+            "best_psnr", "best_lambda")
     summary = [{k: row[k] for k in keys if k in row} for row in study["summary"]]
     measured = {"by": "benchmarks/bench_lambda_noise.py", "val_data": Path(study["val_data"]).name,
                 "problems": len(study["records"]), "lam0": lam0, "fit": fit,
@@ -97,11 +99,13 @@ def rule_from_study(study: dict, lam0: float, max_factor: float = 1.0):  # type:
 def card_section(rule, lam0: float) -> str:  # type: ignore[no-untyped-def]
     """The model card's section on the rule: what it is, and the study's table."""
     m = rule.measured or {}
-    rows = "\n".join(
-        f"| {r['R']:g}" + (f" ({r['accel']:.2f})" if r.get("accel") else "")
-        + f" | {r['noise']:g} | {r['sigma']:.4f} | {r['sense_psnr']:.2f} | {r['psnr_at_lam0']:.2f} | "
-        f"{r['best_psnr']:.2f} | {r['best_lambda']:.3g} | {lam0 * rule.factor(r['sigma'], r.get('accel')):.3g} |"
-        for r in m.get("summary", []))
+    def row(r: dict) -> str:
+        accel = f" ({r['accel']:.2f})" if r.get("accel") else ""
+        lam = lam0 * rule.factor(r["sigma"], r.get("accel"))
+        return (f"| {r['R']:g}{accel} | {r['noise']:g} | {r['sigma']:.4f} | {r['sense_psnr']:.2f} "
+                f"| {r['psnr_at_lam0']:.2f} | {r['best_psnr']:.2f} | {r['best_lambda']:.3g} "
+                f"| {lam:.3g} |")
+    rows = "\n".join(row(r) for r in m.get("summary", []))
     return f"""{SECTION}
 
 `molrecon reconstruct` sets λ per slice (series, volume) from the noise level σ of its
@@ -111,10 +115,11 @@ acquired) (`--lam auto`, the default; `--lam fixed` keeps λ = {lam0:.4g}):
 with σ₀ = {rule.sigma_ref:.4g}, p = {rule.exponent:.3f}, R₀ = {rule.accel_ref:.3g} and
 q = {rule.accel_exponent:.3f}, fitted by `{m.get('by', '?')}` on
 {m.get('problems', '?')} problems from `{m.get('val_data', '?')}` (noise added to the fully
-sampled k-space before undersampling; PSNR against the noise-free reference; σ as
-reconstruction estimates it). Mean PSNR (dB) per noise level:
+sampled k-space before undersampling; PSNR against the file's fully sampled image; σ
+and R as reconstruction estimates them). Mean PSNR (dB) per acceleration and noise level:
 
-| R (effective) | extra noise | σ | CG-SENSE | MOL at λ {lam0:.4g} | MOL at each problem's best λ | best λ (geometric mean) | the rule's λ |
+| R (effective) | extra noise | σ | CG-SENSE | MOL at λ {lam0:.4g} | MOL at each problem's best λ \
+| best λ (geometric mean) | the rule's λ |
 |---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 """

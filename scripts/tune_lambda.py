@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     from molrecon.deq.mol import MolStep
     from molrecon.models.checkpoint import load_checkpoint, save_checkpoint
     from molrecon.train import TrainConfig, evaluate, make_problem
-    from molrecon.train.data import MaskSpec, list_raw_files, load_folder
+    from molrecon.errors import MolreconError
+    from molrecon.train.data import MaskSpec
+    from molrecon.train.validate import spread_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,14 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         loaded.model.scale_output(args.output_scale)
     if args.ensemble is not None:
         loaded.model.config = replace(loaded.model.config, ensemble=args.ensemble)
-    val = load_folder(list_raw_files(args.val_data), None,
-                      warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    if not val.samples:
-        print(f"error: {args.val_data}: no usable validation scans", file=sys.stderr)
+    try:
+        val, idx = spread_samples(args.val_data, args.samples,
+                                  warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    except MolreconError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     cfg = TrainConfig(data=str(args.val_data), out="unused.pt", fwd_max_iter=100)
-    n = min(args.samples, len(val))
-    idx = np.linspace(0, len(val) - 1, n).round().astype(int)
     problems = []
     for r in [float(v) for v in args.accelerations.split(",")]:
         for fam in [f for f in args.mask.split(",") if f]:

@@ -51,6 +51,22 @@ def spread_indices(n: int, k: int) -> list[int]:
     return [int(i) for i in np.linspace(0, n - 1, m).round()] if m > 0 else []
 
 
+def spread_samples(folder: str | Path, count: int, *,
+                   warn: Any = None) -> tuple[FolderDataset, list[int]]:
+    """The scans of a validation ``folder`` and ``count`` of their items spread over it
+    (:func:`spread_indices`), for the scripts that tune or measure on validation data;
+    an error naming the folder when it is missing or holds no usable scan."""
+    try:
+        val = load_folder(list_raw_files(folder), None, warn=warn)
+    except InputDataError as exc:
+        if exc.path is not None:
+            raise
+        raise InputDataError(exc.message, path=folder) from exc
+    if not val.samples:
+        raise ConfigError(f"{folder}: no usable validation scans")
+    return val, spread_indices(len(val), count)
+
+
 def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[Problem]:
     """Fixed validation problems (masks seeded per item, the same for every evaluation).
 
