@@ -21,7 +21,10 @@ writes the rule λ(σ, R) = λ₀(σ₀/σ)^p(R/R₀)^q that ``molrecon`` applie
 :class:`molrecon.physics.noise.NoiseLambdaRule`). The reference is the validation file's
 fully sampled image, noise included: make the files nearly noise-free
 (``scripts/make_training_data.py --noise-scale 0.05``) so that a λ which lets the noise
-through is not rewarded for matching the reference's own noise.
+through is not rewarded for matching the reference's own noise. The coil maps are
+estimated from each problem's calibration lines, as in reconstruction (``--maps
+espirit``): with the fully sampled file's maps the data term is exact, and a large λ
+is not charged for the map errors it passes on to the image.
 """
 
 from __future__ import annotations
@@ -49,6 +52,21 @@ def best_lambda(lams: list[float], psnrs: list[float]) -> float:
     if a >= 0:
         return float(math.exp(x[i]))
     return float(math.exp(min(max(-b / (2 * a), x[i - 1]), x[i + 1])))
+
+
+def with_acs_maps(p):  # type: ignore[no-untyped-def]
+    """The problem ``p`` with ESPIRiT maps from its own calibration region, normalised again as
+    reconstruction does (:func:`molrecon.problem.prepare`), its reference scaled alike."""
+    import torch
+
+    from molrecon.io.kspace import find_calibration_region
+    from molrecon.problem import prepare
+
+    mask = p.op.mask != 0                                               # (1, 1, D, Y, 1)
+    calib = torch.from_numpy(find_calibration_region(mask.cpu().numpy(), p.kind))
+    q = prepare(p.kspace, mask, calib.to(mask.device), p.kind)
+    s = q.scale.reshape(-1, 1, 1, 1).to(p.target.dtype)
+    return replace(q, target=p.target / s)
 
 
 def search(solve, lam0: float, lo: int, hi: int) -> dict[float, float]:
@@ -86,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask", default="equispaced")
     ap.add_argument("--acs", type=int, default=16)
     ap.add_argument("--samples", type=int, default=4, help="validation scans per mask")
+    ap.add_argument("--maps", choices=("espirit", "reference"), default="espirit",
+                    help="espirit: coil maps estimated from each problem's own calibration "
+                         "lines, as reconstruction does (default); reference: the maps of the "
+                         "fully sampled file (exact, which favours a large λ)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 for j, i in enumerate(idx):
                     rng = np.random.default_rng([args.seed, 5_151_515, int(r * 10), j])
                     p = make_problem(val.samples[int(i)], val.kind, spec, rng, level, "cpu")
+                    if args.maps == "espirit":
+                        p = with_acs_maps(p)
                     sigma = periphery_sigma(p.kspace, p.op.mask, val.kind)[0]
                     accel = effective_acceleration(p.op.mask, 1)[0]
                     out: dict[str, float] = {}
