@@ -91,9 +91,11 @@ def rule_from_study(study: dict, lam0: float,  # type: ignore[no-untyped-def]
     measured = {"by": "benchmarks/bench_lambda_noise.py", "val_data": Path(study["val_data"]).name,
                 "problems": len(study["records"]), "lam0": lam0, "fit": fit,
                 "summary": summary}
+    accels = [float(r["accel"]) for r in study["records"] if "accel" in r]
+    span = (min(accels), max(accels)) if q and accels else (1.0, math.inf)
     return NoiseLambdaRule(sigma_ref=sigma_ref, exponent=p, min_factor=min(lo, 1.0),
                            max_factor=max(hi, 1.0), measured=measured, accel_ref=r_ref,
-                           accel_exponent=q)
+                           accel_exponent=q, accel_min=span[0], accel_max=span[1])
 
 
 def card_section(rule, lam0: float) -> str:  # type: ignore[no-untyped-def]
@@ -113,7 +115,7 @@ normalised k-space and its effective acceleration R (phase-encoding positions ov
 acquired) (`--lam auto`, the default; `--lam fixed` keeps λ = {lam0:.4g}):
 λ(σ, R) = {lam0:.4g} · clip((σ₀/σ)^p · (R/R₀)^q, {rule.min_factor:.3g}, {rule.max_factor:.3g})
 with σ₀ = {rule.sigma_ref:.4g}, p = {rule.exponent:.3f}, R₀ = {rule.accel_ref:.3g} and
-q = {rule.accel_exponent:.3f}, fitted by `{m.get('by', '?')}` on
+q = {rule.accel_exponent:.3f} (R held in [{rule.accel_min:.3g}, {rule.accel_max:.3g}]), fitted by `{m.get('by', '?')}` on
 {m.get('problems', '?')} problems from `{m.get('val_data', '?')}` (noise added to the fully
 sampled k-space before undersampling; PSNR against the file's fully sampled image; σ
 and R as reconstruction estimates them). Mean PSNR (dB) per acceleration and noise level:
@@ -161,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     rule = rule_from_study(study, float(loaded.mol_config.lam), args.max_factor)
     lam0 = float(loaded.mol_config.lam)
     print(f"λ(σ, R) = {lam0:.4g}·clip(({rule.sigma_ref:.4g}/σ)^{rule.exponent:.3f}"
-          f"·(R/{rule.accel_ref:.3g})^{rule.accel_exponent:.3f}, "
+          f"·(R/{rule.accel_ref:.3g})^{rule.accel_exponent:.3f}, R in "
+          f"[{rule.accel_min:.3g}, {rule.accel_max:.3g}], "
           f"{rule.min_factor:.3g}, {rule.max_factor:.3g})")
     for s in (0.003, 0.005, 0.01, 0.017, 0.03, 0.05, 0.08):
         print(f"  σ {s:<6g} → λ " + ", ".join(
-            f"{lam0 * rule.factor(s, r):.3g} (R {r:g})" for r in (3, 4, 6)))
+            f"{lam0 * rule.factor(s, r):.3g} (R {r:g})" for r in (2, 4, 6, 8)))
     if args.check_only:
         return 0
     if args.out is None:

@@ -127,3 +127,13 @@ def test_rule_with_an_acceleration_term() -> None:
     assert NoiseLambdaRule.from_record(rule.record()) == rule
     old = {"sigma_ref": 0.01, "exponent": 1.5, "min_factor": 0.05, "max_factor": 8.0}
     assert NoiseLambdaRule.from_record(old).factor(0.01, 8.0) == 1.0    # no R term recorded
+
+
+def test_the_acceleration_is_held_within_the_measured_range() -> None:
+    rule = NoiseLambdaRule(sigma_ref=0.01, exponent=1.5, min_factor=0.01, max_factor=8.0,
+                           accel_ref=4.0, accel_exponent=1.0, accel_min=4.0, accel_max=8.0)
+    assert rule.factor(0.01, 2.0) == rule.factor(0.01, 4.0) == 1.0
+    assert rule.factor(0.01, 16.0) == rule.factor(0.01, 8.0) == pytest.approx(2.0)
+    assert NoiseLambdaRule.from_record(rule.record()) == rule
+    with pytest.raises(ValueError, match="invalid"):
+        NoiseLambdaRule(0.01, 1.5, 0.01, 8.0, accel_min=8.0, accel_max=4.0)

@@ -14,8 +14,8 @@ a rule, measured on validation data at several noise levels and accelerations
     λ(σ, R) = λ₀ · clip((σ₀ / σ)^p · (R / R₀)^q, f_min, f_max)
 
 with λ₀ the checkpoint's λ, σ₀ and R₀ a noise level and acceleration where the fit
-gives λ₀, p and q the measured exponents and [f_min, f_max] the range of factors the
-measurement covered. The best λ also grows with the acceleration (fewer samples leave
+gives λ₀, p and q the measured exponents, [f_min, f_max] the range of factors the
+measurement covered and R held within the accelerations it covered. The best λ also grows with the acceleration (fewer samples leave
 more to the prior, whose bias then outweighs the noise the data term lets through),
 so q is fitted too (0: no dependence). σ and R are taken per batch item (slice, series
 or volume), so a slice with little signal (a larger σ after its own normalisation) is
@@ -116,12 +116,16 @@ class NoiseLambdaRule:
     measured: dict[str, Any] | None = None
     accel_ref: float = 1.0
     accel_exponent: float = 0.0
+    #: R is held in [accel_min, accel_max] (the accelerations the rule was measured at).
+    accel_min: float = 1.0
+    accel_max: float = math.inf
 
     def __post_init__(self) -> None:
         ok = (math.isfinite(self.sigma_ref) and self.sigma_ref > 0
               and math.isfinite(self.exponent) and self.exponent >= 0
               and math.isfinite(self.accel_ref) and self.accel_ref > 0
               and math.isfinite(self.accel_exponent)
+              and 0 < self.accel_min <= self.accel_max
               and 0 < self.min_factor <= 1.0 <= self.max_factor < math.inf)
         if not ok:
             raise ValueError(f"invalid λ noise rule: σ₀ {self.sigma_ref}, p {self.exponent}, "
@@ -135,7 +139,8 @@ class NoiseLambdaRule:
             return 1.0
         f = (self.sigma_ref / sigma) ** self.exponent
         if accel is not None and accel > 0 and self.accel_exponent:
-            f *= (accel / self.accel_ref) ** self.accel_exponent
+            r = min(max(accel, self.accel_min), self.accel_max)
+            f *= (r / self.accel_ref) ** self.accel_exponent
         return float(min(max(f, self.min_factor), self.max_factor))
 
     def record(self) -> dict[str, Any]:
@@ -157,7 +162,9 @@ class NoiseLambdaRule:
             return cls(sigma_ref=float(obj["sigma_ref"]), exponent=float(obj["exponent"]),
                        min_factor=float(obj["min_factor"]), max_factor=float(obj["max_factor"]),
                        measured=measured, accel_ref=float(obj.get("accel_ref", 1.0)),
-                       accel_exponent=float(obj.get("accel_exponent", 0.0)))
+                       accel_exponent=float(obj.get("accel_exponent", 0.0)),
+                       accel_min=float(obj.get("accel_min", 1.0)),
+                       accel_max=float(obj.get("accel_max", math.inf)))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"malformed 'lam_noise' entry ({exc})", path=path) from exc
 
