@@ -64,7 +64,12 @@ def test_bundled_names_are_accepted_as_weights(tmp_path: Path) -> None:
         resolve_weights("mol_no_such_model")
     r = runner.invoke(app, ["models", "--json"])
     assert r.exit_code == 0, r.output
-    assert {m["name"] for m in json.loads(r.output)} == {m["name"] for m in bundled_models()}
+    listed = {m["name"]: m for m in json.loads(r.output)}
+    assert set(listed) == {m["name"] for m in bundled_models()}
+    # the 2D and 3D defaults set λ from each scan's noise level; the card says how
+    assert listed["mol_2d_lr"]["lam_from_noise"] and listed["mol_3d_lr"]["lam_from_noise"]
+    assert "## λ from the noise level" in Path(listed["mol_2d_lr"]["card"]).read_text()
+    assert not listed["mol_2dt_lr"]["lam_from_noise"]
     from molrecon.cli.demo import example_paths
 
     out = tmp_path / "o.nii"

@@ -21,7 +21,9 @@ def _describe(entry: dict[str, Any]) -> dict[str, Any]:
     check = cert.get("at_bundled_example") or {}
     return {**entry, "dims": loaded.model.config.dims, "ensemble": loaded.model.config.ensemble,
             "steps": meta.get("steps"),
-            "lam": loaded.mol_config.lam, "certified_bound": cert.get("certified_bound"),
+            "lam": float(f"{loaded.mol_config.lam:.6g}"),
+            "lam_from_noise": loaded.lam_noise is not None,
+            "certified_bound": cert.get("certified_bound"),
             "verdict": check.get("verdict"), "local_lipschitz": (check.get("local") or {}).get("max"),
             "local_monotone": (check.get("local") or {}).get("monotone_max"),
             "val_psnr": last.get("val_psnr"), "val_sense_psnr": last.get("val_sense_psnr"),
@@ -65,4 +67,8 @@ def models_cmd(
                           ",".join(r["default_for"]) or "-", str(r["steps"]),
                           lip, val)
         stdout.print(table)
+        lams = ", ".join(f"{r['name']} {r['lam']:.3g}" + (" (lowered for noisier scans)"
+                                                         if r["lam_from_noise"] else "")
+                         for r in rows)
+        stdout.print(f"λ: {lams}; `reconstruct --lam fixed` keeps each model's own")
         stdout.print(f"model cards: {rows[0]['card'].rsplit('/', 1)[0] if rows else '-'}/NAME.md")
