@@ -113,25 +113,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
+    from molrecon.errors import MolreconError
+
+    try:
+        return run(args)
+    except MolreconError as exc:                    # molrecon's errors name their file
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """The study of ``main``'s arguments; prints the table, writes ``--json``."""
     import torch
 
     from molrecon.deq.mol import MolStep
     from molrecon.models.checkpoint import load_checkpoint
     from molrecon.physics.noise import effective_acceleration, periphery_sigma
     from molrecon.train import TrainConfig, evaluate, make_problem
-    from molrecon.errors import MolreconError
     from molrecon.train.data import MaskSpec
     from molrecon.train.validate import spread_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)
-    try:
-        val, idx = spread_samples(args.val_data, args.samples,
-                                  warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    except MolreconError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    val, idx = spread_samples(args.val_data, args.samples,
+                              warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     cfg = TrainConfig(data=str(args.val_data), out="unused.pt", fwd_max_iter=100)
     lam0 = float(loaded.mol_config.lam)
     lo, hi = (int(v) for v in args.octaves.split(","))
