@@ -183,8 +183,11 @@ def run(args: argparse.Namespace) -> int:
           "best λ (geometric mean) |")
     print("|---:|---:|---:|---:|---:|---:|")
     summary = []
+    usable = [rec for rec in records if rec["sigma"] is not None]   # σ estimated
     for level in levels:
-        rs = [rec for rec in records if rec["noise"] == level]
+        rs = [rec for rec in usable if rec["noise"] == level]
+        if not rs:
+            continue
         row = {"noise": level,
                "sigma": float(np.exp(np.mean([math.log(x["sigma"]) for x in rs]))),
                "sense_psnr": float(np.mean([x["sense_psnr"] for x in rs])),
@@ -194,15 +197,15 @@ def run(args: argparse.Namespace) -> int:
         summary.append(row)
         print(f"| {level:g} | {row['sigma']:.4f} | {row['sense_psnr']:.2f} | "
               f"{row['psnr_at_lam0']:.2f} | {row['best_psnr']:.2f} | {row['best_lambda']:.3g} |")
-    xs = [math.log(x["sigma"]) for x in records]
-    ys = [math.log(x["best_lambda"]) for x in records]
+    xs = [math.log(x["sigma"]) for x in usable]
+    ys = [math.log(x["best_lambda"]) for x in usable]
     fit = None
     if len(set(xs)) >= 2:
         slope, icpt = np.polyfit(xs, ys, 1)
         resid = np.asarray(ys) - (icpt + slope * np.asarray(xs))
         fit = {"exponent": float(-slope), "log_intercept": float(icpt),
                "rms_log_residual": float(np.sqrt(np.mean(resid ** 2)))}
-        print(f"\nfit over {len(records)} problems: λ* = {math.exp(icpt):.4g}·σ^{slope:.3f} "
+        print(f"\nfit over {len(usable)} problems: λ* = {math.exp(icpt):.4g}·σ^{slope:.3f} "
               f"(rms residual ×{math.exp(fit['rms_log_residual']):.2f}); "
               f"λ*(σ = 0.005) = {math.exp(icpt + slope * math.log(0.005)):.3g}")
     if args.json:

@@ -127,7 +127,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{args.name}.pt"
     save_checkpoint(target, loaded.model, loaded.mol_config, metadata=loaded.metadata,
-                    certificate=cert, kinds=kinds, force=True)
+                    certificate=cert, kinds=kinds, lam_noise=loaded.lam_noise, force=True)
     digest = sha256(target)
 
     man_path = out_dir / "manifest.json"

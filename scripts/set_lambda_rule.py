@@ -5,9 +5,11 @@
         [--max-factor 1] [--card CARD.md]
 
 The study (``benchmarks/bench_lambda_noise.py``) found the best λ of many validation
-problems at several noise levels and fitted λ* = e^a·σ^(−p). This writes the checkpoint
+problems at several noise levels and accelerations; this fits λ* = e^a·σ^(−p)·R^q over
+them (q only when the studies cover two accelerations or more) and writes the checkpoint
 again (weights, λ₀, certificate, metadata and kinds unchanged) with the rule
-λ(σ) = λ₀·clip((σ₀/σ)^p, f_min, f_max) (:class:`molrecon.physics.noise.NoiseLambdaRule`):
+λ(σ, R) = λ₀·clip((σ₀/σ)^p·(R/R₀)^q, f_min, f_max), R held within the accelerations
+studied (:class:`molrecon.physics.noise.NoiseLambdaRule`):
 p from the fit (redone over the problems of every study given), σ₀ where the fit gives
 the checkpoint's own λ₀, and the factors clipped to the range of best λ the studies found
 (the rule is not extrapolated) and at most ``--max-factor`` (default 1: the rule only
@@ -35,7 +37,7 @@ def pool(studies: list[dict]) -> dict:
     summary per (noise level, acceleration)."""
     import numpy as np
 
-    records = [r for st in studies for r in st["records"]]
+    records = [r for st in studies for r in st["records"] if r.get("sigma") is not None]
     xs = np.log([float(r["sigma"]) for r in records])
     ys = np.log([float(r["best_lambda"]) for r in records])
     with_r = all("accel" in r for r in records)
@@ -108,6 +110,8 @@ def card_section(rule, lam0: float) -> str:  # type: ignore[no-untyped-def]
                 f"| {r['psnr_at_lam0']:.2f} | {r['best_psnr']:.2f} | {r['best_lambda']:.3g} "
                 f"| {lam:.3g} |")
     rows = "\n".join(row(r) for r in m.get("summary", []))
+    r_range = (f" (R held in [{rule.accel_min:.3g}, {rule.accel_max:.3g}])"
+               if rule.accel_exponent else " (no acceleration term)")
     return f"""{SECTION}
 
 `molrecon reconstruct` sets λ per slice (series, volume) from the noise level σ of its
@@ -115,7 +119,7 @@ normalised k-space and its effective acceleration R (phase-encoding positions ov
 acquired) (`--lam auto`, the default; `--lam fixed` keeps λ = {lam0:.4g}):
 λ(σ, R) = {lam0:.4g} · clip((σ₀/σ)^p · (R/R₀)^q, {rule.min_factor:.3g}, {rule.max_factor:.3g})
 with σ₀ = {rule.sigma_ref:.4g}, p = {rule.exponent:.3f}, R₀ = {rule.accel_ref:.3g} and
-q = {rule.accel_exponent:.3f} (R held in [{rule.accel_min:.3g}, {rule.accel_max:.3g}]), fitted by `{m.get('by', '?')}` on
+q = {rule.accel_exponent:.3f}{r_range}, fitted by `{m.get('by', '?')}` on
 {m.get('problems', '?')} problems from `{m.get('val_data', '?')}` (noise added to the fully
 sampled k-space before undersampling; PSNR against the file's fully sampled image; σ
 and R as reconstruction estimates them). Mean PSNR (dB) per acceleration and noise level:

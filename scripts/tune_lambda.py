@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "mask": args.mask, "problems": len(problems), "rows": rows,
                                  "chosen": best["lambda"], "output_scale": args.output_scale,
                                  "ensemble": loaded.model.config.ensemble}
+        if loaded.lam_noise is not None:
+            print("warning: the checkpoint's λ noise rule is not written (its σ₀ was fitted to "
+                  "the old λ); run scripts/set_lambda_rule.py on the new file", file=sys.stderr)
         save_checkpoint(args.out, loaded.model, replace(loaded.mol_config, lam=best["lambda"]),
                         metadata=meta, certificate=loaded.certificate, kinds=loaded.kinds,
                         force=True)

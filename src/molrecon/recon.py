@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 from .kinds import spatial_dims
 
 Method = Literal["mol", "sense", "zf"]
+#: The λ a user may set (``--lam L``): λ is stored as a float32 logarithm.
+LAM_RANGE = (1e-6, 1e6)
 METHODS: tuple[str, ...] = ("mol", "sense", "zf")
 
 
@@ -62,9 +64,9 @@ class ReconConfig:
     ``espirit_crop`` zeroes the ESPIRiT maps where the eigenvalue is below it (BART
     ``ecalib -c``, default 0.8 as ``ecalib -m1``; 0 keeps the maps everywhere).
     ``lam`` is MOL's data weight: ``auto`` sets it per slice (series, volume) from the
-    data's noise level by the checkpoint's rule (:mod:`molrecon.physics.noise`; the
+    data's noise level and acceleration by the checkpoint's rule (:mod:`molrecon.physics.noise`; the
     checkpoint's λ when it has no rule), ``fixed`` uses the checkpoint's λ everywhere,
-    and a number replaces it everywhere.
+    and a number (in ``LAM_RANGE``) replaces it everywhere.
     """
 
     method: Method = "mol"
@@ -129,8 +131,9 @@ class ReconConfig:
                 raise ConfigError(f"--lam must be auto, fixed or a positive number, got "
                                   f"{self.lam!r}")
         elif isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float))
-                                                and 0.0 < self.lam < float("inf")):
-            raise ConfigError(f"--lam must be auto, fixed or a positive number, got {self.lam!r}")
+                                                and LAM_RANGE[0] <= self.lam <= LAM_RANGE[1]):
+            raise ConfigError(f"--lam must be auto, fixed or a number in [{LAM_RANGE[0]:g}, "
+                              f"{LAM_RANGE[1]:g}], got {self.lam!r}")
         if self.coil_compression not in ("auto", "scc", "gcc"):
             raise ConfigError(f"--coil-compression must be auto, scc or gcc, got "
                               f"{self.coil_compression!r}")

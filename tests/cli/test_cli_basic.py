@@ -171,7 +171,8 @@ def test_reconstruct_passes_its_options_to_the_job_exactly(tmp_path: Path,
         assert res.exit_code == 0, res.output
         assert calls[-1][0][2].lam == want
     n = len(calls)
-    for bad in (["--lam", "big"], ["--lam", "0"], ["--lam", "inf"], ["-m", "sense", "--lam", "5"]):
+    for bad in (["--lam", "big"], ["--lam", "0"], ["--lam", "inf"], ["--lam", "1e-50"],
+                ["-m", "sense", "--lam", "5"]):
         res = runner.invoke(app, ["reconstruct", str(raw), str(out), *bad, "-q"])
         assert res.exit_code == 2 and "--lam" in res.output + (res.stderr or "")
     assert len(calls) == n                        # nothing ran

@@ -117,6 +117,12 @@ def test_lambda_from_the_noise_level_of_each_slice(tmp_path: Path) -> None:
                                  rel=1e-5)
     assert lams[1] < lams[0]
     assert auto.report["lambda_noise_rule"]["exponent"] == 0.7
+    import json
+
+    json.dumps(auto.report, allow_nan=False)                  # strict JSON
+    by_slice = reconstruct(scan, ReconConfig(**cfg, batch_size=1))   # two chunks
+    for key in ("noise_sigma_per_item", "effective_acceleration_per_item", "lambda_per_item"):
+        assert by_slice.report[key] == pytest.approx(auto.report[key], rel=1e-6)
     fixed = reconstruct(scan, ReconConfig(**cfg, lam="fixed"))
     assert fixed.report["lambda_per_item"] == [30.0, 30.0]
     assert "noise_sigma_per_item" not in fixed.report

@@ -67,7 +67,7 @@ def models_cmd(
                           ",".join(r["default_for"]) or "-", str(r["steps"]),
                           lip, val)
         stdout.print(table)
-        lams = ", ".join(f"{r['name']} {r['lam']:.3g}" + (" (lowered for noisier scans)"
+        lams = ", ".join(f"{r['name']} {r['lam']:.3g}" + (" (set per scan by its noise rule)"
                                                          if r["lam_from_noise"] else "")
                          for r in rows)
         stdout.print(f"λ: {lams}; `reconstruct --lam fixed` keeps each model's own")

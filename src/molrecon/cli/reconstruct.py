@@ -55,7 +55,7 @@ def reconstruct_cmd(
     ensemble: Annotated[int | None, typer.Option(
         "--ensemble", help="Average the prior over N flips of the image: 1 (off, the fastest), 2 (left-right) or 4 (left-right and up-down; N times the prior's cost). Default: the model's (the card says).", metavar="N")] = None,
     lam: Annotated[str, typer.Option(
-        "--lam", help="MOL data weight λ: auto (set per slice from the data's noise level by the model's rule; the model card says how it was measured), fixed (the model's λ for every scan) or a positive number.", metavar="auto|fixed|LAMBDA")] = "auto",
+        "--lam", help="MOL data weight λ: auto (set per slice from the data's noise level and acceleration by the model's rule; the model card says how it was measured), fixed (the model's λ for every scan) or a number in [1e-6, 1e6].", metavar="auto|fixed|LAMBDA")] = "auto",
     solver: Annotated[Literal["anderson", "plain"], typer.Option(
         "--solver", help="anderson | plain")] = "anderson",
     anderson_memory: Annotated[int, typer.Option(
@@ -355,7 +355,9 @@ def _gather(outcomes: list[Any], inputs: list[Path], world: int) -> list[Any]:
 
 
 def _check_lam(lam: str) -> float | str:
-    """``--lam``: ``auto``, ``fixed`` or a positive finite number (else a usage error)."""
+    """``--lam``: ``auto``, ``fixed`` or a number in ``recon.LAM_RANGE`` (else a usage error)."""
+    from ..recon import LAM_RANGE
+
     if lam in ("auto", "fixed"):
         return lam
     try:
@@ -363,8 +365,9 @@ def _check_lam(lam: str) -> float | str:
     except ValueError:
         raise typer.BadParameter(f"{lam!r} is not auto, fixed or a number",
                                  param_hint="--lam") from None
-    if not 0.0 < value < float("inf"):
-        raise typer.BadParameter("must be a positive, finite number", param_hint="--lam")
+    if not LAM_RANGE[0] <= value <= LAM_RANGE[1]:
+        raise typer.BadParameter(f"must lie in [{LAM_RANGE[0]:g}, {LAM_RANGE[1]:g}]",
+                                 param_hint="--lam")
     return value
 
 

@@ -19,10 +19,13 @@ certificate        plain dict; :func:`save_checkpoint` always writes ``certified
                    (∏ of certified layer bounds of the weights as applied), ``layer_bounds``,
                    ``spectral_grid`` and ``date``, next to the caller's entries (local
                    estimates, the data they were measured on)
-lam_noise          optional: λ set from each scan's noise level,
+lam_noise          optional: λ set from each scan's noise level and acceleration,
                    :class:`~molrecon.physics.noise.NoiseLambdaRule` as a plain dict
                    (``sigma_ref``, ``exponent``, ``min_factor``, ``max_factor``,
-                   ``measured``); without it λ is the same for every scan
+                   ``accel_ref``, ``accel_exponent``, ``accel_min``, ``accel_max``
+                   (None: unbounded), ``measured``); without it λ is the same for every
+                   scan. A molrecon older than this key refuses such a file
+                   ("unknown key"), as it cannot apply the rule
 =================  ====================================================================
 
 Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``

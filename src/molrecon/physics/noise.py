@@ -76,19 +76,30 @@ def periphery_sigma(kspace: torch.Tensor, mask: torch.Tensor, kind: str) -> list
     dims = [d % 5 for d in spatial_dims(kind)]
     axes = sorted(sorted(dims, key=lambda d: kspace.shape[d])[-2:])
     shape = kspace.shape
-    outer = torch.zeros(shape[2:], dtype=torch.bool, device=kspace.device)  # (D, Y, X)
-    for ax in axes:
-        n = shape[ax]
-        e = max(1, int(n * PERIPHERY))
-        if 2 * e >= n:
-            continue                                       # an axis too short to have one
-        idx = torch.cat([torch.arange(e), torch.arange(n - e, n)]).to(kspace.device)
-        outer.index_fill_(ax - 2, idx, True)
-    acquired = torch.broadcast_to(mask != 0, shape)                     # (B, C, D, Y, X)
+    acquired = torch.broadcast_to(mask != 0, (1,) + tuple(shape[1:])) if mask.shape[0] == 1 \
+        else torch.broadcast_to(mask != 0, shape)
     out: list[float | None] = []
     for b in range(shape[0]):
-        sel = acquired[b] & outer.unsqueeze(0)
-        v = kspace[b][sel]
+        k_b = kspace[b]                                                  # (C, D, Y, X)
+        m_b = acquired[b if acquired.shape[0] > 1 else 0]               # (C, D, Y, X)
+        pieces = []
+        done: list[tuple[int, int, int]] = []     # (axis, start, stop) already taken whole
+        for ax in axes:
+            n = shape[ax]
+            e = max(1, int(n * PERIPHERY))
+            if 2 * e >= n:
+                continue                                   # an axis too short to have one
+            for start in (0, n - e):
+                k_s, m_s = k_b.narrow(ax - 1, start, e), m_b.narrow(ax - 1, start, e)
+                for prev_ax, p0, p1 in done:               # no sample counted twice
+                    keep = torch.ones(shape[prev_ax], dtype=torch.bool, device=k_b.device)
+                    keep[p0:p1] = False
+                    view = [1] * 4
+                    view[prev_ax - 1] = -1
+                    m_s = m_s & keep.reshape(view)
+                pieces.append(k_s[m_s])
+            done += [(ax, 0, e), (ax, n - e, n)]
+        v = torch.cat(pieces) if pieces else k_b.new_zeros(0)
         v = v[v != 0]
         if v.numel() < MIN_SAMPLES:
             out.append(None)
@@ -134,7 +145,8 @@ class NoiseLambdaRule:
 
     def factor(self, sigma: float | None, accel: float | None = None) -> float:
         """The factor λ/λ₀ at noise level ``sigma`` and effective acceleration ``accel``
-        (1 when there is no noise estimate; no acceleration term without ``accel``)."""
+        (1, the checkpoint's own λ, when there is no noise estimate; no acceleration term
+        without ``accel``)."""
         if sigma is None or not sigma > 0:
             return 1.0
         f = (self.sigma_ref / sigma) ** self.exponent
@@ -144,10 +156,13 @@ class NoiseLambdaRule:
         return float(min(max(f, self.min_factor), self.max_factor))
 
     def record(self) -> dict[str, Any]:
-        """Plain values, as stored in a checkpoint (``lam_noise``)."""
+        """Plain values, as stored in a checkpoint (``lam_noise``) and in reports (strict
+        JSON: an unbounded ``accel_max`` is None)."""
         d = asdict(self)
         if d["measured"] is None:
             del d["measured"]
+        if not math.isfinite(d["accel_max"]):
+            d["accel_max"] = None
         return d
 
     @classmethod
@@ -164,7 +179,8 @@ class NoiseLambdaRule:
                        measured=measured, accel_ref=float(obj.get("accel_ref", 1.0)),
                        accel_exponent=float(obj.get("accel_exponent", 0.0)),
                        accel_min=float(obj.get("accel_min", 1.0)),
-                       accel_max=float(obj.get("accel_max", math.inf)))
+                       accel_max=(math.inf if obj.get("accel_max") is None
+                                  else float(obj["accel_max"])))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"malformed 'lam_noise' entry ({exc})", path=path) from exc
 
