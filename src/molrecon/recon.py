@@ -127,11 +127,11 @@ class ReconConfig:
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ConfigError(f"--precision must be fp32, bf16 or auto, got {self.precision!r}")
         if isinstance(self.lam, str):
-            if self.lam not in ("auto", "fixed"):
-                raise ConfigError(f"--lam must be auto, fixed or a positive number, got "
-                                  f"{self.lam!r}")
-        elif isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float))
-                                                and LAM_RANGE[0] <= self.lam <= LAM_RANGE[1]):
+            bad = self.lam not in ("auto", "fixed")
+        else:
+            bad = isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float))
+                                                     and LAM_RANGE[0] <= self.lam <= LAM_RANGE[1])
+        if bad:
             raise ConfigError(f"--lam must be auto, fixed or a number in [{LAM_RANGE[0]:g}, "
                               f"{LAM_RANGE[1]:g}], got {self.lam!r}")
         if self.coil_compression not in ("auto", "scc", "gcc"):

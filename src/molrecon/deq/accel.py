@@ -43,7 +43,7 @@ from ..errors import ConfigError
 from ..models.cnn import MolCNN, flip_average
 from ..physics.sense import normal_from_parts
 from ..solvers import conjugate_gradient
-from .mol import item_weight
+from .mol import item_weight, per_item
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 #: Where a model records its bf16 gate: ``metadata[GATE_KEY] = {"passed": bool, ...}``.
@@ -206,8 +206,7 @@ def fast_step(*, prior: nn.Module, alpha: float, lam: torch.Tensor, dc: FastData
     equation; αλ and 1/(αλ) computed once; ``lam_scale`` (B,) multiplies λ per item)."""
     al = item_weight(alpha * lam.detach().to(aty.real.dtype), lam_scale, aty)  # () or (B,)
     shift = 1.0 / al
-    if al.ndim:
-        al = al.reshape((-1,) + (1,) * (aty.ndim - 1))
+    al = per_item(al, aty)
     mark = dc.compile and dc.device.type == "cuda"
 
     def step(x: torch.Tensor) -> torch.Tensor:

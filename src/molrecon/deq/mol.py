@@ -178,7 +178,7 @@ class MolStep(nn.Module):
         z = (1.0 - alpha) * x + alpha * self.prior(x)                    # (B, D, Y, X)
         if support is not None:
             z = z * support                                               # (B, D, Y, X)
-        rhs = z / _per_item(al, x) + aty                                  # (B, D, Y, X)
+        rhs = z / per_item(al, x) + aty                                  # (B, D, Y, X)
         if self.exact_dc_grad and torch.is_grad_enabled():
             return _ExactSolveGrad.apply(rhs, 1.0 / al, x, normal, self.cg_iters)
         res = conjugate_gradient(normal, rhs, x0=x, shift=1.0 / al, max_iter=self.cg_iters)
@@ -229,7 +229,7 @@ def item_weight(weight: torch.Tensor, scale: torch.Tensor | None, x: torch.Tenso
     return weight * s
 
 
-def _per_item(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_item(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A () or (B,) weight broadcastable against x (B, ...)."""
     return w if w.ndim == 0 else w.reshape((-1,) + (1,) * (x.ndim - 1))
 
@@ -303,6 +303,7 @@ __all__ = [
     "MolConfig",
     "MolStep",
     "item_weight",
+    "per_item",
     "Normal",
     "NormalOperator",
     "contraction_factor",
