@@ -178,18 +178,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         print("error: --out is needed (or --check-only)", file=sys.stderr)
         return 2
-    save_checkpoint(args.out, loaded.model, loaded.mol_config, metadata=loaded.metadata,
-                    certificate=loaded.certificate, kinds=loaded.kinds, lam_noise=rule,
-                    force=True)
-    print(f"wrote {args.out}")
-    if args.card is not None:
-        text = args.card.read_text() if args.card.exists() else ""
-        section = card_section(rule, lam0)
-        pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-        text = (pattern.sub(lambda _m: section.rstrip("\n"), text) if pattern.search(text)
-                else text.rstrip("\n") + "\n\n" + section)
-        args.card.write_text(text.rstrip("\n") + "\n")
-        print(f"wrote the λ section of {args.card}")
+    from molrecon.atomic import atomic_path
+
+    card_text = None
+    try:
+        if args.card is not None:                 # read and edited before anything is written
+            text = args.card.read_text() if args.card.exists() else ""
+            section = card_section(rule, lam0)
+            pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
+            text = (pattern.sub(lambda _m: section.rstrip("\n"), text) if pattern.search(text)
+                    else text.rstrip("\n") + "\n\n" + section)
+            card_text = text.rstrip("\n") + "\n"
+        save_checkpoint(args.out, loaded.model, loaded.mol_config, metadata=loaded.metadata,
+                        certificate=loaded.certificate, kinds=loaded.kinds, lam_noise=rule,
+                        force=True)
+        print(f"wrote {args.out}")
+        if card_text is not None:
+            with atomic_path(args.card, force=True) as tmp:
+                Path(tmp).write_text(card_text)
+            print(f"wrote the λ section of {args.card}")
+    except (MolreconError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

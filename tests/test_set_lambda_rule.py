@@ -112,3 +112,21 @@ def test_an_acceleration_term_is_fitted_when_the_studies_record_it(script) -> No
     for s, r in ((0.01, 3.2), (0.03, 5.5), (0.005, 4.3)):
         assert 30.0 * rule.factor(s, r) == pytest.approx(0.01 * s ** -1.5 * r ** 2, rel=1e-6)
     assert study["summary"][0]["accel"] == pytest.approx(3.2)
+
+
+def test_an_unwritable_output_is_one_line_and_leaves_the_card_alone(script, tmp_path: Path,
+                                                                    capsys) -> None:
+    torch.manual_seed(0)
+    model = MolCNN(CNNConfig(dims=2, layers=3, channels=4), "lr")
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, MolConfig(alpha=1.0, lam=30.0, cg_iters=4))
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps(_study()))
+    card = tmp_path / "m.md"
+    card.write_text("# m\n")
+    capsys.readouterr()
+    assert script.main([str(ckpt), "--study", str(study), "--out",
+                        str(tmp_path / "missing" / "x.pt"), "--card", str(card)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
+    assert card.read_text() == "# m\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.md", "m.pt", "study.json"]
