@@ -33,6 +33,9 @@
 #   scripts/campaign_2d.sh stage1v SECS  # stage 1u's step 40 × 0.99, μ's barrier stronger and at 0.96
 #   scripts/campaign_2d.sh stage1w SECS  # stage 1u's best, both barriers strong, masks up to R = 8
 #   scripts/campaign_2d.sh stage1x SECS  # stage 1w's recipe from the bundled model
+#   scripts/campaign_2d.sh data-clean    # nearly noise-free references (stages 2a, 2b)
+#   scripts/campaign_2d.sh stage2a SECS  # clean targets, added noise, calibration maps
+#   scripts/campaign_2d.sh stage2b SECS  # its control: the ordinary files, exact maps
 #   scripts/campaign_2d.sh stage0n SECS  # stage 0 of the SN prior (certified at every step)
 #   scripts/campaign_2d.sh stage1n SECS  # the SN prior's deep-equilibrium training continued
 #   scripts/campaign_2d.sh save          # copy the small resumable state into campaign/2d_lr/
@@ -50,7 +53,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=campaign/2d_lr
-STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y s0z s1r s1s n0a n1a s1t s1u s1v s1w s1x"
+STAGES="s0lr s0b s1lr s1b s1c s1d s1e s1f s1g s1h s1i s0s s0p s1j s1k s0v s0w s0x s0y s0z s1r s1s n0a n1a s1t s1u s1v s1w s1x s2a s2b"
 source scripts/campaign_common.sh
 DATA="--data $RUNS/data2d --val-data $RUNS/data2d_val"
 MASKS="--mask equispaced,random -R 4,6 --acs 16"
@@ -483,6 +486,28 @@ stage1x() {
   both_barriers_stage s1x "${INIT1X:-$KEEP/s1t_step60.pt}" "$1"
 }
 
+# Stages 2a and 2b (twenty-second session): an A/B of the training set-up itself. The λ
+# study of the twenty-first session found two biases that every earlier stage trained and
+# validated under: the target was the coil combination of the *noisy* fully sampled file
+# (a prior that keeps noise is rewarded), and the problems had that file's *exact* coil maps
+# (the prior never sees a map error). Both stages start from the bundled model with its noise
+# rule (--lam-from-noise: λ per problem as `reconstruct --lam auto` sets it), run stage 1w's
+# recipe, and validate alike: the nearly noise-free validation slices (data2d_clean_val,
+# `data-clean`) with 0.015 or 0.04 of added noise and ESPIRiT maps from each problem's own
+# calibration lines, at R = 8. 2a trains on nearly noise-free references (data2d_clean) with
+# noise added per problem (0.005-0.06, log-uniform) and calibration maps; 2b, the control,
+# on the ordinary files with their maps, as stage 1x did.
+CLEAN_VAL="--val-data $RUNS/data2d_clean_val --val-noise 0.015,0.04 --val-maps calibration"
+stage2a() {
+  local DATA="--data $RUNS/data2d_clean $CLEAN_VAL"
+  both_barriers_stage s2a "${INIT2A:-mol_2d_lr}" "$1" --lam-from-noise --noise 0.005,0.06 \
+    --maps calibration
+}
+stage2b() {
+  local DATA="--data $RUNS/data2d $CLEAN_VAL"
+  both_barriers_stage s2b "${INIT2B:-mol_2d_lr}" "$1" --lam-from-noise
+}
+
 # Stage 0q: the denoising stage held at the bound where the model is used. Every stage-0
 # model so far was scaled to the bound after training, and every deep-equilibrium stage
 # at the bound (1p-1r) stayed flat. Here stage 0y's recipe (the penalty at the clean patch
@@ -505,7 +530,13 @@ case "${1:-}" in
     # MNI152 (a second subject for the train split) comes with nilearn: the "train" extra.
     "$PY" -m pip install -q -e ".[train]"
     "$PY" scripts/make_training_data.py --kind 2d --out "$RUNS/data2d" --train 96 --val 8 ;;
+  data-clean)
+    # Nearly noise-free references (the simulator's noise × 0.05) for stages 2a/2b.
+    "$PY" scripts/make_training_data.py --kind 2d --out "$RUNS/data2d_clean" --train 96 --val 8 \
+      --noise-scale 0.05 ;;
   stage0) stage0 "${2:?seconds}" ;;
+  stage2a) stage2a "${2:?seconds}" ;;
+  stage2b) stage2b "${2:?seconds}" ;;
   stage1) stage1 "${2:?seconds}" ;;
   stage1b) stage1b "${2:?seconds}" ;;
   stage1c) stage1c "${2:?seconds}" ;;

@@ -27,22 +27,27 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 
 from .config import SENSE_ITERS, SENSE_LAMBDA
-from .io.types import RawScan
+from .io.kspace import find_calibration_region
+from .io.types import Kind, RawScan
 from .physics.espirit import EspiritConfig, estimate_maps
 from .physics.fft import ifftc
+from .physics.noise import NoiseLambdaRule, effective_acceleration, periphery_sigma
 from .physics.scaling import scale_factor
 from .physics.sense import SenseOperator, cg_sense
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-__all__ = ["SENSE_ITERS", "SENSE_LAMBDA", "Problem", "from_scan", "prepare", "sense_start",
+#: Where a training problem's coil maps come from (:func:`undersampled`).
+MAPS_FROM = ("reference", "calibration")
+
+__all__ = ["MAPS_FROM", "SENSE_ITERS", "SENSE_LAMBDA", "Problem", "from_scan", "prepare", "sense_start",
            "undersampled", "with_sense_start"]
 
 
@@ -57,6 +62,8 @@ class Problem:
     start   (B, D, Y, X) the MOL start (CG-SENSE), when built
     target  (B, D, Y, X) the normalised reference image, for training and validation
     source  file name (for reports); items: slice indices in that file
+    lam_scale  (B,) λ factor per item from a noise rule (training problems built with
+            one, :func:`undersampled`), or None: the model's λ as it is
     """
 
     op: SenseOperator
@@ -67,6 +74,7 @@ class Problem:
     target: torch.Tensor | None = None
     source: str = ""
     items: tuple[int, ...] = ()
+    lam_scale: torch.Tensor | None = None
 
     @cached_property
     def aty(self) -> torch.Tensor:
@@ -148,7 +156,8 @@ def with_sense_start(op: SenseOperator, kspace: torch.Tensor, *, kind: str | Non
 def undersampled(kspace: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
                  mask: NDArray[np.bool_], kind: str, rng: np.random.Generator,
                  extra_noise: float, device: torch.device | str,
-                 readout_block: int | None = None) -> Problem:
+                 readout_block: int | None = None, *, maps_from: str = "reference",
+                 lam_rule: NoiseLambdaRule | None = None) -> Problem:
     """A training problem from fully sampled reference data, normalised as reconstruction is.
 
     ``kspace`` (1, C, D, Y, X), ``maps`` (1, C, D|1, Y, X) and ``target`` (1, D, Y, X) are
@@ -159,7 +168,18 @@ def undersampled(kspace: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
     transform along it every readout position is a problem of its own and the block is
     exact (hybrid-space operator); the block is drawn from ``rng`` with probability
     proportional to the target's energy in it.
+
+    ``maps_from``: "reference" uses ``maps`` (the fully sampled scan's: the data term is
+    exact); "calibration" estimates ESPIRiT maps from the problem's own calibration lines,
+    noise included, as reconstruction does, so that the training sees the map errors a
+    reconstruction has; the target keeps the reference's magnitude and takes the phase of
+    the fully sampled data combined with those maps (a map set fixes the image's phase).
+    ``lam_rule``: λ per item from the undersampled data's noise level and acceleration
+    (:class:`~molrecon.physics.noise.NoiseLambdaRule`, as ``reconstruct --lam auto``),
+    measured before the readout block is cut (``Problem.lam_scale``).
     """
+    if maps_from not in MAPS_FROM:
+        raise ValueError(f"maps_from must be one of {MAPS_FROM}, got {maps_from!r}")
     m = torch.from_numpy(np.array(mask, dtype=bool)).to(device)           # (1, 1, D, Y, 1)
     k = kspace.to(device)                                                  # (1, C, D, Y, X)
     if extra_noise > 0:
@@ -171,15 +191,30 @@ def undersampled(kspace: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
     s = float(scale_factor(y, m, kind).reshape(-1)[0])
     y = y / s
     scale = torch.tensor([s])
+    maps = maps.to(device)
+    ref = target.to(device) / s                                            # (1, D, Y, X)
+    if maps_from == "calibration":
+        calib = torch.from_numpy(find_calibration_region(np.array(mask, dtype=bool),
+                                                         cast("Kind", kind)))
+        maps = estimate_maps(y, calib.to(device), kind)                    # (1, C, D|1, Y, X)
+        full = SenseOperator(maps, torch.ones_like(m), kind).adjoint(k / s)  # (1, D, Y, X)
+        phase = torch.where(full.abs() > 0, torch.sgn(full), torch.ones_like(full))
+        ref = ref.abs().to(full.dtype) * phase
+    lam_scale = None
+    if lam_rule is not None:
+        sigma = periphery_sigma(y, m, kind)[0]
+        accel = effective_acceleration(m, 1)[0]
+        lam_scale = torch.tensor([lam_rule.factor(sigma, accel)], dtype=y.real.dtype,
+                                 device=y.device)
     n_x = y.shape[-1]
     if readout_block is None or readout_block >= n_x:
-        op = SenseOperator(maps.to(device), m, kind)
-        return Problem(op=op, kspace=y, kind=kind, scale=scale, target=target.to(device) / s)
-    energy = target.abs().square().sum(dim=(0, 1, 2)).cpu().numpy()       # (X,)
+        op = SenseOperator(maps, m, kind)
+        return Problem(op=op, kspace=y, kind=kind, scale=scale, target=ref, lam_scale=lam_scale)
+    energy = ref.abs().square().sum(dim=(0, 1, 2)).cpu().numpy()          # (X,)
     windows = np.convolve(energy, np.ones(readout_block), mode="valid")    # (X − w + 1,)
     x0 = int(rng.choice(windows.size, p=windows / windows.sum()))
     cut = slice(x0, x0 + readout_block)
     y = ifftc(y, dims=(-1,))[..., cut].contiguous()
-    op = SenseOperator(maps[..., cut].contiguous().to(device), m, kind, hybrid_readout=True)
-    return Problem(op=op, kspace=y, kind=kind, scale=scale,
-                   target=target[..., cut].to(device) / s)
+    op = SenseOperator(maps[..., cut].contiguous(), m, kind, hybrid_readout=True)
+    return Problem(op=op, kspace=y, kind=kind, scale=scale, target=ref[..., cut],
+                   lam_scale=lam_scale)

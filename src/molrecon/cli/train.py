@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -49,6 +50,19 @@ def _sigmas(text: str) -> tuple[float, float]:
     if len(values) != 2 or not 0 < values[0] <= values[1]:
         raise bad_option(f"expected 0 < LOW <= HIGH, got {text!r}", "--sigma")
     return values[0], values[1]
+
+
+def _levels(text: str, option: str, *, most: int | None = None) -> tuple[float, ...]:
+    """Comma-separated noise levels (>= 0, finite), at most ``most`` of them."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise bad_option(f"expected comma-separated noise levels, got {text!r}", option) from None
+    check_option(bool(values) and all(0 <= v < math.inf for v in values),
+                 f"expected noise levels >= 0, got {text!r}", option)
+    check_option(most is None or len(values) <= most,
+                 f"expected STD or LOW,HIGH, got {text!r}", option)
+    return values
 
 
 def _duration(seconds: float) -> str:
@@ -127,7 +141,11 @@ def train_cmd(
     mask: Annotated[str, typer.Option("--mask", metavar="FAMILY[,FAMILY...]", help="Mask family, or a comma list like equispaced,random (one drawn per sample): equispaced | random | poisson (3d) | interleaved (2dt).")] = "equispaced",
     acceleration: Annotated[str, typer.Option("--acceleration", "-R", metavar="R", help=ACCEL_HELP + " A comma list like 4,6 draws one per training sample.")] = "4",
     acs: Annotated[int, typer.Option("--acs", help="Fully sampled centre (ACS) lines of every training mask: a fixed count, as the bundled models were trained (`simulate` defaults to about 8 % of the phase lines instead).")] = 16,
-    noise: Annotated[float, typer.Option("--noise", help="Extra complex noise std added to the normalised k-space.")] = 0.0,
+    noise: Annotated[str, typer.Option("--noise", metavar="STD|LOW,HIGH", help="Extra complex noise std added to each training problem's normalised k-space; LOW,HIGH draws it log-uniformly per problem (train on nearly noise-free scans with a spread of noise levels: the targets then hold none of it).")] = "0",
+    val_noise: Annotated[str, typer.Option("--val-noise", metavar="STD[,STD...]", help="Extra noise std of the validation problems, cycled over them (fixed per problem, like their masks).")] = "0",
+    maps: Annotated[str, typer.Option("--maps", help="Coil maps of the training problems: reference (the fully sampled scan's: an exact data term) | calibration (ESPIRiT from each problem's own calibration lines, as reconstruction estimates them: the prior sees their errors).")] = "reference",
+    val_maps: Annotated[str, typer.Option("--val-maps", help="Coil maps of the validation problems: reference | calibration (as --maps).")] = "reference",
+    lam_from_noise: Annotated[bool, typer.Option("--lam-from-noise", help="Train and validate with λ set per problem by the --init checkpoint's noise rule (as `reconstruct --lam auto`), and keep that rule in the saved models.")] = False,
     loss: Annotated[str, typer.Option("--loss", help="mse (complex) | mse_mag | l1.")] = "mse",
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of H.")] = 1e-4,
     lam_lr: Annotated[float, typer.Option("--lam-lr", help="Adam learning rate of log λ (0 keeps λ fixed).")] = 1e-2,
@@ -195,6 +213,14 @@ def train_cmd(
     r, rs = _accelerations(acceleration)
     families = _masks(mask)
     sigma_lo, sigma_hi = _sigmas(sigma)
+    noise_levels = _levels(noise, "--noise", most=2)
+    check_option(len(noise_levels) == 1 or 0 < noise_levels[0] <= noise_levels[1],
+                 f"a range LOW,HIGH needs 0 < LOW <= HIGH, got {noise!r}", "--noise")
+    val_levels = _levels(val_noise, "--val-noise")
+    choice(maps, ("reference", "calibration"), "--maps")
+    choice(val_maps, ("reference", "calibration"), "--val-maps")
+    check_option(not lam_from_noise or init_weights is not None,
+                 "takes the noise rule of the --init checkpoint: give --init", "--lam-from-noise")
     if dims is not None:
         choice(dims, ("2d", "3d", "2dt"), "--dims")
     choice(constraint, ("sn", "lr"), "--constraint")
@@ -214,7 +240,10 @@ def train_cmd(
             data=str(data), out=str(out), kind=dims, constraint=constraint,  # type: ignore[arg-type]
             lipschitz_target=lipschitz_target, spectral_grid=spectral_grid, layers=layers, channels=channels,
             skip=skip, mask=MaskSpec(family=families, acceleration=r, acs=acs, accelerations=rs),
-            extra_noise=noise, loss=loss, lr=lr, lam_lr=lam_lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
+            extra_noise=noise_levels[0],
+            extra_noise_max=noise_levels[1] if len(noise_levels) == 2 else None,
+            val_noise=() if val_levels == (0.0,) else val_levels, maps=maps, val_maps=val_maps,
+            lam_from_noise=lam_from_noise, loss=loss, lr=lr, lam_lr=lam_lr, lam_init=lam_init, alpha=alpha,  # type: ignore[arg-type]
             cg_iters=cg_iters, penalty_weight=penalty_weight, penalty_threshold=penalty_threshold,
             penalty_every=penalty_every, penalty_estimator=penalty_estimator,
             penalty_steps=penalty_steps, penalty_probes=penalty_probes, penalty_top=penalty_top,

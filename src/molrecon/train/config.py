@@ -41,7 +41,20 @@ class TrainConfig:
     skip              LR: the identity path around the network, H(x) = x + N(x)
     spectral_grid     SN: frequency grid per axis of the certified layer bounds (None: default)
     mask              retrospective masks (family, R, ACS)
-    extra_noise       std of extra complex noise added to the normalised k-space
+    extra_noise       std of extra complex noise added to the normalised k-space;
+                      extra_noise_max, when set, makes it a range: each training problem
+                      draws its std log-uniformly in [extra_noise, extra_noise_max]
+                      (a training set of nearly noise-free references then sees a spread
+                      of noise levels, and its targets hold none of it)
+    val_noise         std of the extra noise of the validation problems, cycled over them
+                      (empty: none), fixed per problem like their masks
+    maps, val_maps    where the coil maps of the training / validation problems come
+                      from: "reference" (the fully sampled scan's: an exact data term) or
+                      "calibration" (ESPIRiT from each problem's own calibration lines, as
+                      reconstruction has them: :func:`molrecon.problem.undersampled`)
+    lam_from_noise    train and validate with λ set per problem by the ``--init``
+                      checkpoint's noise rule (as ``reconstruct --lam auto``), and keep the
+                      rule in the saved checkpoints
     loss              "mse" (complex) | "mse_mag" | "l1", each relative to the target
     lr, lam_lr        Adam learning rates of H and of log λ; lam_init the initial λ
                       (None: the --init checkpoint's λ, else DEFAULT_LAM)
@@ -135,6 +148,11 @@ class TrainConfig:
     skip: bool = False
     mask: MaskSpec = field(default_factory=MaskSpec)
     extra_noise: float = 0.0
+    extra_noise_max: float | None = None
+    val_noise: tuple[float, ...] = ()
+    maps: str = "reference"
+    val_maps: str = "reference"
+    lam_from_noise: bool = False
     loss: Loss = "mse"
     lr: float = 1e-4
     lam_lr: float = 1e-2
@@ -200,6 +218,20 @@ class TrainConfig:
                               "spectrally normalised below 1")
         if self.loss not in ("mse", "mse_mag", "l1"):
             raise ConfigError(f"--loss must be mse, mse_mag or l1, got {self.loss!r}")
+        if self.extra_noise_max is not None and not (
+                isinstance(self.extra_noise_max, (int, float))
+                and 0 < self.extra_noise <= self.extra_noise_max < math.inf):
+            raise ConfigError("a --noise range LOW,HIGH needs 0 < LOW <= HIGH (finite), got "
+                              f"{self.extra_noise!r},{self.extra_noise_max!r}")
+        if not all(isinstance(v, (int, float)) and 0 <= v < math.inf for v in self.val_noise):
+            raise ConfigError(f"--val-noise levels must be >= 0 and finite, got {self.val_noise!r}")
+        for name in ("maps", "val_maps"):
+            if getattr(self, name) not in ("reference", "calibration"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be reference or calibration, "
+                                  f"got {getattr(self, name)!r}")
+        if self.lam_from_noise and not self.init_weights:
+            raise ConfigError("--lam-from-noise takes the noise rule of the --init checkpoint: "
+                              "give --init")
         if self.readout_block is not None and (isinstance(self.readout_block, bool) or not
                                                isinstance(self.readout_block, int)
                                                or self.readout_block < 1):
@@ -305,6 +337,15 @@ class TrainConfig:
         if self.stage == "denoise" and self.unroll:
             raise ConfigError("--stage denoise trains H alone: it has no unrolled variant")
 
+    def draw_noise(self, rng: Any) -> float:
+        """The extra noise std of one training problem: ``extra_noise``, or a log-uniform
+        draw from ``rng`` in [extra_noise, extra_noise_max] when that is set (drawn only
+        then, so a run without a range draws what it always drew)."""
+        if self.extra_noise_max is None:
+            return float(self.extra_noise)
+        lo, hi = math.log(self.extra_noise), math.log(self.extra_noise_max)
+        return float(math.exp(lo + (hi - lo) * float(rng.random())))
+
     def penalty_points(self) -> tuple[str, ...]:
         """Where stage 0's penalty measures, in order ("both" is clean then noisy); empty
         if ``penalty_at`` names anything else."""
@@ -358,6 +399,8 @@ OPTION_NAMES: dict[str, str] = {
     "lipschitz_target": "--lipschitz-target", "spectral_grid": "--spectral-grid",
     "layers": "--layers", "channels": "--channels", "skip": "--skip", "mask.family": "--mask",
     "mask.accelerations": "-R", "mask.acs": "--acs", "extra_noise": "--noise",
+    "extra_noise_max": "--noise", "val_noise": "--val-noise", "maps": "--maps",
+    "val_maps": "--val-maps", "lam_from_noise": "--lam-from-noise",
     "loss": "--loss", "lr": "--lr", "lam_lr": "--lam-lr", "lam_init": "--lam",
     "alpha": "--alpha", "cg_iters": "--cg-iters", "fwd_max_iter": "--fwd-max-iter",
     "penalty_threshold": "--penalty-threshold", "penalty_weight": "--penalty-weight",

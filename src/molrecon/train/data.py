@@ -279,15 +279,18 @@ def draw_mask(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generato
 
 
 def make_problem(sample: Sample, kind: str, spec: MaskSpec, rng: np.random.Generator,
-                 extra_noise: float, device: Any, readout_block: int | None = None) -> Problem:
+                 extra_noise: float, device: Any, readout_block: int | None = None, *,
+                 maps_from: str = "reference", lam_rule: Any = None) -> Problem:
     """Undersample ``sample`` with a fresh mask drawn from ``spec`` and normalise it as
     reconstruction would (:func:`molrecon.problem.undersampled`; ``readout_block`` keeps an
-    exact hybrid-space block of readout positions)."""
+    exact hybrid-space block of readout positions, ``maps_from`` says whose coil maps the
+    problem has, ``lam_rule`` sets its λ factor from its noise level and acceleration)."""
     from ..problem import undersampled
 
     mask = draw_mask(sample, kind, spec, rng)                              # (1, 1, D, Y, 1)
     return undersampled(sample.kspace, sample.maps, sample.target, mask, kind, rng,
-                        extra_noise, device, readout_block)
+                        extra_noise, device, readout_block, maps_from=maps_from,
+                        lam_rule=lam_rule)
 
 
 def check_masks(data: FolderDataset, spec: MaskSpec) -> None:

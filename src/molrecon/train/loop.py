@@ -46,6 +46,7 @@ from .distributed import (
     _reduce_gradients,
 )
 from .patches import degraded_bank, sample_scales
+from .probes import PenaltyProbes
 from .state import (
     _check_outputs,
     _check_state,
@@ -57,9 +58,16 @@ from .state import (
     _write,
     output_paths,
 )
-from .probes import PenaltyProbes
-from .step import (_build, _denoise_step, _kinds, _local_step, _model_dims, _probe_penalty,
-                   _StepOutcome)
+from .step import (
+    _build,
+    _denoise_step,
+    _kinds,
+    _local_step,
+    _model_dims,
+    _probe_penalty,
+    _StepOutcome,
+    noise_rule,
+)
 from .validate import _certificate, _load_validation, _val_problems, evaluate
 
 
@@ -90,6 +98,7 @@ class _Run:
     bank: list[Any] = field(default_factory=list)
     log: _RunLog | None = None
     val_problems: list[Problem] = field(default_factory=list)
+    lam_rule: Any = None                # --lam-from-noise: the --init checkpoint's noise rule
     fwd: FixedPointConfig | None = None
     bwd: FixedPointConfig | None = None
     start_step: int = 0
@@ -235,6 +244,7 @@ def _setup(run: _Run, state: dict[str, Any] | None) -> None:
     config = run.config
     torch.manual_seed(config.seed)
     run.step, run.cnn = _build(config, run.kind, run.device)
+    run.lam_rule = noise_rule(config)
     params = [p for n, p in run.step.named_parameters() if n != "log_lam"]
     run.optim = torch.optim.Adam([{"params": params, "lr": config.lr},
                                   {"params": [run.step.log_lam], "lr": config.lam_lr}])
@@ -287,7 +297,7 @@ def _prepare(run: _Run) -> None:
         _remove_stale_temporaries(run.paths)
     run.log = _RunLog(run.paths["log"], resume_at=run.start_step if config.resume else None) \
         if run.dist_info.main else None
-    run.val_problems = _val_problems(run.val_set, config, run.device) \
+    run.val_problems = _val_problems(run.val_set, config, run.device, run.lam_rule) \
         if run.dist_info.main else []
     run.fwd = FixedPointConfig(tol=config.fwd_tol, max_iter=config.fwd_max_iter, warn=False)
     run.bwd = FixedPointConfig(tol=config.bwd_tol, max_iter=config.bwd_max_iter, warn=False)
@@ -409,7 +419,8 @@ def _gradients(run: _Run, within: int
                                 run.s, within, run.global_batch, dist_info, run.device)
     else:
         outcome = _local_step(run.step, run.cnn, config, run.train_set, run.order, run.s,
-                              within, run.global_batch, dist_info, run.device, run.fwd, run.bwd)
+                              within, run.global_batch, dist_info, run.device, run.fwd, run.bwd,
+                              run.lam_rule)
         if outcome.bad is None:
             # Every process adds the same penalty gradient (its probes are the same), so
             # the average over processes is that gradient.
@@ -597,11 +608,13 @@ def _save_all(run: _Run, steps_done: int, metrics: dict[str, Any], is_best: bool
     model_cfg = run.model.to_config()
     _write(paths["last"], "latest model", steps_done,
            lambda: save_checkpoint(paths["last"], cnn, model_cfg, metadata=meta,
-                                   certificate=cert, kinds=_kinds(kind), force=True))
+                                   certificate=cert, kinds=_kinds(kind), force=True,
+                                   lam_noise=run.lam_rule))
     if is_best or not run.val_problems or not paths["best"].exists():
         _write(paths["best"], "best model", steps_done,
                lambda: save_checkpoint(paths["best"], cnn, model_cfg, metadata=meta,
-                                       certificate=cert, kinds=_kinds(kind), force=True))
+                                       certificate=cert, kinds=_kinds(kind), force=True,
+                                       lam_noise=run.lam_rule))
     state = _state_record(kind, config, steps_done, run.best, run.skips, run.elapsed(),
                           run.step, run.optim,
                           probes=None if run.probes is None else run.probes.state(),

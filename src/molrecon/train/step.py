@@ -24,12 +24,16 @@ import torch
 
 from ..deq.implicit import deq_solve, unrolled
 from ..deq.mol import MolConfig, MolStep, regularised_sense
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models.bundled import resolve_weights
 from ..models.checkpoint import load_checkpoint
 from ..models.cnn import CNNConfig, MolCNN
-from ..models.lipschitz import (lanczos_jacobian_norm, local_lipschitz_ratio,
-                                monotonicity_estimate, tracked_jacobian_norm)
+from ..models.lipschitz import (
+    lanczos_jacobian_norm,
+    local_lipschitz_ratio,
+    monotonicity_estimate,
+    tracked_jacobian_norm,
+)
 from ..problem import Problem
 from .config import DEFAULT_LAM, Loss, TrainConfig
 from .data import FolderDataset, make_problem
@@ -111,6 +115,27 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     # inverse (deq/mol.py, _ExactSolveGrad); the unrolled baseline differentiates what it ran.
     step.exact_dc_grad = config.unroll == 0
     return step.to(device), cnn
+
+
+def noise_rule(config: TrainConfig) -> Any:
+    """The ``--init`` checkpoint's λ noise rule when ``--lam-from-noise`` asks for it (else
+    None); a :class:`ConfigError` naming the file when it carries none."""
+    if not config.lam_from_noise:
+        return None
+    loaded = load_checkpoint(resolve_weights(str(config.init_weights)))
+    if loaded.lam_noise is None:
+        raise ConfigError(f"--lam-from-noise: {config.init_weights} carries no noise rule for λ "
+                          "(scripts/set_lambda_rule.py measures and adds one)")
+    return loaded.lam_noise
+
+
+def problem_lam(step: Any, prob: Problem) -> Any:
+    """The λ of one single-item problem's regularised-SENSE start: the step's λ times the
+    problem's noise-rule factor, when it has one (detached)."""
+    lam = step.lam.detach()
+    if prob.lam_scale is not None:
+        lam = lam * prob.lam_scale.reshape(-1)[0].to(lam.dtype)
+    return lam
 
 
 def inflate_state_2d_to_3d(state: dict[str, Any]) -> dict[str, Any]:
@@ -196,10 +221,11 @@ def _penalty(lip: Any, threshold: float, delta: float = 1e-3) -> Any:
 # ------------------------------------------------------------------------------- one step
 def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDataset,
                 order: np.ndarray, s: int, within: int, global_batch: int, dist_info: Dist,
-                device: Any, fwd: Any, bwd: Any) -> _StepOutcome:
+                device: Any, fwd: Any, bwd: Any, lam_rule: Any = None) -> _StepOutcome:
     """Forward and backward passes of this process's samples of step ``s``.
 
     Gradients accumulate in the parameters (each sample's loss divided by the batch size).
+    ``lam_rule`` (``--lam-from-noise``): each problem's λ factor from its noise level.
     """
     out = _StepOutcome()
     n_train = len(train_set)
@@ -209,16 +235,16 @@ def _local_step(step: Any, cnn: Any, config: TrainConfig, train_set: FolderDatas
         gi = (within * global_batch + g_index) % n_train
         sample = train_set.samples[int(order[gi])]
         rng = np.random.default_rng([config.seed, 2, s, 0, g_index])
-        prob = make_problem(sample, kind, config.mask, rng, config.extra_noise, device,
-                            config.readout_block)
+        prob = make_problem(sample, kind, config.mask, rng, config.draw_noise(rng), device,
+                            config.readout_block, maps_from=config.maps, lam_rule=lam_rule)
         with torch.no_grad():
-            x0 = regularised_sense(prob.op.normal, prob.aty, lam=step.lam.detach(),
+            x0 = regularised_sense(prob.op.normal, prob.aty, lam=problem_lam(step, prob),
                                    iters=config.init_iters)         # (1, D, Y, X)
 
         support = prob.op.support()                                  # (1, D|1, Y, X)
 
         def fn(x: Any, _p: Problem = prob, _s: Any = support) -> Any:
-            return step(x, normal=_p.op.normal, aty=_p.aty, support=_s)
+            return step(x, normal=_p.op.normal, aty=_p.aty, support=_s, lam_scale=_p.lam_scale)
 
         stats = None
         if config.unroll > 0:

@@ -24,6 +24,7 @@ from ..physics.sense import cg_sense
 from ..problem import SENSE_ITERS, SENSE_LAMBDA, Problem
 from .config import TrainConfig, WarnFn
 from .data import FolderDataset, list_raw_files, load_folder, make_problem
+from .step import problem_lam
 
 
 def _load_validation(folder: str, kind: str, train_folder: str,
@@ -67,10 +68,14 @@ def spread_samples(folder: str | Path, count: int, *,
     return val, spread_indices(len(val), count)
 
 
-def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[Problem]:
-    """Fixed validation problems (masks seeded per item, the same for every evaluation).
+def _val_problems(val: FolderDataset, config: TrainConfig, device: Any,
+                  lam_rule: Any = None) -> list[Problem]:
+    """Fixed validation problems (masks and noise seeded per item, the same for every
+    evaluation).
 
-    With several accelerations the highest is used.
+    With several accelerations the highest is used. ``--val-noise`` levels are cycled over
+    the problems; ``--val-maps`` says whose coil maps they have; ``lam_rule``
+    (``--lam-from-noise``) sets each one's λ factor.
     """
     out = []
     idx = spread_indices(len(val), config.val_samples)
@@ -79,7 +84,9 @@ def _val_problems(val: FolderDataset, config: TrainConfig, device: Any) -> list[
         spec = replace(spec, acceleration=max(spec.accelerations), accelerations=())
     for j, i in enumerate(idx):
         rng = np.random.default_rng([config.seed, 7_777_777, j])
-        out.append(make_problem(val.samples[i], val.kind, spec, rng, 0.0, device))
+        noise = config.val_noise[j % len(config.val_noise)] if config.val_noise else 0.0
+        out.append(make_problem(val.samples[i], val.kind, spec, rng, noise, device,
+                                maps_from=config.val_maps, lam_rule=lam_rule))
     return out
 
 
@@ -122,9 +129,11 @@ def evaluate(step: Any, problems: list[Problem], config: TrainConfig,
     try:
         with torch.no_grad():
             for p in problems:
-                x0 = regularised_sense(p.op.normal, p.aty, lam=step.lam, iters=config.init_iters)
+                x0 = regularised_sense(p.op.normal, p.aty, lam=problem_lam(step, p),
+                                       iters=config.init_iters)
                 res = solve_fixed_point(step.bind(normal=p.op.normal, aty=p.aty,
-                                                  support=p.op.support()), x0, config=fp)
+                                                  support=p.op.support(),
+                                                  lam_scale=p.lam_scale), x0, config=fp)
                 sense = cg_sense(p.op, p.kspace, lam=SENSE_LAMBDA, max_iter=SENSE_ITERS).x
                 tgt = p.target.cpu().numpy()
                 ms = compare(sense.cpu().numpy(), tgt)
