@@ -173,7 +173,8 @@ def undersampled(kspace: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
     exact); "calibration" estimates ESPIRiT maps from the problem's own calibration lines,
     noise included, as reconstruction does, so that the training sees the map errors a
     reconstruction has; the target keeps the reference's magnitude and takes the phase of
-    the fully sampled data combined with those maps (a map set fixes the image's phase).
+    the fully sampled reference data (without the added noise) combined with those maps (a
+    map set fixes the image's phase).
     ``lam_rule``: λ per item from the undersampled data's noise level and acceleration
     (:class:`~molrecon.physics.noise.NoiseLambdaRule`, as ``reconstruct --lam auto``),
     measured before the readout block is cut (``Problem.lam_scale``).
@@ -181,7 +182,8 @@ def undersampled(kspace: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
     if maps_from not in MAPS_FROM:
         raise ValueError(f"maps_from must be one of {MAPS_FROM}, got {maps_from!r}")
     m = torch.from_numpy(np.array(mask, dtype=bool)).to(device)           # (1, 1, D, Y, 1)
-    k = kspace.to(device)                                                  # (1, C, D, Y, X)
+    clean = kspace.to(device)                                              # (1, C, D, Y, X)
+    k = clean
     if extra_noise > 0:
         seed = int(rng.integers(2**31 - 1))
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -197,7 +199,8 @@ def undersampled(kspace: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
         calib = torch.from_numpy(find_calibration_region(np.array(mask, dtype=bool),
                                                          cast("Kind", kind)))
         maps = estimate_maps(y, calib.to(device), kind)                    # (1, C, D|1, Y, X)
-        full = SenseOperator(maps, torch.ones_like(m), kind).adjoint(k / s)  # (1, D, Y, X)
+        # the phase of the reference data without the added noise: a target holds none of it
+        full = SenseOperator(maps, torch.ones_like(m), kind).adjoint(clean / s)  # (1, D, Y, X)
         phase = torch.where(full.abs() > 0, torch.sgn(full), torch.ones_like(full))
         ref = ref.abs().to(full.dtype) * phase
     lam_scale = None
