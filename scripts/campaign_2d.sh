@@ -462,11 +462,11 @@ stage1v() {
 # 34.3 -> 33.6 -> 32.8 -> 30.5 -> 27.6; the norm 2.55 -> 1.77, μ 0.988 -> 0.983. Holding
 # both ends buys iterations at about 0.05 dB each: the count and the quality trade off.
 both_barriers_stage() {
-  # Stage 1w's recipe (NAME INIT SECS), shared by stages 1w and 1x.
+  # Stage 1w's recipe (NAME INIT SECS [more train options]), shared by stages 1w, 1x, 2a, 2b.
   deq_stage "$1" "$2" 1e-3 2 0.95 "$3" --readout-block 64 --skip \
     --lr 5e-5 --penalty-estimator monotone --penalty-steps 10 --penalty-top 1 \
     --penalty-norm-cap 1.8 --penalty-norm-weight 1e-3 --bound-measure monotone \
-    --best-max-lipschitz 1.0 --val-points 2 -R 4,6,8
+    --best-max-lipschitz 1.0 --val-points 2 -R 4,6,8 "${@:4}"
 }
 
 stage1w() {
