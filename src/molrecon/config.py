@@ -16,6 +16,9 @@ from .errors import ConfigError
 SENSE_LAMBDA = 1e-3
 #: CG iterations of CG-SENSE (``reconstruct --sense-iters``).
 SENSE_ITERS = 30
+#: Where a training problem's coil maps come from (:func:`molrecon.problem.undersampled`,
+#: ``train --maps`` and ``--val-maps``).
+MAPS_FROM: tuple[str, ...] = ("reference", "calibration")
 #: How many image flips a prior may average over (``CNNConfig.ensemble``,
 #: ``reconstruct --ensemble``): none, left-right, or left-right and up-down.
 ENSEMBLE_SIZES: tuple[int, ...] = (1, 2, 4)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
-from .config import SENSE_ITERS, SENSE_LAMBDA
+from .config import MAPS_FROM, SENSE_ITERS, SENSE_LAMBDA
 from .io.kspace import find_calibration_region
 from .io.types import Kind, RawScan
 from .physics.espirit import EspiritConfig, estimate_maps
@@ -44,10 +44,7 @@ from .physics.sense import SenseOperator, cg_sense
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-#: Where a training problem's coil maps come from (:func:`undersampled`).
-MAPS_FROM = ("reference", "calibration")
-
-__all__ = ["MAPS_FROM", "SENSE_ITERS", "SENSE_LAMBDA", "Problem", "from_scan", "prepare", "sense_start",
+__all__ = ["SENSE_ITERS", "SENSE_LAMBDA", "Problem", "from_scan", "prepare", "sense_start",
            "undersampled", "with_sense_start"]
 
 

@@ -174,6 +174,13 @@ def test_cli_noise_options(folder: Path, ruled: dict[str, Path], tmp_path: Path)
     assert (cfg["extra_noise"], cfg["extra_noise_max"], cfg["val_noise"]) == (0.01, 0.05, [0.02])
     assert (cfg["maps"], cfg["val_maps"], cfg["lam_from_noise"]) == ("calibration",
                                                                      "calibration", True)
+    # a checkpoint without a rule: one line naming it, exit 1, nothing written
+    plain = runner.invoke(app, [*base, "--out", str(tmp_path / "p.pt"), "--init",
+                                str(ruled["plain"]), "--lam-from-noise"])
+    assert plain.exit_code == 1, plain.output
+    lines = [ln for ln in plain.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "noise rule" in lines[0] and "plain.pt" in lines[0], plain.output
+    assert not list(tmp_path.glob("p.*"))
     for bad, word in ((["--noise", "0.05,0.01"], "--noise"), (["--noise", "0.01,0.02,0.03"],
                                                                "--noise"),
                       (["--noise", "a"], "--noise"), (["--val-noise", "-1"], "--val-noise"),

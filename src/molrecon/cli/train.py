@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from ..config import MAPS_FROM
 from ._common import (
     ACCEL_HELP,
     DebugOpt,
@@ -217,8 +218,8 @@ def train_cmd(
     check_option(len(noise_levels) == 1 or 0 < noise_levels[0] <= noise_levels[1],
                  f"a range LOW,HIGH needs 0 < LOW <= HIGH, got {noise!r}", "--noise")
     val_levels = _levels(val_noise, "--val-noise")
-    choice(maps, ("reference", "calibration"), "--maps")
-    choice(val_maps, ("reference", "calibration"), "--val-maps")
+    choice(maps, MAPS_FROM, "--maps")
+    choice(val_maps, MAPS_FROM, "--val-maps")
     check_option(not lam_from_noise or init_weights is not None,
                  "takes the noise rule of the --init checkpoint: give --init", "--lam-from-noise")
     if dims is not None:

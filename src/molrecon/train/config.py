@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ..config import MAPS_FROM
 from ..errors import CheckpointError, ConfigError
 from .data import MaskSpec
 from .patches import PatchSpec
@@ -226,9 +227,9 @@ class TrainConfig:
         if not all(isinstance(v, (int, float)) and 0 <= v < math.inf for v in self.val_noise):
             raise ConfigError(f"--val-noise levels must be >= 0 and finite, got {self.val_noise!r}")
         for name in ("maps", "val_maps"):
-            if getattr(self, name) not in ("reference", "calibration"):
-                raise ConfigError(f"--{name.replace('_', '-')} must be reference or calibration, "
-                                  f"got {getattr(self, name)!r}")
+            if getattr(self, name) not in MAPS_FROM:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of "
+                                  f"{', '.join(MAPS_FROM)}, got {getattr(self, name)!r}")
         if self.lam_from_noise and not self.init_weights:
             raise ConfigError("--lam-from-noise takes the noise rule of the --init checkpoint: "
                               "give --init")

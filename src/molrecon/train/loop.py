@@ -66,6 +66,7 @@ from .step import (
     _model_dims,
     _probe_penalty,
     _StepOutcome,
+    load_init,
     noise_rule,
 )
 from .validate import _certificate, _load_validation, _val_problems, evaluate
@@ -243,8 +244,9 @@ def _setup(run: _Run, state: dict[str, Any] | None) -> None:
     state's, the same on every process."""
     config = run.config
     torch.manual_seed(config.seed)
-    run.step, run.cnn = _build(config, run.kind, run.device)
-    run.lam_rule = noise_rule(config)
+    loaded = load_init(config)
+    run.step, run.cnn = _build(config, run.kind, run.device, loaded=loaded)
+    run.lam_rule = noise_rule(config, loaded)
     params = [p for n, p in run.step.named_parameters() if n != "log_lam"]
     run.optim = torch.optim.Adam([{"params": params, "lr": config.lr},
                                   {"params": [run.step.log_lam], "lr": config.lam_lr}])

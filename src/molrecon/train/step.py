@@ -58,8 +58,15 @@ class _StepOutcome:
 
 
 # ------------------------------------------------------------------------------- the model
-def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
-    """The MOL step (prior + learnable λ) on ``device``, and its prior.
+def load_init(config: TrainConfig) -> Any:
+    """The ``--init`` checkpoint (a bundled name or a file), or None without one."""
+    return load_checkpoint(resolve_weights(config.init_weights)) if config.init_weights else None
+
+
+def _build(config: TrainConfig, kind: str, device: Any, *, loaded: Any = None
+           ) -> tuple[Any, Any]:
+    """The MOL step (prior + learnable λ) on ``device``, and its prior; ``loaded`` the
+    ``--init`` checkpoint when the caller has loaded it (:func:`load_init`), else loaded here.
 
     With ``skip``, the identity path's gain is 1 for a new network and the ``--init``
     checkpoint's otherwise (a model scaled to the bound keeps its scale). An LR ``--init``
@@ -68,7 +75,8 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     network alone: an ``--init`` checkpoint's flip ensemble (``CNNConfig.ensemble``, an
     inference setting) is not carried over."""
     gain = 1.0 if config.skip else 0.0
-    loaded = load_checkpoint(resolve_weights(config.init_weights)) if config.init_weights else None
+    if loaded is None:
+        loaded = load_init(config)
     if loaded is not None and loaded.model.config.skip > 0 and config.constraint == "lr":
         gain = loaded.model.config.skip
     cnn = MolCNN(CNNConfig(dims=_model_dims(kind), layers=config.layers, channels=config.channels,
@@ -117,13 +125,12 @@ def _build(config: TrainConfig, kind: str, device: Any) -> tuple[Any, Any]:
     return step.to(device), cnn
 
 
-def noise_rule(config: TrainConfig) -> Any:
-    """The ``--init`` checkpoint's λ noise rule when ``--lam-from-noise`` asks for it (else
-    None); a :class:`ConfigError` naming the file when it carries none."""
+def noise_rule(config: TrainConfig, loaded: Any) -> Any:
+    """The λ noise rule of ``loaded`` (the ``--init`` checkpoint) when ``--lam-from-noise``
+    asks for it (else None); a :class:`ConfigError` naming the file when it carries none."""
     if not config.lam_from_noise:
         return None
-    loaded = load_checkpoint(resolve_weights(str(config.init_weights)))
-    if loaded.lam_noise is None:
+    if loaded is None or loaded.lam_noise is None:
         raise ConfigError(f"--lam-from-noise: {config.init_weights} carries no noise rule for λ "
                           "(scripts/set_lambda_rule.py measures and adds one)")
     return loaded.lam_noise
